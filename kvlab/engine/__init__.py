@@ -1,0 +1,1 @@
+"""The shared mechanics: cache storage, attention dispatch, rotary control, the decode loop."""

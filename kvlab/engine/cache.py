@@ -1,0 +1,204 @@
+"""KV storage: one :class:`LayerKV` per layer inside a transformers ``Cache`` subclass.
+
+Savings are physical: compression replaces the stored tensors with smaller ones (per KV head
+when the method selects per head), and :meth:`KVCache.nbytes` sums the bytes of every tensor
+the cache holds — keys, values, position indices and method-owned side indexes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvlab.engine.rotary import Rotary
+
+if TYPE_CHECKING:
+    from kvlab.recipe import Recipe
+
+
+class SideIndex(Protocol):
+    """A method-owned structure stored beside a layer's entries (e.g. Quest page bounds)."""
+
+    def nbytes(self) -> int: ...
+
+    def truncate(self, num_entries: int) -> None:
+        """Forget everything derived from entries at index >= ``num_entries``."""
+
+
+@dataclass
+class ForwardStep:
+    """What one model forward does to the cache: set by the engine before the forward.
+
+    ``positions`` ``[t]`` are the positions of the new tokens; ``rotate_keys`` stores keys
+    rotated (post-RoPE) rather than raw; ``building`` marks the prompt prefill (where the
+    prefill method applies); ``compress`` asks for compression at the end of each layer.
+    """
+
+    positions: Tensor
+    rotary: Rotary
+    rotate_keys: bool
+    building: bool = False
+    compress: bool = False
+
+
+class LayerKV(CacheLayerMixin):
+    """One layer's KV entries.
+
+    - ``keys``, ``values``: ``[batch, kv_heads, n, head_dim]``.
+    - ``positions``: original token position of each entry, ``[n]`` (shared by all heads) or
+      ``[batch, kv_heads, n]`` (per head, after per-head selection); ``None`` while the layer
+      holds exactly tokens ``0..n-1`` (nothing evicted), so no index tensor is stored.
+    - ``side``: method-owned side indexes, counted in :meth:`nbytes`.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions: Tensor | None = None
+        self.seen = 0  # tokens ever appended: the next token's position
+        self.side: dict[str, SideIndex] = {}
+
+    # -- transformers' CacheLayerMixin contract --------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.keys, self.values = key_states, value_states
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        raise TypeError("use KVCache.update, which knows the positions of the new tokens")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_entries + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- kvlab --------------------------------------------------------------------------------
+    @property
+    def num_entries(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def is_contiguous(self) -> bool:
+        """True while the layer holds every token ``0..n-1`` in order."""
+        return self.positions is None
+
+    def key_positions(self) -> Tensor:
+        """Position of every entry: ``[n]`` or ``[batch, kv_heads, n]``."""
+        if self.positions is not None:
+            return self.positions
+        return torch.arange(self.num_entries, device=self.keys.device)
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Add ``t`` new entries ``[batch, kv_heads, t, d]`` at ``positions`` ``[t]``."""
+        if not self.is_initialized or self.keys is None:
+            self.lazy_initialization(keys, values)
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        if self.positions is not None:
+            new = positions.to(self.positions.dtype)
+            if self.positions.dim() == 3:
+                new = new.expand(*self.positions.shape[:2], -1)
+            self.positions = torch.cat([self.positions, new], dim=-1)
+        elif int(positions[0]) != self.seen:
+            raise AssertionError("LayerKV.append: tokens must be appended in order")
+        self.seen = int(positions[-1]) + 1
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the entries at ``keep``: ``[k]`` for all heads or ``[batch, kv_heads, k]``
+        per head (sorted). The stored tensors are replaced by smaller copies."""
+        positions = self.key_positions()
+        if keep.dim() == 1:
+            self.keys = self.keys.index_select(-2, keep).contiguous()
+            self.values = self.values.index_select(-2, keep).contiguous()
+            new_positions = positions.index_select(-1, keep)
+        else:
+            index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+            self.keys = self.keys.gather(-2, index).contiguous()
+            self.values = self.values.gather(-2, index).contiguous()
+            if positions.dim() == 1:
+                positions = positions.expand(*keep.shape[:2], -1)
+            new_positions = positions.gather(-1, keep)
+        self.positions = new_positions.to(torch.int32).contiguous()
+        for index in self.side.values():
+            index.truncate(0)
+
+    def truncate(self, num_entries: int, seen: int) -> None:
+        """Drop entries from index ``num_entries`` on (used to discard a request's tokens)."""
+        self.keys = self.keys[..., :num_entries, :].clone()
+        self.values = self.values[..., :num_entries, :].clone()
+        if self.positions is not None:
+            self.positions = self.positions[..., :num_entries].clone()
+        self.seen = seen
+        for index in self.side.values():
+            index.truncate(num_entries)
+
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, self.positions]
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total + sum(index.nbytes() for index in self.side.values())
+
+
+@dataclass(frozen=True)
+class CacheMark:
+    """Where a cache stood, to come back to it (see :meth:`KVCache.rollback`)."""
+
+    entries: tuple[int, ...]
+    seen: tuple[int, ...]
+
+
+class KVCache(Cache):
+    """The cache kvlab's engine hands to the model: a list of :class:`LayerKV`."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[LayerKV() for _ in range(num_layers)])
+        self.layers: list[LayerKV]
+        self.step: ForwardStep | None = None
+        self.recipe: Recipe | None = None  # set by the engine
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        """Store new (unrotated) keys and values; rotate keys first unless the position
+        method keeps them pre-RoPE. kvlab's attention reads the layer, not the return value."""
+        step = self.step
+        if step is None:
+            raise RuntimeError("KVCache.update outside an engine forward (no ForwardStep set)")
+        if step.rotate_keys:
+            key_states = step.rotary.rotate(key_states, step.positions)
+        self.layers[layer_idx].append(key_states, value_states, step.positions)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds, all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def mean_entries(self) -> float:
+        """Entries held per layer and KV head, averaged over layers."""
+        return sum(layer.num_entries for layer in self.layers) / max(1, len(self.layers))
+
+    def mark(self) -> CacheMark:
+        return CacheMark(
+            entries=tuple(layer.num_entries for layer in self.layers),
+            seen=tuple(layer.seen for layer in self.layers),
+        )
+
+    def rollback(self, mark: CacheMark) -> None:
+        """Discard every entry appended since ``mark`` (a multi-request question's tokens)."""
+        for layer, entries, seen in zip(self.layers, mark.entries, mark.seen):
+            layer.truncate(entries, seen)
+
+
+__all__ = ["ForwardStep", "LayerKV", "KVCache", "CacheMark", "SideIndex"]

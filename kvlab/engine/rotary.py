@@ -1,0 +1,86 @@
+"""Rotary control: the one place where kvlab applies RoPE.
+
+kvlab takes RoPE out of the model's hands: the model's rotary module is replaced by
+:class:`DeferredRotary`, which hands q and k over *unrotated* (cos = 1, sin = 0). The engine
+then rotates keys when they are stored (or keeps them pre-RoPE when a position method needs to
+re-position them) and rotates queries at attention time, always through :class:`Rotary`.
+Frequencies come from transformers' own ``ROPE_INIT_FUNCTIONS``, so a drop-in position method
+only changes the rope parameters, exactly as a config change would.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+class Rotary:
+    """RoPE in transformers' layout: channel ``i`` is paired with ``i + d/2``.
+
+    ``inv_freq`` is ``[d/2]``; ``attention_factor`` multiplies cos and sin (YaRN's mscale).
+    """
+
+    def __init__(self, inv_freq: Tensor, attention_factor: float = 1.0) -> None:
+        self.inv_freq = inv_freq.float()
+        self.attention_factor = float(attention_factor)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin for ``positions`` of any shape ``[...]``: each ``[..., d]`` in ``dtype``."""
+        inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(dtype)
+        sin = (emb.sin() * self.attention_factor).to(dtype)
+        return cos, sin
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` ``[b, heads, n, d]`` by ``positions`` ``[n]`` or ``[b, heads, n]``."""
+        cos, sin = self.cos_sin(positions, x.dtype)
+        half = x.shape[-1] // 2
+        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated_half * sin
+
+
+def rope_frequencies(
+    config: Any, rope_parameters: dict[str, Any] | None = None, seq_len: int | None = None
+) -> tuple[Tensor, float]:
+    """Inverse frequencies and attention factor for ``config``, optionally with other rope
+    parameters, computed by transformers' ``ROPE_INIT_FUNCTIONS`` (the default RoPE is
+    ``base ** (-2i/d)``)."""
+    if rope_parameters is not None:
+        config = copy.deepcopy(config)
+        merged = dict(config.rope_parameters or {})
+        merged.update(rope_parameters)
+        config.rope_parameters = merged
+    params = config.rope_parameters or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = head_dim(config)
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len)
+
+
+def head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class DeferredRotary(nn.Module):
+    """Stands in for the model's rotary module: cos = 1 and sin = 0, so the model's attention
+    layers pass q and k through unrotated and kvlab rotates them itself (see module doc)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (*position_ids.shape, self.dim)
+        return (
+            torch.ones(shape, dtype=x.dtype, device=x.device),
+            torch.zeros(shape, dtype=x.dtype, device=x.device),
+        )

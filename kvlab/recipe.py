@@ -1,0 +1,126 @@
+"""Recipes: at most one method per stage, written ``yarn(factor=4) + snapkv(budget=256)``.
+
+The string is parsed with Python's own expression parser (a recipe is a sum of calls), so
+quoting, numbers and booleans behave as a Python user expects; bare words are strings
+(``windowkv(strategy=max)``). ``full`` (or an empty string) is the baseline: no method at all.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from kvlab.errors import RecipeError
+from kvlab.registry import STAGES, Method, method_class
+
+if TYPE_CHECKING:
+    from kvlab.compress.base import CompressMethod
+    from kvlab.position.base import PositionMethod
+    from kvlab.prefill.base import PrefillMethod
+    from kvlab.retrieve.base import RetrieveMethod
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One method per stage, or ``None`` for the stage's default (RoPE as trained, dense
+    prefill, no compression, dense decoding)."""
+
+    position: PositionMethod | None = None
+    prefill: PrefillMethod | None = None
+    compress: CompressMethod | None = None
+    retrieve: RetrieveMethod | None = None
+
+    @property
+    def methods(self) -> list[Method]:
+        return [m for m in (self.position, self.prefill, self.compress, self.retrieve) if m]
+
+    def __str__(self) -> str:
+        return " + ".join(str(m) for m in self.methods) or "full"
+
+
+def parse_recipe(text: str | Recipe | None) -> Recipe:
+    """Parse a recipe string; errors name the bad part and list the allowed values."""
+    if isinstance(text, Recipe):
+        return text
+    if text is None or not text.strip() or text.strip() == "full":
+        return Recipe()
+    source = text.strip()
+    try:
+        tree = ast.parse(source, mode="eval")
+    except SyntaxError as exc:
+        raise RecipeError(
+            f"cannot parse recipe {source!r}: {exc.msg}; write methods as name(key=value, ...) "
+            "joined by '+', e.g. 'yarn(factor=4) + snapkv(budget=0.25)'"
+        ) from None
+    terms = _terms(tree.body, source)
+    chosen: dict[str, Method] = {}
+    for term in terms:
+        method = _build(term, source)
+        if method.stage in chosen:
+            raise RecipeError(
+                f"recipe {source!r} has two {method.stage} methods "
+                f"({chosen[method.stage].name} and {method.name}); use at most one per stage"
+            )
+        chosen[method.stage] = method
+    recipe = Recipe(**chosen)  # type: ignore[arg-type]
+    check_compatible(recipe)
+    return recipe
+
+
+def check_compatible(recipe: Recipe) -> None:
+    """Refuse combinations whose methods need different key storage."""
+    position, retrieve = recipe.position, recipe.retrieve
+    if position is not None and retrieve is not None:
+        if position.stores_pre_rope and retrieve.needs_rotated_keys:
+            raise RecipeError(
+                f"{retrieve.name} scores post-RoPE keys, but {position.name} keeps keys before "
+                f"RoPE; choose a drop-in position method (e.g. yarn, dynamic_ntk) with {retrieve.name}"
+            )
+
+
+def _terms(node: ast.expr, source: str) -> list[ast.expr]:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _terms(node.left, source) + _terms(node.right, source)
+    return [node]
+
+
+def _build(term: ast.expr, source: str) -> Method:
+    text = ast.get_source_segment(source, term) or source
+    if isinstance(term, ast.Name):
+        name, keywords = term.id, []
+    elif isinstance(term, ast.Call) and isinstance(term.func, ast.Name):
+        name, keywords = term.func.id, term.keywords
+        if term.args:
+            raise RecipeError(f"in {text!r}: give parameters by name, e.g. {name}(budget=256)")
+    else:
+        raise RecipeError(
+            f"in recipe {source!r}: {text!r} is not a method; write name(key=value, ...) terms "
+            "joined by '+'"
+        )
+    if name == "full":
+        raise RecipeError("'full' is the baseline and cannot be combined with other methods")
+    cls = method_class(name)
+    allowed = [f.name for f in fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for kw in keywords:
+        if kw.arg is None or kw.arg not in allowed:
+            raise RecipeError(
+                f"{name} has no parameter {kw.arg!r}; its parameters: {', '.join(allowed) or 'none'}"
+            )
+        kwargs[kw.arg] = _literal(kw.value, source, f"{name}({kw.arg}=...)")
+    return cls(**kwargs)
+
+
+def _literal(node: ast.expr, source: str, where: str) -> Any:
+    if isinstance(node, ast.Name):
+        lowered = node.id.lower()
+        return {"true": True, "false": False}.get(lowered, node.id)
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        text = ast.get_source_segment(source, node)
+        raise RecipeError(f"{where}: {text!r} is not a number, boolean or word") from None
+
+
+__all__ = ["Recipe", "parse_recipe", "STAGES"]
