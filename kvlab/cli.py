@@ -1,0 +1,143 @@
+"""The ``kvlab`` command line: ``kvlab methods``, ``kvlab ask``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="kvlab: long-context inference methods on one engine, measured the same way.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List every method with its stage, parameters (defaults) and paper."""
+    import kvlab
+
+    infos = kvlab.methods()
+    if as_json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2, default=str))
+        return
+    table = Table(title="kvlab methods (parameter help: kvlab methods --json)", show_lines=True)
+    for column in ("stage", "method", "parameters (default)", "paper"):
+        table.add_column(column)
+    for info in infos:
+        params = "\n".join(f"{p.name}={p.default!r}" for p in info.params)
+        table.add_row(info.stage, f"[bold]{info.name}[/]\n{info.summary}", params or "-", info.paper)
+    out.print(table)
+
+
+@app.command()
+def ask(
+    context_file: Annotated[Path, typer.Option(help="Text file holding the shared context.")],
+    question: Annotated[list[str], typer.Option(help="A question; repeat for several.")],
+    recipe: Annotated[str, typer.Option(help="Recipe, e.g. 'yarn(factor=4) + snapkv(budget=0.25)'.")] = "full",
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    mode: Annotated[str, typer.Option(help="multi-request or multi-turn.")] = "multi-request",
+    answer_prefix: Annotated[str, typer.Option(help="Text the answer starts with.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    allow_overflow: Annotated[bool, typer.Option(help="Run past the model's window anyway.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Answer questions about a context file with a recipe; print answers and measured stats."""
+    import kvlab
+
+    if not context_file.is_file():
+        _fail(f"--context-file {str(context_file)!r} is not a readable file")
+    try:
+        context = context_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read --context-file {str(context_file)!r}: {exc}")
+    try:
+        parsed = kvlab.parse_recipe(recipe)
+        if mode not in kvlab.reuse.MODES:
+            raise kvlab.InputError(f"--mode {mode!r}: must be one of {', '.join(kvlab.reuse.MODES)}")
+        with err.status("loading model") if not as_json else _nothing():
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=not as_json)
+        session = engine.session(context, recipe=parsed, mode=mode, allow_overflow=allow_overflow)
+        answers = [
+            session.ask(q, answer_prefix=answer_prefix, max_new_tokens=max_new_tokens) for q in question
+        ]
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        payload: dict[str, Any] = {
+            "model": engine.name,
+            "recipe": str(parsed),
+            "mode": mode,
+            "context": session.context_stats.as_dict(),
+            "answers": [
+                {"question": q, "answer": a.text, "stats": a.stats.as_dict()}
+                for q, a in zip(question, answers)
+            ],
+        }
+        if len(answers) == 1:
+            payload.update(answer=answers[0].text, stats=answers[0].stats.as_dict())
+        print(json.dumps(payload, indent=2))
+        return
+    out.print(f"[dim]model[/] {engine.name}   [dim]recipe[/] {parsed}   [dim]mode[/] {mode}")
+    for q, a in zip(question, answers):
+        out.print(f"\n[bold]Q:[/] {q}\n[bold green]A:[/] {answer_prefix}{a.text}", highlight=False)
+    out.print(_stats_table(session.context_stats, answers))
+
+
+def _stats_table(context_stats: Any, answers: list[Any]) -> Table:
+    """Measured numbers: one column for the context prefill, one per answer."""
+    table = Table(title="measured")
+    table.add_column("")
+    columns = [("context", context_stats)] + [(f"answer {i + 1}", a.stats) for i, a in enumerate(answers)]
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    rows = [
+        ("prompt tokens", lambda s: str(s.prompt_tokens)),
+        ("KV entries per layer and head", lambda s: f"{s.kv_tokens:.0f}"),
+        ("KV memory (MiB)", lambda s: f"{s.kv_bytes / 2**20:.2f}"),
+        ("prefill (s)", lambda s: f"{s.prefill_s:.2f}"),
+        ("decode (ms/token)", lambda s: f"{s.decode_s_per_token * 1000:.1f}" if s.new_tokens else "-"),
+        ("new tokens", lambda s: str(s.new_tokens)),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *(cell(s) for _, s in columns))
+    return table
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

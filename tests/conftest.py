@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random-weight models (fast, deterministic) and the real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import kvlab
+from kvlab.engine.loading import converted_gguf, default_gguf
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A random-weight model of ``arch``, float32, in eval mode."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    return model_cls(config).eval()
+
+
+def tiny_engine(arch: str = "llama", seed: int = 0, tokenizer=None, **overrides) -> kvlab.Engine:
+    return kvlab.Engine(tiny_model(arch, seed, **overrides), tokenizer, progress=False)
+
+
+def prompt_ids(n: int, seed: int = 1, vocab: int = 256) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer, from the default model package (converted once, offline)."""
+    return AutoTokenizer.from_pretrained(converted_gguf(default_gguf()))
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    """The real embedded default model (SmolLM2-135M-Instruct)."""
+    return kvlab.load(progress=False)

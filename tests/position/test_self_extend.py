@@ -1,0 +1,85 @@
+"""Self-Extend: group size 1 is full attention; the merged attention equals brute force."""
+
+import math
+
+import pytest
+import torch
+
+from kvlab.engine.rotary import Rotary
+from kvlab.position.self_extend import SelfExtend
+from tests.conftest import prompt_ids, tiny_engine
+
+
+def brute_force(q, k, v, group, window, rotary, scaling):
+    """Per (query, key) pair: normal positions inside the window, grouped ones beyond it;
+    one softmax per query over every causal key (the exact LSE merge of the two passes)."""
+    b, hq, t, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, t, d)
+    for h in range(hq):
+        kh = h // (hq // hk)
+        for i in range(t):
+            qi = n - t + i  # queries are the last t positions
+            logits = []
+            for j in range(n):
+                if j > qi:
+                    logits.append(-math.inf)
+                    continue
+                if qi - j < window:
+                    qp, kp = qi, j
+                else:
+                    qp, kp = qi // group + window - window // group, j // group
+                qr = rotary.rotate(q[:, h : h + 1, i : i + 1], torch.tensor([qp]))
+                kr = rotary.rotate(k[:, kh : kh + 1, j : j + 1], torch.tensor([kp]))
+                logits.append(float((qr * kr).sum()) * scaling)
+            probs = torch.softmax(torch.tensor(logits), dim=0)
+            out[0, h, i] = (probs[:, None] * v[0, kh]).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("group, window", [(2, 4), (3, 5), (4, 8)])
+def test_merge_is_exact_against_brute_force(group, window):
+    torch.manual_seed(0)
+    n, t, d = 24, 6, 8
+    q, k, v = torch.randn(1, 4, t, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d))
+    method = SelfExtend(group_size=group, window=window)
+    got = method.attend(q, torch.arange(n - t, n), k, torch.arange(n), v, rotary, d**-0.5)
+    expected = brute_force(q, k, v, group, window, rotary, d**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_group_size_one_equals_full_attention():
+    engine = tiny_engine()
+    ids = prompt_ids(150)
+    full = engine.generate_ids(ids, "full", max_new_tokens=10)
+    extended = engine.generate_ids(ids, "self_extend(group_size=1, window=16)", max_new_tokens=10)
+    assert extended.token_ids == full.token_ids
+    a = engine.prefill(engine.new_cache("full"), ids, compress=False)
+    b = engine.prefill(engine.new_cache("self_extend(group_size=1, window=16)"), ids, compress=False)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_grouping_changes_only_far_attention():
+    engine = tiny_engine()
+    ids = prompt_ids(150)
+    full = engine.prefill(engine.new_cache("full"), ids, compress=False)
+    wide = engine.prefill(engine.new_cache("self_extend(group_size=4, window=200)"), ids, compress=False)
+    grouped = engine.prefill(engine.new_cache("self_extend(group_size=4, window=16)"), ids, compress=False)
+    torch.testing.assert_close(wide, full, atol=1e-4, rtol=1e-4)  # every key is a neighbour
+    assert not torch.allclose(grouped, full, atol=1e-3)
+
+
+def test_keys_are_cached_before_rope_and_window_formula():
+    engine = tiny_engine()
+    cache = engine.new_cache("self_extend(group_size=2, window=8)")
+    ids = prompt_ids(20)
+    engine.prefill(cache, ids, compress=False)
+    plain = engine.new_cache("full")
+    engine.prefill(plain, ids, compress=False)
+    rotary = engine._rotary(plain, 20)
+    torch.testing.assert_close(
+        rotary.rotate(cache.layers[0].keys, torch.arange(20)), plain.layers[0].keys, atol=1e-5, rtol=1e-5
+    )
+    assert SelfExtend(group_size=8, window=1024).context_window(8192) == (8192 - 1024) * 8 + 1024
+    assert SelfExtend(group_size=4, window=512).grouped_query_positions(torch.tensor([1000])).item() == 1000 // 4 + 512 - 128

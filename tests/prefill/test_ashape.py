@@ -1,0 +1,55 @@
+"""A-shape: sinks plus a local window, computed without a full score matrix."""
+
+import torch
+
+from kvlab.engine.attention import LayerContext, dense_attention
+from kvlab.engine.cache import ForwardStep, LayerKV
+from kvlab.engine.rotary import Rotary
+from kvlab.position.base import TRAINED_ROPE
+from kvlab.prefill.ashape import AShape
+from tests.conftest import prompt_ids, tiny_engine
+
+
+def context_for(n, heads=2, d=8, seed=0):
+    torch.manual_seed(seed)
+    layer = LayerKV()
+    layer.append(torch.randn(1, heads, n, d), torch.randn(1, heads, n, d), torch.arange(n))
+    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d))
+    step = ForwardStep(positions=torch.arange(n), rotary=rotary, rotate_keys=True, building=True)
+    return LayerContext(0, 1, layer, step, TRAINED_ROPE, d**-0.5), torch.randn(1, 2 * heads, n, d)
+
+
+def test_equals_brute_force_sink_plus_window_mask():
+    ctx, q = context_for(70)
+    method = AShape(sink=3, window=10, block=16)
+    got = method.attend(q, ctx)
+    i, j = torch.arange(70)[:, None], torch.arange(70)[None, :]
+    allowed = (j <= i) & ((i - j < 10) | (j < 3))
+    expected = dense_attention(ctx.step.rotary.rotate(q, torch.arange(70)), ctx.layer.keys, ctx.layer.values, ctx.scaling, allowed)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_equals_dense_when_the_window_covers_the_input():
+    engine = tiny_engine()
+    ids = prompt_ids(120)
+    full = engine.generate_ids(ids, "full", max_new_tokens=8)
+    wide = engine.generate_ids(ids, "ashape(sink=4, window=120, block=32)", max_new_tokens=8)
+    assert wide.token_ids == full.token_ids
+    narrow = engine.prefill(engine.new_cache("ashape(sink=4, window=16, block=32)"), ids, compress=False)
+    dense = engine.prefill(engine.new_cache("full"), ids, compress=False)
+    assert not torch.allclose(narrow, dense, atol=1e-3)
+
+
+def test_each_block_reads_only_sinks_and_window():
+    method = AShape(sink=128, window=1024, block=256)
+    n = 32_000
+    widest = max(method.key_indices(s, min(s + 255, n - 1)).numel() for s in range(0, n, 256))
+    assert widest <= 128 + 1024 + 255  # independent of n: no n x n score matrix
+    keys = method.key_indices(5000, 5255)
+    assert keys[:128].tolist() == list(range(128)) and keys[128] == 5000 - 1023
+
+
+def test_the_full_cache_is_still_stored():
+    engine = tiny_engine()
+    stats = engine.generate_ids(prompt_ids(120), "ashape(sink=4, window=16)", max_new_tokens=2).stats
+    assert stats.kv_tokens == 121
