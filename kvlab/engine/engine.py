@@ -150,7 +150,7 @@ class Engine:
 
     def _rotary(self, cache: KVCache, seq_len: int) -> Rotary:
         position = cache.recipe.position or TRAINED_ROPE
-        key = seq_len if position.length_dependent else None
+        key = position.frequency_key(seq_len, self.trained_length)
         memo = getattr(cache, "_rotary_memo", None)
         if memo is None or memo[0] != key:
             memo = (key, position.rotary(self.config, seq_len))

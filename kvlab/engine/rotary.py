@@ -52,7 +52,7 @@ def rope_frequencies(
     parameters, computed by transformers' ``ROPE_INIT_FUNCTIONS`` (the default RoPE is
     ``base ** (-2i/d)``)."""
     if rope_parameters is not None:
-        config = copy.deepcopy(config)
+        config = copy.copy(config)  # shallow: only rope_parameters is replaced
         merged = dict(config.rope_parameters or {})
         merged.update(rope_parameters)
         config.rope_parameters = merged

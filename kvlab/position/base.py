@@ -40,8 +40,6 @@ class PositionMethod(Method):
     """Base of position methods; by itself it is RoPE as the model was trained."""
 
     stage: ClassVar[str] = "position"
-    length_dependent: ClassVar[bool] = False
-    """True when the frequencies depend on the current length (recomputed every forward)."""
 
     @property
     def stores_pre_rope(self) -> bool:
@@ -55,6 +53,10 @@ class PositionMethod(Method):
     def context_window(self, trained: int) -> int:
         """Tokens the model can attend over with this method, given its trained length."""
         return trained
+
+    def frequency_key(self, seq_len: int, trained: int) -> int | None:
+        """Frequencies are recomputed when this key changes (None: they never do)."""
+        return None
 
     def rotary(self, config: Any, seq_len: int) -> Rotary:
         """The RoPE frequencies to use when the sequence is ``seq_len`` tokens long."""

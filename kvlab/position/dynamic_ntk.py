@@ -26,7 +26,6 @@ class DynamicNTK(PositionMethod):
     name: ClassVar[str] = "dynamic_ntk"
     paper: ClassVar[str] = "emozilla, Dynamically Scaled RoPE (2023); transformers rope_type=dynamic"
     summary: ClassVar[str] = "RoPE base grown with the current length past the trained length."
-    length_dependent: ClassVar[bool] = True
 
     factor: float = param(4.0, "scale factor s (window = s x trained length)", min=1.0, max=64.0)
     rerotate_cache: bool = param(True, "keep keys pre-RoPE and rotate them with the current base")
@@ -34,6 +33,9 @@ class DynamicNTK(PositionMethod):
     @property
     def stores_pre_rope(self) -> bool:
         return self.rerotate_cache
+
+    def frequency_key(self, seq_len: int, trained: int) -> int | None:
+        return max(seq_len, trained)  # the base only moves past the trained length
 
     def rope_parameters(self, config: Any) -> dict[str, Any]:
         return {"rope_type": "dynamic", "factor": self.factor}
