@@ -123,6 +123,81 @@ def _stats_table(context_stats: Any, answers: list[Any]) -> Table:
     return table
 
 
+@app.command()
+def bench(
+    recipes: Annotated[Optional[str], typer.Option(help="Recipes separated by ';' (full is always run first).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names (see kvlab tasks).")] = None,
+    lengths: Annotated[Optional[str], typer.Option(help="Comma-separated context lengths, e.g. 1k,2k,4k.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="multi-turn or multi-request.")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Cases per task and length.")] = None,
+    depths: Annotated[Optional[str], typer.Option(help="Needle depths for needle tasks, e.g. 0.1,0.5,0.9.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Local JSONL file as PATH:FORMAT (ruler, longbench, scbench); repeatable.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the generated cases.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Override each task's answer length.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Results directory (resumable).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file with the same settings.")] = None,
+    report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
+) -> None:
+    """Benchmark recipes on long-context tasks; with no arguments, the quick suite."""
+    import kvlab
+    from kvlab.bench.config import BenchConfig, load_config_file, parse_length, split_list
+    from kvlab.bench.runner import run_bench
+
+    try:
+        settings = load_config_file(config) if config else {}
+        flags = {
+            "recipes": split_list(recipes, ";") if recipes else None,
+            "tasks": split_list(tasks) if tasks else None,
+            "lengths": [parse_length(x) for x in split_list(lengths)] if lengths else None,
+            "mode": mode, "samples": samples, "data": data, "model": model, "device": device,
+            "dtype": dtype, "seed": seed, "max_new_tokens": max_new_tokens, "out": out,
+            "depths": [_float(x, "depth") for x in split_list(depths)] if depths else None,
+        }
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        run_bench(BenchConfig(**settings), console=err, report=report)
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="A results directory written by kvlab bench.")],
+    output: Annotated[Optional[Path], typer.Option(help="HTML file to write (default: DIR/report.html).")] = None,
+) -> None:
+    """Render the HTML report (plots and tables) of a results directory."""
+    from kvlab.bench.report import build_report
+    from kvlab.bench.store import DB_NAME
+
+    if not (directory / DB_NAME).is_file():
+        _fail(f"{str(directory)!r} holds no {DB_NAME}; run kvlab bench --out {directory} first")
+    out.print(f"report: {build_report(directory, output)}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the benchmark tasks."""
+    from kvlab.bench.tasks import TASKS
+
+    table = Table(title="kvlab bench tasks")
+    for column in ("task", "family", "description"):
+        table.add_column(column)
+    for task in TASKS.values():
+        table.add_row(task.name, task.family, task.description)
+    out.print(table)
+
+
+def _float(text: str, what: str) -> float:
+    import kvlab
+
+    try:
+        return float(text)
+    except ValueError:
+        raise kvlab.InputError(f"{what} {text!r} is not a number") from None
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None

@@ -45,10 +45,17 @@ class ForwardStep:
     compress: bool = False
 
 
+DECODE_BLOCK = 32
+"""Most entries reserved at once when decoding outgrows a layer's storage: n // 16, capped at
+this, so the reserve stays under 1/16 of the layer. Prompt chunks and compression allocate
+exactly. Reserved entries are allocated memory and count in nbytes."""
+
+
 class LayerKV(CacheLayerMixin):
     """One layer's KV entries.
 
-    - ``keys``, ``values``: ``[batch, kv_heads, n, head_dim]``.
+    - ``keys``, ``values``: ``[batch, kv_heads, n, head_dim]`` views of storage that may hold
+      up to :data:`DECODE_BLOCK` reserved entries more, so decoding appends in place.
     - ``positions``: original token position of each entry, ``[n]`` (shared by all heads) or
       ``[batch, kv_heads, n]`` (per head, after per-head selection); ``None`` while the layer
       holds exactly tokens ``0..n-1`` (nothing evicted), so no index tensor is stored.
@@ -63,10 +70,12 @@ class LayerKV(CacheLayerMixin):
         self.positions: Tensor | None = None
         self.seen = 0  # tokens ever appended: the next token's position
         self.side: dict[str, SideIndex] = {}
+        self._key_storage: Tensor | None = None
+        self._value_storage: Tensor | None = None
 
     # -- transformers' CacheLayerMixin contract --------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.keys, self.values = key_states, value_states
+        self._store(key_states.contiguous(), value_states.contiguous())
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
@@ -102,8 +111,16 @@ class LayerKV(CacheLayerMixin):
         if not self.is_initialized or self.keys is None:
             self.lazy_initialization(keys, values)
         else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
+            n, t = self.num_entries, keys.shape[-2]
+            if n + t > self._key_storage.shape[-2]:
+                reserve = min(DECODE_BLOCK, n // 16) if t == 1 else 0
+                capacity = n + t + reserve
+                self._key_storage = _resized(self._key_storage, n, capacity)
+                self._value_storage = _resized(self._value_storage, n, capacity)
+            self._key_storage[..., n : n + t, :] = keys
+            self._value_storage[..., n : n + t, :] = values
+            self.keys = self._key_storage[..., : n + t, :]
+            self.values = self._value_storage[..., : n + t, :]
         if self.positions is not None:
             new = positions.to(self.positions.dtype)
             if self.positions.dim() == 3:
@@ -118,13 +135,11 @@ class LayerKV(CacheLayerMixin):
         per head (sorted). The stored tensors are replaced by smaller copies."""
         positions = self.key_positions()
         if keep.dim() == 1:
-            self.keys = self.keys.index_select(-2, keep).contiguous()
-            self.values = self.values.index_select(-2, keep).contiguous()
+            self._store(self.keys.index_select(-2, keep), self.values.index_select(-2, keep))
             new_positions = positions.index_select(-1, keep)
         else:
             index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-            self.keys = self.keys.gather(-2, index).contiguous()
-            self.values = self.values.gather(-2, index).contiguous()
+            self._store(self.keys.gather(-2, index), self.values.gather(-2, index))
             if positions.dim() == 1:
                 positions = positions.expand(*keep.shape[:2], -1)
             new_positions = positions.gather(-1, keep)
@@ -134,18 +149,31 @@ class LayerKV(CacheLayerMixin):
 
     def truncate(self, num_entries: int, seen: int) -> None:
         """Drop entries from index ``num_entries`` on (used to discard a request's tokens)."""
-        self.keys = self.keys[..., :num_entries, :].clone()
-        self.values = self.values[..., :num_entries, :].clone()
+        self._store(self.keys[..., :num_entries, :].clone(), self.values[..., :num_entries, :].clone())
         if self.positions is not None:
             self.positions = self.positions[..., :num_entries].clone()
         self.seen = seen
         for index in self.side.values():
             index.truncate(num_entries)
 
+    def _store(self, keys: Tensor, values: Tensor) -> None:
+        """Replace the storage by exactly these entries."""
+        self._key_storage, self._value_storage = keys.contiguous(), values.contiguous()
+        self.keys, self.values = self._key_storage, self._value_storage
+
     def nbytes(self) -> int:
-        tensors = [self.keys, self.values, self.positions]
+        """Bytes of the storage (reserved entries included), positions and side indexes."""
+        tensors = [self._key_storage, self._value_storage, self.positions]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total + sum(index.nbytes() for index in self.side.values())
+
+
+def _resized(storage: Tensor, used: int, capacity: int) -> Tensor:
+    """New storage of ``capacity`` entries holding the first ``used`` entries of ``storage``."""
+    shape = (*storage.shape[:-2], capacity, storage.shape[-1])
+    grown = torch.empty(shape, dtype=storage.dtype, device=storage.device)
+    grown[..., :used, :] = storage[..., :used, :]
+    return grown
 
 
 @dataclass(frozen=True)

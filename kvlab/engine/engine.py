@@ -63,11 +63,18 @@ class Stats:
 
 @dataclass
 class Answer:
-    """A generated answer: text (special tokens removed), token ids, and its stats."""
+    """A generated answer: text (special tokens removed), token ids, and its stats.
+
+    ``logprobs`` ``[new_tokens, vocab]``: log-softmax of the distributions the tokens were
+    drawn from (when asked for). ``teacher_logprobs`` ``[len(teacher), vocab]``: the
+    distributions at each position of a given teacher answer fed instead (when one was given).
+    """
 
     text: str
     token_ids: list[int]
     stats: Stats
+    logprobs: Tensor | None = None
+    teacher_logprobs: Tensor | None = None
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Counters:
 class _Decoded:
     tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    logprobs: list[Tensor] = field(default_factory=list)
 
 
 def check_architecture(config: Any) -> None:
@@ -213,13 +221,16 @@ class Engine:
         return logits
 
     def decode(
-        self, cache: KVCache, logits: Tensor, max_new_tokens: int, sampler: TokenSampler
+        self, cache: KVCache, logits: Tensor, max_new_tokens: int, sampler: TokenSampler,
+        keep_logprobs: bool = False,
     ) -> _Decoded:
         """Generate up to ``max_new_tokens``; stops after a stop token. The last token is not
         run through the model (it is returned, not cached)."""
         result = _Decoded()
         start = time.perf_counter()
         for i in range(max_new_tokens):
+            if keep_logprobs:
+                result.logprobs.append(torch.log_softmax(logits, dim=-1))
             token = sampler(logits)
             result.tokens.append(token)
             if token in self.stop_ids or i == max_new_tokens - 1:
@@ -228,6 +239,14 @@ class Engine:
         result.seconds = time.perf_counter() - start
         self.counters.decoded_tokens += len(result.tokens)
         return result
+
+    def teacher_force(self, cache: KVCache, logits: Tensor, tokens: list[int]) -> Tensor:
+        """Log-probabilities ``[len(tokens), vocab]`` the model gives each of ``tokens`` when
+        they are fed one by one after ``logits`` (the state the prefill left)."""
+        rows = [torch.log_softmax(logits, dim=-1)]
+        for token in tokens[:-1]:
+            rows.append(torch.log_softmax(self.forward(cache, [token], building=False), dim=-1))
+        return torch.stack(rows)
 
     # -- checks -------------------------------------------------------------------------------
     def check_fits(

@@ -79,11 +79,13 @@ def page_min_max(keys: Tensor, page: int) -> tuple[Tensor, Tensor]:
 
 
 def page_scores(q: Tensor, mins: Tensor, maxs: Tensor) -> Tensor:
-    """Upper bounds ``[b, Hq, P]`` of ``q . k`` per page for rotated ``q`` ``[b, Hq, 1, d]``."""
-    group = q.shape[1] // mins.shape[1]
-    mins = mins.repeat_interleave(group, dim=1)
-    maxs = maxs.repeat_interleave(group, dim=1)
-    return torch.maximum(q * maxs, q * mins).sum(dim=-1)
+    """Upper bounds ``[b, Hq, P]`` of ``q . k`` per page for rotated ``q`` ``[b, Hq, 1, d]``
+    and page bounds ``[b, Hkv, P, d]`` (each query head uses its KV head's bounds)."""
+    b, hq, _, d = q.shape
+    kv_heads = mins.shape[1]
+    grouped = q.reshape(b, kv_heads, hq // kv_heads, 1, d)
+    scores = torch.maximum(grouped * maxs[:, :, None], grouped * mins[:, :, None]).sum(dim=-1)
+    return scores.reshape(b, hq, -1)
 
 
 @register
@@ -98,12 +100,17 @@ class Quest(RetrieveMethod):
     page: int = param(16, "entries per page", min=1, max=1024)
     dense_layers: int = param(2, "first layers that stay dense", min=0)
 
-    def bounds(self, layer: LayerKV) -> tuple[Tensor, Tensor]:
-        """Page bounds of the whole layer, complete pages from the stored index."""
+    def stored_bounds(self, layer: LayerKV) -> PageBounds:
+        """The layer's index of complete pages, brought up to date."""
         index = layer.side.get(INDEX_KEY)
         if not isinstance(index, PageBounds) or index.page != self.page:
             index = layer.side[INDEX_KEY] = PageBounds(self.page)
         index.update(layer.keys)
+        return index
+
+    def bounds(self, layer: LayerKV) -> tuple[Tensor, Tensor]:
+        """Page bounds ``[b, Hkv, ceil(n / page), d]`` of the whole layer."""
+        index = self.stored_bounds(layer)
         tail_start = index.pages * self.page
         if tail_start == layer.num_entries:
             return index.mins, index.maxs
@@ -111,6 +118,17 @@ class Quest(RetrieveMethod):
         if index.mins is None:
             return tail_min, tail_max
         return torch.cat([index.mins, tail_min], dim=2), torch.cat([index.maxs, tail_max], dim=2)
+
+    def scores(self, q_rotated: Tensor, layer: LayerKV) -> Tensor:
+        """Page scores ``[b, Hq, ceil(n / page)]``: stored pages, then the partial last page
+        (bounded on the fly, so no bound tensor is copied per step)."""
+        index = self.stored_bounds(layer)
+        parts = [] if index.mins is None else [page_scores(q_rotated, index.mins, index.maxs)]
+        tail_start = index.pages * self.page
+        if tail_start < layer.num_entries:
+            tail_min, tail_max = page_min_max(layer.keys[:, :, tail_start:], self.page)
+            parts.append(page_scores(q_rotated, tail_min, tail_max))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def select_pages(self, q_rotated: Tensor, mins: Tensor, maxs: Tensor, pages: int) -> Tensor:
         """Indices ``[b, Hq, pages]`` of each query head's best pages."""
@@ -122,9 +140,8 @@ class Quest(RetrieveMethod):
         pages = max(3, resolve_budget(self.budget, n) // self.page)
         if ctx.index < self.dense_layers or pages * self.page >= n:
             return None
-        mins, maxs = self.bounds(layer)
         q_pos = ctx.step.positions
-        chosen = self.select_pages(ctx.step.rotary.rotate(q, q_pos), mins, maxs, pages)
+        chosen = self.scores(ctx.step.rotary.rotate(q, q_pos), layer).topk(pages, dim=-1).indices
         entries = (chosen[..., None] * self.page + torch.arange(self.page, device=q.device))
         entries = entries.flatten(-2)  # [b, Hq, pages * page]
         valid = entries < n

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
 from kvlab.engine.sampling import Sampling
 from kvlab.errors import InputError
 from kvlab.engine.prompt import QUESTION_SEPARATOR
@@ -59,8 +61,17 @@ class Session:
     def ask(
         self, question: str, answer_prefix: str = "", max_new_tokens: int = 64,
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+        *, reference_answer: str | None = None, teacher_tokens: list[int] | None = None,
+        keep_logprobs: bool = False,
     ) -> Answer:
-        """Answer ``question`` against the session's cache."""
+        """Answer ``question`` against the session's cache.
+
+        Measurement options (used by ``kvlab bench``):
+        ``reference_answer`` — in multi-turn mode, keep this (gold) answer in the history
+        instead of the generated one, as SCBench does, so every recipe sees the same history;
+        ``teacher_tokens`` — also score this answer token by token (``teacher_logprobs``);
+        ``keep_logprobs`` — return the generated tokens' distributions (``logprobs``).
+        """
         from kvlab.engine.engine import Answer
 
         if not question.strip():
@@ -78,11 +89,22 @@ class Session:
         start = time.perf_counter()
         logits = engine.prefill(cache, ids, compress=False)
         prefill_s = time.perf_counter() - start
-        decoded = engine.decode(cache, logits, max_new_tokens, sampling.sampler(engine.device))
+        question_mark = cache.mark()
+        teacher = None
+        if teacher_tokens:
+            teacher = engine.teacher_force(cache, logits, teacher_tokens)
+            cache.rollback(question_mark)
+        decoded = engine.decode(
+            cache, logits, max_new_tokens, sampling.sampler(engine.device), keep_logprobs
+        )
         tokenizer = engine.tokenizer
         text = tokenizer.decode(decoded.tokens, skip_special_tokens=True)
         stats = engine.measure(cache, before + len(ids), len(ids), decoded, prefill_s)
-        if self.mode == "multi-turn":
+        if self.mode == "multi-turn" and reference_answer is not None:
+            cache.rollback(question_mark)
+            self._messages = [*messages, {"role": "assistant", "content": answer_prefix + reference_answer}]
+            self._consumed, self._pending = full, []
+        elif self.mode == "multi-turn":
             self._messages = [*messages, {"role": "assistant", "content": answer_prefix + text}]
             self._consumed = full + tokenizer.decode(decoded.tokens, skip_special_tokens=False)
             self._pending = decoded.tokens[-1:]
@@ -91,4 +113,8 @@ class Session:
             self._consumed, self._messages, self._pending = (
                 self._start[0], list(self._start[1]), list(self._start[2])
             )
-        return Answer(text=text, token_ids=decoded.tokens, stats=stats)
+        return Answer(
+            text=text, token_ids=decoded.tokens, stats=stats,
+            logprobs=torch.stack(decoded.logprobs) if decoded.logprobs else None,
+            teacher_logprobs=teacher,
+        )

@@ -55,3 +55,15 @@ def test_rollback_discards_appended_entries():
     cache.rollback(mark)
     assert cache.get_seq_length() == 6 and cache.nbytes() == bytes_before
     assert cache.mean_entries() == 6
+
+
+def test_decoding_appends_in_place_with_a_small_counted_reserve():
+    layer = filled_layer(n=64)
+    layer.append(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), torch.tensor([64]))
+    storage = layer._key_storage
+    assert storage.shape[2] == 65 + 4  # reserve of n // 16 entries
+    assert layer.nbytes() == 2 * 2 * 69 * 4 * 4  # reserved entries are allocated memory
+    for position in range(65, 69):
+        layer.append(torch.full((1, 2, 1, 4), float(position)), torch.ones(1, 2, 1, 4), torch.tensor([position]))
+    assert layer._key_storage is storage  # no copy while the reserve lasts
+    assert layer.keys.shape[2] == 69 and float(layer.keys[0, 0, -1, 0]) == 68.0

@@ -66,3 +66,22 @@ def test_long_context_is_refused_without_a_position_method(engine):
         engine.session(long_context)
     session = engine.session(long_context, recipe="yarn(factor=2)")
     assert session.ask("Which word?", max_new_tokens=2).stats.prompt_tokens > 2048
+
+
+def test_teacher_forcing_scores_the_given_answer(engine):
+    session = engine.session(CONTEXT, mode="multi-request")
+    reference = session.ask("What is the code?", max_new_tokens=6, keep_logprobs=True)
+    assert reference.logprobs.shape == (6, len(engine.tokenizer))
+    forced = session.ask("What is the code?", max_new_tokens=6, teacher_tokens=reference.token_ids)
+    # fed its own greedy answer, the same cache gives the same distributions
+    import torch
+
+    torch.testing.assert_close(forced.teacher_logprobs, reference.logprobs, atol=1e-4, rtol=1e-4)
+    assert forced.token_ids == reference.token_ids  # teacher forcing leaves decoding untouched
+
+
+def test_multi_turn_with_reference_answers_keeps_the_gold_history(engine):
+    gold = engine.session(CONTEXT, mode="multi-turn")
+    gold.ask("What is the code?", max_new_tokens=4, reference_answer="4417.")
+    second = gold.ask("Who keeps it?", max_new_tokens=4)
+    assert "4417." in gold._consumed and second.stats.prompt_tokens < gold.context_stats.prompt_tokens + 40

@@ -1,0 +1,230 @@
+"""The benchmark runner: recipes x cases x turns, in one of SCBench's shared-context modes.
+
+For each case the ``full`` recipe runs first; its answers are the reference of the fidelity
+metrics of the other recipes on the same case: token agreement (fraction of positions where a
+recipe's greedy answer equals full's) and the mean KL(full || recipe) of the next-token
+distributions along full's answer, teacher-forced through the recipe's own cache. In
+multi-turn mode the history keeps the gold answer of each turn (SCBench), so every recipe sees
+the same conversation. Rows of each finished (case, recipe) pair go to the results store at
+once: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import kvlab
+from kvlab.bench.cases import Case
+from kvlab.bench.config import BenchConfig
+from kvlab.bench.loaders import load_jsonl
+from kvlab.bench.metrics import score
+from kvlab.bench.store import PairKey, ResultStore
+from kvlab.bench.tasks import TASKS
+from kvlab.recipe import parse_recipe
+
+FULL = "full"
+
+
+class PeakMemory:
+    """Peak resident set size (bytes) of this process while the block runs, sampled every
+    ``interval`` seconds by a background thread (and at entry and exit)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def token_agreement(reference: list[int], tokens: list[int]) -> float:
+    """Fraction of the reference's positions where ``tokens`` holds the same token."""
+    if not reference:
+        return 1.0
+    return sum(a == b for a, b in zip(reference, tokens)) / len(reference)
+
+
+def mean_kl(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || other), in nats; both ``[positions, vocab]``."""
+    p = reference_logprobs.exp()
+    return float((p * (reference_logprobs - logprobs)).sum(dim=-1).clamp_min(0).mean())
+
+
+@dataclass
+class _Reference:
+    tokens: list[list[int]]
+    logprobs: list[torch.Tensor]
+
+
+def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
+    """(family, case) for every task x length x sample (x depth), then the data files."""
+    cases: list[tuple[str, Case]] = []
+    for task_name in config.tasks:
+        task = TASKS[task_name]
+        depths: list[float | None] = list(config.depths) if (config.depths and task.uses_depth) else [None]
+        for length in config.lengths:
+            for index in range(config.samples):
+                for depth in depths:
+                    cases.append((task.family, task.generate(tokenizer, length, config.seed, index, depth)))
+    for item in config.data:
+        path, _, fmt = item.rpartition(":")
+        cases.extend(("file", case) for case in load_jsonl(path, fmt))
+    return cases
+
+
+class BenchRunner:
+    """Runs a :class:`BenchConfig` on one engine into one results directory."""
+
+    def __init__(self, config: BenchConfig, engine: kvlab.Engine | None = None,
+                 console: Console | None = None) -> None:
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.engine = engine or kvlab.load(config.model, config.device, config.dtype, progress=False)
+        self.recipes = self._recipes()
+        self.store = ResultStore(config.out)
+        self.settings_id = config.settings_id(self.engine.name, str(self.engine.device))
+
+    def _recipes(self) -> list[tuple[str, str]]:
+        """(canonical, label) pairs, ``full`` first and once."""
+        pairs: list[tuple[str, str]] = [(FULL, FULL)]
+        for label in self.config.recipes:
+            canonical = str(parse_recipe(label))
+            if canonical not in [c for c, _ in pairs]:
+                pairs.append((canonical, label))
+        return pairs
+
+    def pending(self, cases: list[tuple[str, Case]]) -> list[tuple[str, Case, list[tuple[str, str]]]]:
+        done = self.store.finished(self.settings_id)
+        todo = []
+        for family, case in cases:
+            missing = [r for r in self.recipes if PairKey(self.settings_id, case.id, r[0]) not in done]
+            if missing:
+                todo.append((family, case, missing))
+        return todo
+
+    def run(self) -> int:
+        """Run everything not yet in the store; returns the number of rows written."""
+        cases = build_cases(self.config, self.engine.tokenizer)
+        todo = self.pending(cases)
+        pairs = sum(len(m) for _, _, m in todo)
+        skipped = len(cases) * len(self.recipes) - pairs
+        if skipped:
+            self.console.print(f"resuming: {skipped} (case, recipe) pairs already in {self.store.path}")
+        written = 0
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            bar = progress.add_task("bench", total=pairs)
+            for family, case, missing in todo:
+                for canonical, label, rows in self._run_case(family, case, missing, progress, bar):
+                    self.store.add(rows)
+                    written += len(rows)
+                    progress.advance(bar)
+        return written
+
+    def _run_case(self, family: str, case: Case, missing: list[tuple[str, str]],
+                  progress: Progress, bar: Any) -> Iterator[tuple[str, str, list[dict[str, Any]]]]:
+        reference: _Reference | None = None
+        for canonical, label in self.recipes:
+            needed = (canonical, label) in missing
+            if canonical != FULL and not needed:
+                continue
+            if canonical == FULL or needed:
+                progress.update(bar, description=f"{case.task} {case.target_tokens} tok · {label}")
+                rows, run_reference = self._run_pair(family, case, canonical, label, reference)
+                if canonical == FULL:
+                    reference = run_reference
+                if needed:
+                    yield canonical, label, rows
+
+    def _run_pair(self, family: str, case: Case, canonical: str, label: str,
+                  reference: _Reference | None) -> tuple[list[dict[str, Any]], _Reference]:
+        engine, config = self.engine, self.config
+        is_full = canonical == FULL
+        rows: list[dict[str, Any]] = []
+        own = _Reference([], [])
+        with PeakMemory() as memory:
+            session = engine.session(case.context, recipe=canonical, mode=config.mode)
+            context = session.context_stats
+            for t, turn in enumerate(case.turns):
+                max_new = config.max_new_tokens or turn.max_new_tokens
+                teacher = reference.tokens[t] if (reference is not None and not is_full) else None
+                answer = session.ask(
+                    turn.question, answer_prefix=turn.answer_prefix, max_new_tokens=max_new,
+                    reference_answer=turn.answers[0] if config.mode == "multi-turn" else None,
+                    teacher_tokens=teacher, keep_logprobs=is_full,
+                )
+                own.tokens.append(answer.token_ids)
+                if answer.logprobs is not None:
+                    own.logprobs.append(answer.logprobs)
+                agreement = kl = None
+                if teacher is not None and reference is not None:
+                    agreement = token_agreement(teacher, answer.token_ids)
+                    kl = mean_kl(reference.logprobs[t], answer.teacher_logprobs)
+                stats = answer.stats
+                rows.append({
+                    "settings_id": self.settings_id, "model": engine.name, "mode": config.mode,
+                    "task": case.task, "family": family, "case_id": case.id,
+                    "target_tokens": case.target_tokens, "depth": case.depth,
+                    "recipe": canonical, "recipe_label": label, "turn": t,
+                    "question": turn.question, "gold": json.dumps(turn.answers),
+                    "prediction": answer.text, "metric": turn.metric,
+                    "score": score(turn.metric, answer.text, turn.answers),
+                    "token_agreement": agreement, "kl": kl,
+                    "context_tokens": context.prompt_tokens, "prompt_tokens": stats.prompt_tokens,
+                    "new_tokens": stats.new_tokens, "kv_tokens": stats.kv_tokens,
+                    "kv_bytes": stats.kv_bytes, "context_kv_bytes": context.kv_bytes,
+                    "context_prefill_s": context.prefill_s, "prefill_s": stats.prefill_s,
+                    "decode_s": stats.decode_s, "decode_s_per_token": stats.decode_s_per_token,
+                    "peak_rss_bytes": None, "device": str(engine.device),
+                })
+        for row in rows:
+            row["peak_rss_bytes"] = memory.peak
+        return rows, own
+
+
+def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
+              console: Console | None = None, report: bool = True) -> Path:
+    """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
+    console = console or Console(stderr=True)
+    runner = BenchRunner(config, engine, console)
+    written = runner.run()
+    console.print(f"{written} rows written to {runner.store.path}")
+    rows = runner.store.rows()
+    from kvlab.bench.summary import summary_table
+
+    Console().print(summary_table(rows))
+    runner.store.close()
+    if report:
+        from kvlab.bench.report import build_report
+
+        path = build_report(config.out)
+        console.print(f"report: {path}")
+    return Path(config.out)

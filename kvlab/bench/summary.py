@@ -1,0 +1,248 @@
+"""Aggregates of the results table: one line per (model, mode, recipe), every number with a unit.
+
+:func:`summarize` reduces the rows of :class:`~kvlab.bench.store.ResultStore` (one per case x
+recipe x turn) to one dict per (model, mode, recipe); :func:`summary_table` renders those for
+the terminal. :data:`SUMMARY_COLUMNS` (header with unit, formatter) is shared with the HTML
+report so both show the same numbers the same way.
+
+Only measured values are aggregated; a mean over no values is ``None`` and shows as ``-``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+
+FULL = "full"
+MIB = 2**20
+
+
+def _mean(values: Iterable[float | int | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _max(values: Iterable[float | int | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return max(kept) if kept else None
+
+
+def recipe_order(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Recipes in order of first appearance, ``full`` first when present."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.setdefault(row["recipe"], None)
+    order = list(seen)
+    if FULL in seen:
+        order.remove(FULL)
+        order.insert(0, FULL)
+    return order
+
+
+def first_seen(rows: Iterable[dict[str, Any]], key: str) -> list[Any]:
+    """Distinct values of ``key`` in order of first appearance."""
+    return list(dict.fromkeys(row.get(key) for row in rows))
+
+
+def recipe_labels(rows: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """The name to show for each recipe: the user's spelling when it is unambiguous (one label
+    per recipe and no two recipes sharing one), else the canonical string."""
+    labels: dict[str, set[str]] = {}
+    for row in rows:
+        labels.setdefault(row["recipe"], set()).add(row.get("recipe_label") or row["recipe"])
+    chosen = {r: (next(iter(ls)) if len(ls) == 1 else r) for r, ls in labels.items()}
+    if len(set(chosen.values())) < len(chosen):
+        return {r: r for r in chosen}
+    return chosen
+
+
+def _case_key(row: dict[str, Any]) -> tuple[Any, Any]:
+    return row.get("settings_id"), row["case_id"]
+
+
+def _full_kv(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, Any, Any], float]:
+    """kv_bytes of every ``full`` row, by (settings, case, turn)."""
+    return {
+        (*_case_key(r), r["turn"]): r["kv_bytes"]
+        for r in rows
+        if r["recipe"] == FULL and r.get("kv_bytes")
+    }
+
+
+def _context_prefill(rows: list[dict[str, Any]]) -> float | None:
+    """Mean over cases of the context prefill time (a case's context is prefilled once: its
+    value is taken from the earliest turn that has one)."""
+    per_case: dict[tuple[Any, Any], tuple[int, float]] = {}
+    for r in rows:
+        value = r.get("context_prefill_s")
+        if value is None:
+            continue
+        key = _case_key(r)
+        if key not in per_case or r["turn"] < per_case[key][0]:
+            per_case[key] = (r["turn"], value)
+    return _mean(v for _, v in per_case.values())
+
+
+def summarize(rows: list[dict[str, Any]], by: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One dict per (model, mode, recipe) (and per value of each column in ``by``, e.g.
+    ``by=("target_tokens",)``), ordered by model and mode of first appearance, then recipe
+    (:func:`recipe_order`), then ``by`` values ascending.
+
+    Keys: model, mode, recipe, label (display name), the ``by`` columns, n_cases, n_rows,
+    accuracy (mean score, 0..1), accuracy_by_turn (list indexed by turn; ``None`` for a turn
+    without rows), token_agreement (mean, 0..1; ``None`` for full), kl (mean, nats; ``None``
+    for full), kv_mib (mean kv_bytes / 2**20), kv_ratio (mean over rows with a ``full`` row of
+    the same settings, case and turn of kv_bytes / that row's kv_bytes; ``None`` without such
+    rows), context_prefill_s (mean over cases, s), decode_ms_per_token (mean over rows that
+    generated tokens, ms), peak_rss_mib (max, MiB).
+    """
+    if not rows:
+        return []
+    models = {m: i for i, m in enumerate(first_seen(rows, "model"))}
+    modes = {m: i for i, m in enumerate(first_seen(rows, "mode"))}
+    recipes = {r: i for i, r in enumerate(recipe_order(rows))}
+    labels = recipe_labels(rows)
+    full_kv = _full_kv(rows)
+
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["model"], row["mode"], row["recipe"], *(row.get(k) for k in by))
+        groups.setdefault(key, []).append(row)
+
+    def order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+        extra = tuple((v is None, v if v is not None else 0) for v in key[3:])
+        return (models[key[0]], modes[key[1]], recipes[key[2]], *extra)
+
+    out = []
+    for key in sorted(groups, key=order):
+        group = groups[key]
+        model, mode, recipe = key[:3]
+        is_full = recipe == FULL
+        turns = max(r["turn"] for r in group) + 1
+        by_turn = [_mean(r["score"] for r in group if r["turn"] == t) for t in range(turns)]
+        ratios = [
+            r["kv_bytes"] / full_kv[(*_case_key(r), r["turn"])]
+            for r in group
+            if r.get("kv_bytes") is not None and (*_case_key(r), r["turn"]) in full_kv
+        ]
+        decode = [
+            r["decode_s_per_token"] * 1000
+            for r in group
+            if r.get("decode_s_per_token") is not None and r.get("new_tokens") != 0
+        ]
+        kv = _mean(r.get("kv_bytes") for r in group)
+        rss = _max(r.get("peak_rss_bytes") for r in group)
+        summary: dict[str, Any] = {
+            "model": model,
+            "mode": mode,
+            "recipe": recipe,
+            "label": labels[recipe],
+            **dict(zip(by, key[3:])),
+            "n_cases": len({_case_key(r) for r in group}),
+            "n_rows": len(group),
+            "accuracy": _mean(r["score"] for r in group),
+            "accuracy_by_turn": by_turn,
+            "token_agreement": None if is_full else _mean(r.get("token_agreement") for r in group),
+            "kl": None if is_full else _mean(r.get("kl") for r in group),
+            "kv_mib": None if kv is None else kv / MIB,
+            "kv_ratio": _mean(ratios),
+            "context_prefill_s": _context_prefill(group),
+            "decode_ms_per_token": _mean(decode),
+            "peak_rss_mib": None if rss is None else rss / MIB,
+        }
+        out.append(summary)
+    return out
+
+
+# --- presentation -------------------------------------------------------------------------
+
+def _fixed(digits: int, scale: float = 1.0) -> Callable[[Any], str]:
+    return lambda v: f"{v * scale:,.{digits}f}"
+
+
+def _adaptive(v: float) -> str:
+    """Three significant digits without switching to exponent notation for usual sizes."""
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a >= 0.001:
+        return f"{v:.3f}"
+    return f"{v:.1e}"
+
+
+def _turns(values: list[float | None]) -> str:
+    return " / ".join("-" if v is None else f"{v * 100:.0f}" for v in values)
+
+
+@dataclass(frozen=True)
+class SummaryColumn:
+    """One column of the summary: the key in a :func:`summarize` dict, its header (with the
+    unit) and how a value is written (``None`` is always ``-``)."""
+
+    key: str
+    header: str
+    fmt: Callable[[Any], str]
+    numeric: bool = True
+
+    def cell(self, summary: dict[str, Any]) -> str:
+        value = summary.get(self.key)
+        return "-" if value is None else self.fmt(value)
+
+
+SUMMARY_COLUMNS: tuple[SummaryColumn, ...] = (
+    SummaryColumn("model", "model", str, numeric=False),
+    SummaryColumn("mode", "mode", str, numeric=False),
+    SummaryColumn("label", "recipe", str, numeric=False),
+    SummaryColumn("n_cases", "cases (n)", lambda v: f"{v:,}"),
+    SummaryColumn("n_rows", "rows (n)", lambda v: f"{v:,}"),
+    SummaryColumn("accuracy", "acc (%)", _fixed(1, 100)),
+    SummaryColumn("accuracy_by_turn", "acc per turn (%)", _turns),
+    SummaryColumn("kv_mib", "KV (MiB)", _adaptive),
+    SummaryColumn("kv_ratio", "KV vs full (x)", _fixed(2)),
+    SummaryColumn("token_agreement", "token agree (%)", _fixed(1, 100)),
+    SummaryColumn("kl", "KL (nats)", _adaptive),
+    SummaryColumn("context_prefill_s", "prefill (s)", _adaptive),
+    SummaryColumn("decode_ms_per_token", "decode (ms/tok)", _adaptive),
+    SummaryColumn("peak_rss_mib", "peak RSS (MiB)", _fixed(0)),
+)
+
+
+def visible_columns(summaries: list[dict[str, Any]]) -> list[SummaryColumn]:
+    """The columns worth showing: model / mode only when there are several, the per-turn
+    accuracy only when some recipe has more than one turn."""
+    shown = []
+    for column in SUMMARY_COLUMNS:
+        if column.key in ("model", "mode") and len({s[column.key] for s in summaries}) < 2:
+            continue
+        if column.key == "accuracy_by_turn" and all(
+            len(s["accuracy_by_turn"]) < 2 for s in summaries
+        ):
+            continue
+        shown.append(column)
+    return shown
+
+
+def summary_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    """The :func:`summarize` lines as a rich table (headers carry the units)."""
+    summaries = summarize(rows)
+    if title is None:
+        models = ", ".join(str(m) for m in first_seen(rows, "model"))
+        modes = ", ".join(str(m) for m in first_seen(rows, "mode"))
+        title = f"results: {models} ({modes})" if rows else "results: no rows"
+    table = Table(title=title)
+    columns = visible_columns(summaries)
+    for column in columns:
+        table.add_column(column.header, justify="right" if column.numeric else "left",
+                         no_wrap=column.key != "label")
+    for summary in summaries:
+        table.add_row(*(column.cell(summary) for column in columns))
+    return table
