@@ -44,3 +44,13 @@ def test_compression_really_shrinks_the_cache(default_engine):
     snap = default_engine.session(PASSKEY_CONTEXT, recipe="snapkv(budget=0.25)")
     ratio = snap.context_stats.kv_bytes / full.context_stats.kv_bytes
     assert 0.2 < ratio < 0.3
+
+
+def test_load_accepts_a_gguf_path_and_refuses_missing_models():
+    import kvlab
+    from kvlab.engine.loading import default_gguf
+
+    engine = kvlab.load(str(default_gguf()), device="cpu", dtype="float32", progress=False)
+    assert engine.name == "SmolLM2-135M-Instruct.Q4_1" and engine.config.num_hidden_layers == 30
+    with pytest.raises(kvlab.ModelError, match="never downloads"):
+        kvlab.load("HuggingFaceTB/SmolLM2-135M-Instruct")
