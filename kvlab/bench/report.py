@@ -24,7 +24,7 @@ import datetime as dt
 import html
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +89,19 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
     with ResultStore(directory) as store:
         rows = store.rows()
     if not rows:
-        raise InputError(f"{db} holds no results yet")
+        raise InputError(f"{db} holds no results yet: nothing to report")
     output = Path(output) if output is not None else directory / REPORT_NAME
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_report(rows, source=str(db)), encoding="utf-8")
     return output
 
 
-def render_report(rows: Rows, source: str | None = None, generated: dt.datetime | None = None) -> str:
+def render_report(
+    rows: Rows, source: str | None = None, generated: dt.datetime | None = None
+) -> str:
     """The report page of ``rows`` (as :meth:`ResultStore.rows` returns them), as HTML."""
+    if not rows:
+        raise InputError("no result rows: nothing to report")
     generated = generated or dt.datetime.now().astimezone()
     ctx = _Context(rows)
     with matplotlib.rc_context(_STYLE):
@@ -140,7 +144,8 @@ class _Context:
         if len(self.scopes) == 1:
             return [(None, self.rows)]
         return [
-            (f"{model} / {mode}", [r for r in self.rows if (r["model"], r["mode"]) == (model, mode)])
+            (f"{model} / {mode}",
+             [r for r in self.rows if (r["model"], r["mode"]) == (model, mode)])
             for model, mode in self.scopes
         ]
 
@@ -178,7 +183,8 @@ def _img(fig: Figure, alt: str, caption: str | None = None) -> str:
             f'style="width:{width}px">{cap}</figure>')
 
 
-def _join(values: Sequence[Any]) -> str:
+def _join(values: Iterable[Any]) -> str:
+    values = list(values)
     return ", ".join(str(v) for v in values) if values else "-"
 
 
@@ -203,8 +209,11 @@ def _header(ctx: _Context, source: str | None, generated: dt.datetime) -> str:
         ("device" if len(devices) == 1 else "devices", _join(devices)),
         ("mode" if len(ctx.modes) == 1 else "modes", _join(ctx.modes)),
         ("recipes", _join(ctx.labels[r] for r in ctx.recipes)),
+        *([("recipes in full", "; ".join(f"{ctx.labels[r]} = {r}" for r in ctx.recipes
+                                         if ctx.labels[r] != r))]
+          if any(ctx.labels[r] != r for r in ctx.recipes) else []),
         ("tasks", _join(f"{t} ({f})" for t, f in tasks)),
-        ("context lengths (tokens)", _join([_tokens(n) for n in ctx.lengths])),
+        ("context lengths (tokens)", _join(_tokens(n) for n in ctx.lengths)),
         ("results", f"{len(rows):,} rows, {cases:,} cases"),
     ]
     if written:
@@ -418,7 +427,7 @@ def _turns_html(ctx: _Context) -> str:
         n_cases = len({(r.get("settings_id"), r["case_id"]) for r in multi})
         caption = (f"Mean accuracy at each turn over the {n_cases} cases with more than one turn "
                    f"({tasks}), all context lengths pooled; cases with a single question are "
-                   "left out so every turn averages the same cases.")
+                   "left out.")
         parts.append(_sub(title) + _img(fig, "accuracy per turn", caption))
     return "\n".join(parts)
 
@@ -681,7 +690,7 @@ def _tasks_html(ctx: _Context) -> str:
     for title, rows in ctx.scoped():
         tasks = list(dict.fromkeys((r["task"], r["family"]) for r in rows))
         families = {t: f for t, f in tasks}
-        names = sorted(families, key=lambda t: (families[t], t))
+        names = sorted(families, key=lambda t: (str(families[t]), str(t)))
         by_task = _pivot(ctx, rows, "task", names,
                          lambda t: f'{_e(t)}<br><span class="fam">{_e(families[t])}</span>',
                          "accuracy (%)")

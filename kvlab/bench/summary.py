@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 FULL = "full"
@@ -232,17 +233,30 @@ def visible_columns(summaries: list[dict[str, Any]]) -> list[SummaryColumn]:
 
 
 def summary_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
-    """The :func:`summarize` lines as a rich table (headers carry the units)."""
+    """The :func:`summarize` lines as a rich table (headers carry the units, on a second line
+    to keep the numeric columns narrow)."""
     summaries = summarize(rows)
     if title is None:
         models = ", ".join(str(m) for m in first_seen(rows, "model"))
         modes = ", ".join(str(m) for m in first_seen(rows, "mode"))
         title = f"results: {models} ({modes})" if rows else "results: no rows"
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     columns = visible_columns(summaries)
     for column in columns:
-        table.add_column(column.header, justify="right" if column.numeric else "left",
-                         no_wrap=column.key != "label")
+        numeric = column.numeric
+        # numbers never wrap; a long recipe name wraps first when the terminal is narrow
+        table.add_column(_stack(column.header) if numeric else column.header,
+                         justify="right" if numeric else "left",
+                         no_wrap=column.key != "label", overflow="fold")
     for summary in summaries:
         table.add_row(*(column.cell(summary) for column in columns))
     return table
+
+
+def _stack(header: str) -> str:
+    """A header on short lines: the unit alone on the last one, long names split in two."""
+    name, _, unit = header.partition(" (")
+    words = name.split()
+    if len(name) > 8 and len(words) > 1:
+        name = " ".join(words[:-1]) + "\n" + words[-1]
+    return f"{name}\n({unit}" if unit else name

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from kvlab.bench.store import COLUMN_NAMES, ResultStore
-from kvlab.bench.summary import recipe_order, summarize, summary_table
+from kvlab.bench.summary import SUMMARY_COLUMNS, recipe_order, summarize, summary_table
 
 MIB = 2**20
 # canonical recipe, label, kv bytes relative to full, token agreement, KL (nats)
@@ -88,7 +88,7 @@ def test_one_line_per_recipe_full_first(rows):
     ]
     assert [s["label"] for s in summaries] == ["full", "quest(budget=0.5)", "snapkv(budget=0.25)"]
     assert all(s["n_cases"] == 6 and s["n_rows"] == 8 for s in summaries)
-    assert all((s["model"], s["mode"]) == ("SmolLM2-135M-Instruct", "multi-turn") for s in summaries)
+    assert {(s["model"], s["mode"]) for s in summaries} == {("SmolLM2-135M-Instruct", "multi-turn")}
 
 
 def test_recipe_order_keeps_first_appearance_with_full_first():
@@ -149,13 +149,19 @@ def test_extra_grouping_by_length(rows):
 
 
 def test_summary_table_headers_carry_units(rows):
-    console = Console(record=True, width=250)
+    headers = {c.key: c.header for c in SUMMARY_COLUMNS}
+    assert headers["accuracy"] == "acc (%)" and headers["kv_mib"] == "KV (MiB)"
+    assert headers["kl"] == "KL (nats)" and headers["decode_ms_per_token"] == "decode (ms/tok)"
+    console = Console(record=True, width=200)
     console.print(summary_table(rows))
     text = console.export_text()
-    for header in ("acc (%)", "KV (MiB)", "KV vs full (x)", "KL (nats)", "prefill (s)",
-                   "decode (ms/tok)", "peak RSS (MiB)", "acc per turn (%)"):
-        assert header in text
-    assert "snapkv(budget=0.25)" in text
-    assert "50.0" in text  # snapkv accuracy, %
-    assert "0.25" in text  # snapkv KV vs full
-    assert "100 / 0" not in text and "67 / 0" in text  # snapkv per turn, %
+    for unit in ("(%)", "(MiB)", "(x)", "(nats)", "(s)", "(ms/tok)", "(n)"):
+        assert unit in text
+    for name in ("acc", "KV", "KL", "prefill", "decode", "peak RSS", "acc per", "turn"):
+        assert name in text
+    line = next(line for line in text.splitlines() if line.strip().startswith("snapkv"))
+    # snapkv: 6 cases, 8 rows, 50 % right, 67 % then 0 % per turn, 0.25 x full's KV,
+    # token agreement 50 %, KL 0.2 nats, prefill 1.6 s, decode 10 ms/token, 600 MiB peak RSS
+    assert line.split() == ["snapkv(budget=0.25)", "6", "8", "50.0", "67", "/", "0",
+                            f"{1500 * 256 / MIB:.3f}", "0.25", "50.0", "0.200", "1.60",
+                            "10.0", "600"]
