@@ -88,3 +88,33 @@ def test_ask_errors_are_clear(model_dir, context_file, extra, message):
 def test_missing_context_file(tmp_path):
     result = runner.invoke(app, ["ask", "--context-file", str(tmp_path / "none.txt"), "--question", "Q"])
     assert result.exit_code == 2 and "not a readable file" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--tasks", "nope"], "unknown task(s) nope"),
+        (["bench", "--lengths", "2kb"], "length '2kb'"),
+        (["bench", "--recipes", "full; snapkv(budget=-9)"], "snapkv(budget=-9)"),
+        (["bench", "--mode", "chat"], "multi-turn, multi-request"),
+        (["bench", "--depths", "0.1,deep"], "depth 'deep'"),
+        (["bench", "--config", "/no/such.yaml"], "not found"),
+        (["report", "/no/such/dir"], "holds no results.duckdb"),
+    ],
+)
+def test_bench_and_report_errors_are_clear(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bench_runs_and_reports(model_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, [
+        "bench", "--model", str(model_dir), "--tasks", "niah_single", "--lengths", "300",
+        "--recipes", "streaming_llm(budget=0.5)", "--max-new-tokens", "3", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file() and "streaming_llm" in result.output
+    again = runner.invoke(app, ["report", str(out)])
+    assert again.exit_code == 0 and "report.html" in again.output
