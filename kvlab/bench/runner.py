@@ -142,11 +142,19 @@ class BenchRunner:
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
             bar = progress.add_task("bench", total=pairs)
+            done = 0
             for family, case, missing in todo:
                 for canonical, label, rows in self._run_case(family, case, missing, progress, bar):
                     self.store.add(rows)
                     written += len(rows)
+                    done += 1
                     progress.advance(bar)
+                    if not self.console.is_terminal:  # logs get one line per finished pair
+                        accuracy = sum(r["score"] for r in rows) / len(rows)
+                        self.console.print(
+                            f"[{done}/{pairs}] {case.id} {label}: accuracy {accuracy:.0%}, "
+                            f"KV {rows[-1]['kv_bytes'] / 2**20:.2f} MiB"
+                        )
         return written
 
     def _run_case(self, family: str, case: Case, missing: list[tuple[str, str]],

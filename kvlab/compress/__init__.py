@@ -1,6 +1,26 @@
 """Stage 3, compress: keep fewer or smaller KV entries."""
 
-from kvlab.compress import snapkv, streaming_llm
+from kvlab.compress import (
+    expected_attention,
+    h2o,
+    keydiff,
+    knorm,
+    pyramidkv,
+    snapkv,
+    streaming_llm,
+    tova,
+)
 from kvlab.compress.base import CompressMethod, ScoredCompression
 
-__all__ = ["CompressMethod", "ScoredCompression", "snapkv", "streaming_llm"]
+__all__ = [
+    "CompressMethod",
+    "ScoredCompression",
+    "expected_attention",
+    "h2o",
+    "keydiff",
+    "knorm",
+    "pyramidkv",
+    "snapkv",
+    "streaming_llm",
+    "tova",
+]

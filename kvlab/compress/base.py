@@ -48,6 +48,24 @@ def top_k_plus_window(scores: Tensor, budget: int, window: int) -> Tensor:
     return torch.cat([top, recent], dim=-1).sort(dim=-1).values
 
 
+def attention_keys(ctx: LayerContext) -> Tensor:
+    """The layer's keys ``[b, kv_heads, n, d]`` rotated as attention sees them at their own
+    positions: the stored keys, or the stored keys rotated now when the position method keeps
+    them pre-RoPE. Key-geometry scores (KeyDiff, Expected Attention) are defined on these."""
+    layer = ctx.layer
+    if not ctx.position.stores_pre_rope:
+        return layer.keys
+    return ctx.step.rotary.rotate(layer.keys, layer.key_positions())
+
+
+def shared_or_per_head(keep: Tensor, kv_heads: int) -> Tensor:
+    """One index set per batch row ``[b, k]`` as :meth:`LayerKV.select` wants it: ``[k]`` (one
+    shared position tensor) for a batch of one, else the same set for every KV head."""
+    if keep.shape[0] == 1:
+        return keep[0]
+    return keep[:, None, :].expand(-1, kv_heads, -1).contiguous()
+
+
 @dataclass(frozen=True)
 class ScoredCompression(CompressMethod):
     """Keep the top-scored entries per KV head plus an observation window of recent ones."""
@@ -61,10 +79,16 @@ class ScoredCompression(CompressMethod):
         if n <= budget:
             return None
         window = min(self.window, q.shape[2], budget)
+        budget = self.layer_budget(budget, window, ctx)
         if budget == window:
             return torch.arange(n - window, n, device=q.device)
-        scores = self.score(q[:, :, -window:], ctx, window)
+        scores = self.score(q[:, :, q.shape[2] - window :], ctx, window)
         return top_k_plus_window(scores, budget, window)
+
+    def layer_budget(self, budget: int, window: int, ctx: LayerContext) -> int:
+        """Entries this layer keeps (window included) when the method's budget is ``budget``:
+        the same for every layer unless a method allocates budgets across layers."""
+        return budget
 
     @abstractmethod
     def score(self, q_window: Tensor, ctx: LayerContext, window: int) -> Tensor:

@@ -40,7 +40,7 @@ class SnapKV(ScoredCompression):
         if self.kernel % 2 == 0:
             from kvlab.errors import RecipeError
 
-            raise RecipeError(f"snapkv(kernel={self.kernel}): the pooling kernel must be odd")
+            raise RecipeError(f"{self.name}(kernel={self.kernel}): the pooling kernel must be odd")
 
     def score(self, q_window: Tensor, ctx: LayerContext, window: int) -> Tensor:
         q_pos = ctx.step.positions[-window:]

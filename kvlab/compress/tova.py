@@ -1,0 +1,46 @@
+"""TOVA: keep what the last token attends to, one choice per layer.
+
+Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024, arXiv:2401.06104 (Token
+Omission Via Attention). Once the cache is over its size, the current query's attention
+probabilities, averaged over all query heads of the layer, score the entries; the layer keeps
+its top ``budget`` entries for every head — one index set per layer, so kvlab stores one shared
+position tensor ``[k]`` — and no sinks or recent tokens are forced.
+
+Prefill form: the reference code reduces the cache after any forward, using the attention
+row of the forward's last query (``attn_weights[:, :, -1, :].mean(1)``); kvlab does exactly
+that at the end of the prompt prefill. The paper's per-step eviction during decoding (one
+token out per new token) needs an engine hook at every decoding step; without it the cache
+grows by the decoded tokens, as for every kvlab compress method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from kvlab.compress.base import CompressMethod, shared_or_per_head
+from kvlab.engine.attention import LayerContext
+from kvlab.registry import Budget, param, register, resolve_budget
+
+
+@register
+@dataclass(frozen=True)
+class TOVA(CompressMethod):
+    name: ClassVar[str] = "tova"
+    paper: ClassVar[str] = "Oren et al., Transformers are Multi-State RNNs (TOVA), arXiv:2401.06104"
+    summary: ClassVar[str] = "Last query's head-averaged attention; one kept set per layer."
+
+    budget: Budget = param(2048, "entries kept per layer, shared by all heads (cache size)")
+
+    def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        n = ctx.layer.num_entries
+        budget = resolve_budget(self.budget, n)
+        if n <= budget:
+            return None
+        logits = ctx.logits(q[:, :, -1:], ctx.step.positions[-1:])  # [b, Hq, 1, n]
+        scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # [b, n]
+        keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+        return shared_or_per_head(keep, ctx.layer.keys.shape[1])

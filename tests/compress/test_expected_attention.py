@@ -1,0 +1,106 @@
+"""Expected Attention keeps the entries that future queries, modelled as a Gaussian fitted to
+the prompt's queries and rotated to the next positions, are expected to attend to most."""
+
+import math
+
+import pytest
+import torch
+
+from tests.compress.layers import random_layer, rotary
+from tests.conftest import prompt_ids, tiny_engine
+from kvlab.compress.expected_attention import ExpectedAttention
+
+
+def rope_matrix(inv_freq, position):
+    """RoPE at ``position`` as a d x d matrix (transformers' layout: channel i pairs i + d/2)."""
+    half = inv_freq.shape[0]
+    r = torch.zeros(2 * half, 2 * half)
+    for i in range(half):
+        c, s = math.cos(position * inv_freq[i]), math.sin(position * inv_freq[i])
+        r[i, i], r[i, i + half], r[i + half, i], r[i + half, i + half] = c, -s, s, c
+    return r
+
+
+def reference_keep(q, keys, values, budget, sink, future, covariance, value_norm, epsilon):
+    n, hq, hk, d = keys.shape[2], q.shape[1], keys.shape[1], q.shape[-1]
+    inv_freq = rotary(d).inv_freq
+    rotation = sum(rope_matrix(inv_freq, p) for p in range(n, n + future)) / future
+    kept = []
+    for kv in range(hk):
+        heads = []
+        for h in range(kv * hq // hk, (kv + 1) * hq // hk):
+            sample = q[0, h, sink:]  # queries at positions >= sink
+            mu = sample.mean(0)
+            sigma = (sample - mu).T @ (sample - mu) / sample.shape[0]
+            mu, sigma = rotation @ mu, rotation @ sigma @ rotation.T
+            logits = torch.tensor([
+                float(mu @ keys[0, kv, j]) / math.sqrt(d)
+                + (float(keys[0, kv, j] @ sigma @ keys[0, kv, j]) / (2 * d) if covariance else 0.0)
+                for j in range(sink, n)
+            ])
+            heads.append(torch.softmax(logits, dim=0))
+        score = torch.stack(heads).mean(0)
+        if value_norm:
+            score = (score + epsilon) * values[0, kv, sink:].norm(dim=-1)
+        top = (score.topk(budget - sink).indices + sink).tolist()
+        kept.append(sorted(list(range(sink)) + top))
+    return kept
+
+
+@pytest.mark.parametrize("sink, future, covariance, value_norm, epsilon", [
+    (4, 16, True, True, 0.0), (0, 1, True, False, 0.0), (2, 64, False, True, 0.01),
+])
+def test_keep_matches_the_reference(sink, future, covariance, value_norm, epsilon):
+    ctx, q = random_layer(n=50, seed=11)
+    q = q + torch.randn(1, 4, 1, 8)  # queries share a direction per head, as in real models
+    keys_before, values = ctx.layer.keys.clone(), ctx.layer.values.clone()
+    expected = reference_keep(
+        q, keys_before, values, 16, sink, future, covariance, value_norm, epsilon
+    )
+    method = ExpectedAttention(
+        budget=16, sink=sink, future=future, covariance=covariance, value_norm=value_norm,
+        epsilon=epsilon,
+    )
+    method.compress(q, ctx)
+    assert ctx.layer.positions[0].tolist() == expected
+    for h in range(2):
+        torch.testing.assert_close(ctx.layer.keys[0, h], keys_before[0, h, expected[h]])
+
+
+def test_scores_are_the_attention_of_gaussian_future_queries():
+    """Many queries drawn from a Gaussian: the closed form matches the attention the same
+    queries, placed at the next position, actually pay (the paper's defining identity)."""
+    torch.manual_seed(12)
+    ctx, _ = random_layer(n=20, kv_heads=1, query_heads=1, seed=12)
+    mix = torch.randn(8, 8) / 3
+    q = (torch.randn(20000, 8) @ mix + torch.randn(8))[None, None]  # [1, 1, t, d]
+    ctx.step.positions = torch.arange(q.shape[2])
+    method = ExpectedAttention(budget=10, sink=0, future=1, value_norm=False)
+    predicted = method.score(q, ctx, sink=0)[0, 0]
+    future_q = rotary(8).rotate(q, torch.full((q.shape[2],), 20))[0, 0]
+    observed = torch.exp(future_q @ ctx.layer.keys[0, 0].T / math.sqrt(8)).mean(0)
+    torch.testing.assert_close(predicted, observed / observed.sum(), rtol=0.03, atol=1e-4)
+    mean_only = ExpectedAttention(budget=10, sink=0, future=1, value_norm=False, covariance=False)
+    assert not torch.allclose(mean_only.score(q, ctx, sink=0)[0, 0], predicted, rtol=0.03)
+
+
+def test_sinks_are_kept_and_the_size_is_physical_in_the_engine():
+    engine = tiny_engine()
+    ids = prompt_ids(160)
+    cache = engine.new_cache("expected_attention(budget=40)")
+    engine.prefill(cache, ids, compress=True)
+    for layer in cache.layers:
+        assert layer.positions.shape == (1, 2, 40)
+        for head in layer.positions[0].tolist():
+            assert head[:4] == [0, 1, 2, 3]
+    whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
+    small = engine.generate_ids(ids, "expected_attention(budget=0.25)", max_new_tokens=1).stats
+    assert small.kv_bytes == whole * 40 // 160 + 2 * (2 * 40) * 4  # + int32 positions per head
+
+
+def test_equals_full_when_the_budget_covers_the_context():
+    engine = tiny_engine()
+    ids = prompt_ids(100)
+    full = engine.generate_ids(ids, "full", max_new_tokens=8)
+    roomy = engine.generate_ids(ids, "expected_attention(budget=100)", max_new_tokens=8)
+    assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes

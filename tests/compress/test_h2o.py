@@ -1,0 +1,81 @@
+"""H2O keeps the heavy hitters — entries with the most attention accumulated over every prompt
+query — plus the most recent entries, per KV head."""
+
+import pytest
+import torch
+
+from tests.compress.layers import probs_of, random_layer, rotary
+from tests.conftest import prompt_ids, tiny_engine
+from kvlab.compress import h2o
+from kvlab.compress.h2o import H2O
+
+
+def reference_keep(q, keys, budget, recent):
+    """Sum every query's causal attention per key over the query heads of each KV head; keep
+    the top ``budget - recent`` older entries plus the last ``recent``."""
+    n, hq, hk = keys.shape[2], q.shape[1], keys.shape[1]
+    rot = rotary(q.shape[-1])
+    kept = []
+    for kv in range(hk):
+        total = torch.zeros(n)
+        for h in range(kv * hq // hk, (kv + 1) * hq // hk):
+            for i in range(n):
+                total += probs_of(q[0, h, i], i, keys[0, kv], rot)
+        heavy = total[: n - recent].topk(budget - recent).indices.tolist()
+        kept.append(sorted(heavy + list(range(n - recent, n))))
+    return kept
+
+
+@pytest.mark.parametrize("recent_share, block", [(0.5, None), (0.25, 1), (0.0, 1 << 10)])
+def test_keep_matches_the_reference(monkeypatch, recent_share, block):
+    if block is not None:  # accumulating over query blocks changes nothing
+        monkeypatch.setattr(h2o, "LOGIT_BLOCK", block)
+    ctx, q = random_layer(n=40, seed=8)
+    keys_before = ctx.layer.keys.clone()
+    recent = round(recent_share * 16)
+    expected = reference_keep(q, keys_before, 16, recent)
+    H2O(budget=16, recent=recent_share).compress(q, ctx)
+    assert ctx.layer.positions[0].tolist() == expected
+    for h in range(2):
+        torch.testing.assert_close(ctx.layer.keys[0, h], keys_before[0, h, expected[h]])
+
+
+def test_every_query_votes_not_only_the_last():
+    """An entry only early queries attend to is a heavy hitter, though the last queries
+    (SnapKV's window, TOVA's last query) give it nothing special."""
+    ctx, q = random_layer(n=40, seed=9)
+    q[:, :, 12:18] = torch.randn(8)  # six early queries look for the same thing ...
+    target = rotary(8).rotate(q[:, :1, 12:13], torch.tensor([12]))[0, 0, 0]
+    ctx.layer.keys[:, :, 11] = 30 * target / target.norm()  # ... and find entry 11
+    q[:, :, 18:] *= 0.01  # later queries look nowhere in particular
+    H2O(budget=8, recent=0.5).compress(q, ctx)
+    for head in ctx.layer.positions[0].tolist():
+        assert 11 in head
+
+
+def test_per_head_heavy_hitters_and_recent_tokens_in_the_engine():
+    engine = tiny_engine()
+    ids = prompt_ids(160)
+    cache = engine.new_cache("h2o(budget=40, recent=0.5)")
+    engine.prefill(cache, ids, compress=True)
+    for layer in cache.layers:
+        assert layer.positions.shape == (1, 2, 40)
+        for head in layer.positions[0].tolist():
+            assert head[-20:] == list(range(140, 160))
+    engine.prefill_chunk = 64  # the prompt spans three chunks: the last chunk's queries vote
+    chunked = engine.new_cache("h2o(budget=40, recent=0.5)")
+    engine.prefill(chunked, ids, compress=True)
+    assert all(layer.positions.shape == (1, 2, 40) for layer in chunked.layers)
+    engine.prefill_chunk = 1024
+    whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
+    small = engine.generate_ids(ids, "h2o(budget=0.25)", max_new_tokens=1).stats
+    assert small.kv_tokens == 40
+    assert small.kv_bytes == whole * 40 // 160 + 2 * (2 * 40) * 4  # + int32 positions per head
+
+
+def test_equals_full_when_the_budget_covers_the_context():
+    engine = tiny_engine()
+    ids = prompt_ids(100)
+    full = engine.generate_ids(ids, "full", max_new_tokens=8)
+    roomy = engine.generate_ids(ids, "h2o(budget=1.0)", max_new_tokens=8)
+    assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes

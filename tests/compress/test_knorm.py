@@ -1,0 +1,68 @@
+"""KNorm keeps, per KV head, the entries whose keys have the smallest L2 norm."""
+
+import torch
+
+from tests.compress.layers import random_layer
+from tests.conftest import prompt_ids, tiny_engine
+from kvlab.compress.knorm import KNorm
+
+
+def reference_keep(keys, budget, window):
+    """Per head: the ``budget - window`` lowest-norm keys before the window, plus the window."""
+    n = keys.shape[2]
+    kept = []
+    for h in range(keys.shape[1]):
+        norms = [float(keys[0, h, j].norm()) for j in range(n - window)]
+        lowest = sorted(range(n - window), key=lambda j: norms[j])[: budget - window]
+        kept.append(sorted(lowest + list(range(n - window, n))))
+    return kept
+
+
+def test_keep_matches_the_reference_and_ignores_the_query():
+    for window in (0, 5):
+        ctx, q = random_layer(n=60)
+        keys_before = ctx.layer.keys.clone()
+        expected = reference_keep(keys_before, 20, window)
+        KNorm(budget=20, window=window, skip_layers=0).compress(q, ctx)
+        assert ctx.layer.positions[0].tolist() == expected
+        for h in range(2):
+            torch.testing.assert_close(ctx.layer.keys[0, h], keys_before[0, h, expected[h]])
+        other, _ = random_layer(n=60)  # same keys, different queries: same choice
+        KNorm(budget=20, window=window, skip_layers=0).compress(torch.randn(1, 4, 60, 8), other)
+        assert other.layer.positions.tolist() == ctx.layer.positions.tolist()
+
+
+def test_low_norm_keys_survive_and_the_first_layers_are_skipped():
+    ctx, q = random_layer(n=50)
+    planted = [3, 17, 41]
+    ctx.layer.keys[:, :, planted] *= 1e-3
+    KNorm(budget=10, skip_layers=0).compress(q, ctx)
+    for head in ctx.layer.positions[0].tolist():
+        assert set(planted) <= set(head)
+    for index, compressed in ((0, False), (1, False), (2, True)):
+        ctx, q = random_layer(n=50, index=index, num_layers=3)
+        KNorm(budget=10, skip_layers=2).compress(q, ctx)
+        assert ctx.layer.num_entries == (10 if compressed else 50)
+
+
+def test_physical_size_in_the_engine():
+    engine = tiny_engine()
+    ids = prompt_ids(160)
+    whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
+    cache = engine.new_cache("knorm(budget=40, skip_layers=0)")
+    engine.prefill(cache, ids, compress=True)
+    assert all(layer.positions.shape == (1, 2, 40) for layer in cache.layers)
+    small = engine.generate_ids(ids, "knorm(budget=40, skip_layers=0)", max_new_tokens=1).stats
+    # 40/160 of the entries, plus one int32 position per kept entry, KV head and layer
+    assert small.kv_bytes == whole * 40 // 160 + 2 * (2 * 40) * 4
+    skipped = engine.generate_ids(ids, "knorm(budget=40, skip_layers=1)", max_new_tokens=1).stats
+    assert skipped.kv_bytes == whole // 2 + (whole // 2) * 40 // 160 + 2 * 40 * 4
+    assert skipped.kv_tokens == (160 + 40) / 2
+
+
+def test_equals_full_when_the_budget_covers_the_context():
+    engine = tiny_engine()
+    ids = prompt_ids(100)
+    full = engine.generate_ids(ids, "full", max_new_tokens=8)
+    roomy = engine.generate_ids(ids, "knorm(budget=1.0, skip_layers=0)", max_new_tokens=8)
+    assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes

@@ -1,0 +1,67 @@
+"""TOVA keeps one set per layer: the top entries of the last query's head-averaged attention."""
+
+import torch
+
+from tests.compress.layers import probs_of, random_layer, rotary
+from tests.conftest import prompt_ids, tiny_engine
+from kvlab.compress.tova import TOVA
+
+
+def reference_keep(q, keys, budget, batch_row=0):
+    """Average the last query's attention over all query heads; keep the top ``budget``."""
+    n, hq, hk = keys.shape[2], q.shape[1], keys.shape[1]
+    rot = rotary(q.shape[-1])
+    rows = [
+        probs_of(q[batch_row, h, -1], n - 1, keys[batch_row, h * hk // hq], rot)
+        for h in range(hq)
+    ]
+    mean = torch.stack(rows).mean(0)
+    return sorted(mean.topk(budget).indices.tolist())
+
+
+def test_one_set_per_layer_matches_the_reference():
+    ctx, q = random_layer(n=60, seed=5)
+    keys_before = ctx.layer.keys.clone()
+    expected = reference_keep(q, keys_before, 15)
+    TOVA(budget=15).compress(q, ctx)
+    assert ctx.layer.positions.tolist() == expected  # [k]: one position tensor for all heads
+    torch.testing.assert_close(ctx.layer.keys, keys_before[:, :, expected])
+
+
+def test_each_batch_row_chooses_for_itself():
+    ctx, q = random_layer(n=60, batch=2, seed=6)
+    expected = [reference_keep(q, ctx.layer.keys, 15, row) for row in range(2)]
+    TOVA(budget=15).compress(q, ctx)
+    assert ctx.layer.positions.shape == (2, 2, 15)
+    for row in range(2):
+        assert ctx.layer.positions[row].tolist() == [expected[row]] * 2
+
+
+def test_no_forced_sinks_or_recent_tokens():
+    """Only attention decides: the first and the last entries go when nobody attends to them."""
+    ctx, q = random_layer(n=30, seed=7)
+    q[:, :, -1] = torch.randn(8)  # the same last query in every head
+    target = rotary(8).rotate(q[:, :1, -1:], torch.tensor([29]))[0, 0, 0]
+    ctx.layer.keys[:, :, [3, 7, 24]] = 20 * target / target.norm()
+    TOVA(budget=3).compress(q, ctx)
+    assert ctx.layer.positions.tolist() == [3, 7, 24]
+
+
+def test_physical_size_in_the_engine():
+    engine = tiny_engine()
+    ids = prompt_ids(160)
+    whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
+    cache = engine.new_cache("tova(budget=40)")
+    engine.prefill(cache, ids, compress=True)
+    assert all(layer.positions.shape == (40,) for layer in cache.layers)
+    assert cache.layers[0].positions.tolist() != cache.layers[1].positions.tolist()
+    small = engine.generate_ids(ids, "tova(budget=40)", max_new_tokens=1).stats
+    assert small.kv_bytes == whole * 40 // 160 + 2 * 40 * 4  # one shared int32 position tensor
+
+
+def test_equals_full_when_the_budget_covers_the_context():
+    engine = tiny_engine()
+    ids = prompt_ids(100)
+    full = engine.generate_ids(ids, "full", max_new_tokens=8)
+    roomy = engine.generate_ids(ids, "tova(budget=1.0)", max_new_tokens=8)
+    assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
