@@ -12,7 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvlab never downloads: fail fast instead
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from kvlab import compress, position, prefill, retrieve  # noqa: E402  (registers the methods)
+from kvlab import compress, position, prefill, quantize, retrieve  # noqa: E402  (registers the methods)
 from kvlab.engine.engine import Answer, Engine, Stats  # noqa: E402
 from kvlab.errors import InputError, KvlabError, ModelError, RecipeError  # noqa: E402
 from kvlab.recipe import Recipe, parse_recipe  # noqa: E402

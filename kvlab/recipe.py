@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from kvlab.compress.base import CompressMethod
     from kvlab.position.base import PositionMethod
     from kvlab.prefill.base import PrefillMethod
+    from kvlab.quantize.base import QuantizeMethod
     from kvlab.retrieve.base import RetrieveMethod
 
 
@@ -29,11 +30,13 @@ class Recipe:
     position: PositionMethod | None = None
     prefill: PrefillMethod | None = None
     compress: CompressMethod | None = None
+    quantize: QuantizeMethod | None = None
     retrieve: RetrieveMethod | None = None
 
     @property
     def methods(self) -> list[Method]:
-        return [m for m in (self.position, self.prefill, self.compress, self.retrieve) if m]
+        stages = (self.position, self.prefill, self.compress, self.quantize, self.retrieve)
+        return [m for m in stages if m]
 
     def __str__(self) -> str:
         return " + ".join(str(m) for m in self.methods) or "full"

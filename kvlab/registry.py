@@ -14,8 +14,10 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from kvlab.errors import RecipeError
 
-Stage = Literal["position", "prefill", "compress", "retrieve"]
-STAGES: tuple[Stage, ...] = ("position", "prefill", "compress", "retrieve")
+Stage = Literal["position", "prefill", "compress", "quantize", "retrieve"]
+STAGES: tuple[Stage, ...] = ("position", "prefill", "compress", "quantize", "retrieve")
+"""Lifecycle order. ``quantize`` is the compress stage's second half (smaller entries, where
+``compress`` keeps fewer): it owns the storage format, so it combines with any eviction."""
 
 Budget = Union[int, float]
 """A KV budget: an integer token count (>= 1) or a float fraction of the context in (0, 1]."""

@@ -137,8 +137,10 @@ def kvlab_attention(
     if out is None:
         layer = ctx.layer
         out = ctx.attend(query, ctx.step.positions, layer.keys, layer.key_positions(), layer.values)
-    if ctx.step.compress and recipe.compress is not None:
-        recipe.compress.compress(query, ctx)
+    if ctx.step.compress:  # the end of the context prefill
+        if recipe.compress is not None:
+            recipe.compress.compress(query, ctx)
+        ctx.layer.end_prefill()
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -8,6 +8,7 @@ the cache holds — keys, values, position indices and method-owned side indexes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -156,6 +157,10 @@ class LayerKV(CacheLayerMixin):
         for index in self.side.values():
             index.truncate(num_entries)
 
+    def end_prefill(self) -> None:
+        """Called once the context's prefill (and compression) is done; a storage format
+        that converts entries (e.g. quantisation) does it here. Plain storage does nothing."""
+
     def _store(self, keys: Tensor, values: Tensor) -> None:
         """Replace the storage by exactly these entries."""
         self._key_storage, self._value_storage = keys.contiguous(), values.contiguous()
@@ -187,8 +192,8 @@ class CacheMark:
 class KVCache(Cache):
     """The cache kvlab's engine hands to the model: a list of :class:`LayerKV`."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[LayerKV() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, new_layer: Callable[[], LayerKV] = LayerKV) -> None:
+        super().__init__(layers=[new_layer() for _ in range(num_layers)])
         self.layers: list[LayerKV]
         self.step: ForwardStep | None = None
         self.recipe: Recipe | None = None  # set by the engine

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from kvlab.engine.attention import ATTENTION_NAME
-from kvlab.engine.cache import ForwardStep, KVCache
+from kvlab.engine.cache import ForwardStep, KVCache, LayerKV
 from kvlab.engine.prompt import PromptFormat
 from kvlab.engine.rotary import DeferredRotary, Rotary, head_dim
 from kvlab.engine.sampling import Sampling, TokenSampler
@@ -149,8 +149,10 @@ class Engine:
 
     # -- the cache and one forward --------------------------------------------------------
     def new_cache(self, recipe: Recipe | str | None) -> KVCache:
-        cache = KVCache(self.config.num_hidden_layers)
-        cache.recipe = parse_recipe(recipe)
+        parsed = parse_recipe(recipe)
+        new_layer = parsed.quantize.new_layer if parsed.quantize is not None else LayerKV
+        cache = KVCache(self.config.num_hidden_layers, new_layer)
+        cache.recipe = parsed
         return cache
 
     def context_window(self, recipe: Recipe) -> int:

@@ -1,0 +1,5 @@
+"""Stage 3b, quantize: keep smaller KV entries (the second half of the compress stage)."""
+
+from kvlab.quantize.base import QuantizeMethod
+
+__all__ = ["QuantizeMethod"]

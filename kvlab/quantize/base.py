@@ -1,0 +1,25 @@
+"""The quantize half of the compress stage: smaller KV entries, in a storage format of its own.
+
+A quantize method supplies the layer storage (:meth:`QuantizeMethod.new_layer`, a
+:class:`~kvlab.engine.cache.LayerKV` subclass). Eviction (the ``compress`` stage) runs first, at
+the end of the context prefill, on full-precision entries; then the layer's ``end_prefill``
+converts what is kept. ``kv_bytes`` counts the packed tensors the layer really holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvlab.engine.cache import LayerKV
+from kvlab.registry import Method
+
+
+@dataclass(frozen=True)
+class QuantizeMethod(Method, ABC):
+    stage: ClassVar[str] = "quantize"
+
+    @abstractmethod
+    def new_layer(self) -> LayerKV:
+        """A fresh, empty layer storage in this method's format."""
