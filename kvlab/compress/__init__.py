@@ -24,3 +24,7 @@ __all__ = [
     "streaming_llm",
     "tova",
 ]
+
+from kvlab.compress import cam, kvmerger, windowkv  # noqa: E402  (merging and window methods)
+
+__all__ += ["cam", "kvmerger", "windowkv"]

@@ -9,14 +9,15 @@ how to score (:meth:`ScoredCompression.score`); the shared rule — keep the top
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from kvlab.engine.attention import LayerContext
-from kvlab.registry import Budget, Method, resolve_budget
+from kvlab.compress.decoding import QUERIES, QueryWindow
+from kvlab.registry import Budget, Method, param, resolve_budget
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class CompressMethod(Method, ABC):
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         """Sorted indices of the entries to keep: ``[k]`` for all heads or
         ``[b, kv_heads, k]`` per head; ``None`` keeps everything."""
+
+    def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
+        """Called in every layer after each decoding step's attention (``q`` ``[b, Hq, 1, d]``,
+        unrotated). Methods that evict while decoding act here; by default nothing happens."""
 
 
 def top_k_plus_window(scores: Tensor, budget: int, window: int) -> Tensor:
@@ -72,6 +77,43 @@ class ScoredCompression(CompressMethod):
 
     budget: Budget
     window: int
+    decode_budget: int = param(
+        0, "while decoding, compress back to this many entries (0: off; >= window)", min=0
+    )
+    decode_interval: int = param(512, "decoding steps between compressions (kvpress: 512)", min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if 0 < self.decode_budget < self.window:
+            from kvlab.errors import RecipeError
+
+            raise RecipeError(
+                f"{self.name}(decode_budget={self.decode_budget}): must be 0 or >= window={self.window}"
+            )
+
+    def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
+        """Every ``decode_interval`` steps, compress the layer back to ``decode_budget`` entries
+        with this method's scores; the observation window is the last decoding queries (as
+        kvpress's DecodingPress does)."""
+        if not self.decode_budget:
+            return
+        layer = ctx.layer
+        window_state = layer.side.get(QUERIES)
+        if not isinstance(window_state, QueryWindow):
+            window_state = layer.side[QUERIES] = QueryWindow(max(1, self.window))
+        window_state.add(q, ctx.step.positions)
+        if window_state.steps < self.decode_interval:
+            return
+        window_state.steps = 0
+        n = layer.num_entries
+        if n <= self.decode_budget:
+            return
+        window = min(self.window, window_state.size)
+        positions = window_state.positions[window_state.size - window :]
+        queries = window_state.queries[:, :, window_state.size - window :]
+        observed = replace(ctx, step=replace(ctx.step, positions=positions))
+        scores = self.score(queries, observed, window)
+        layer.select(top_k_plus_window(scores, self.decode_budget, window))
 
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         n = ctx.layer.num_entries

@@ -34,9 +34,11 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, top_k_plus_window
+from kvlab.compress.decoding import SIZE, CacheSize, all_but, cache_size
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
+SCORES = "h2o.scores"
 LOGIT_BLOCK = 1 << 24
 """Most fp32 attention probabilities held at once (64 MiB) while accumulating the scores."""
 
@@ -70,13 +72,75 @@ class H2O(CompressMethod):
         min=0.0, max=1.0,
     )
 
+    def compress(self, q: Tensor, ctx: LayerContext) -> None:
+        """Evict at the end of the prefill and keep the accumulated scores of what stays, so
+        decoding goes on accumulating (the per-step form)."""
+        layer = ctx.layer
+        n = layer.num_entries
+        budget = resolve_budget(self.budget, n)
+        scores = accumulated_attention(q, ctx)
+        layer.side[SCORES] = HeavyHitters(scores)
+        layer.side[SIZE] = CacheSize(budget)
+        keep = self.choose(scores, n, budget)
+        if keep is not None:
+            layer.select(keep)
+
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         n = ctx.layer.num_entries
         budget = resolve_budget(self.budget, n)
         if n <= budget:
             return None
+        return self.choose(accumulated_attention(q, ctx), n, budget)
+
+    def choose(self, scores: Tensor, n: int, budget: int) -> Tensor | None:
+        """Top ``budget - recent`` heavy hitters per KV head plus the ``recent`` newest."""
+        if n <= budget:
+            return None
         recent = round(self.recent * budget)
         if recent == budget:
-            return torch.arange(n - recent, n, device=q.device)
-        scores = accumulated_attention(q, ctx)
+            return torch.arange(n - recent, n, device=scores.device)
         return top_k_plus_window(scores[..., : n - recent], budget, recent)
+
+    def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
+        """H2O's per-step form: add the new query's attention to every entry's score; once
+        over the cache size, drop the lowest-scored entry older than the recent window."""
+        layer = ctx.layer
+        heavy, size = layer.side.get(SCORES), cache_size(layer)
+        if not isinstance(heavy, HeavyHitters) or size is None:
+            return
+        n, kv_heads = layer.num_entries, layer.keys.shape[1]
+        probs = torch.softmax(ctx.logits(q, ctx.step.positions), dim=-1)[:, :, 0]  # [b, Hq, n]
+        b, hq, _ = probs.shape
+        heavy.grow(n)
+        heavy.scores += probs.reshape(b, kv_heads, hq // kv_heads, n).sum(dim=2)
+        if n <= size:
+            return
+        recent = round(self.recent * size)
+        drop = heavy.scores[..., : n - recent].argmin(dim=-1)  # [b, kv_heads]
+        layer.select(all_but(drop, n))
+
+
+class HeavyHitters:
+    """Accumulated attention ``[b, kv_heads, n]`` of every kept entry (fp32, counted)."""
+
+    def __init__(self, scores: Tensor) -> None:
+        self.scores = scores
+
+    def grow(self, n: int) -> None:
+        """Zero scores for entries appended since the last step."""
+        missing = n - self.scores.shape[-1]
+        if missing > 0:
+            pad = self.scores.new_zeros(*self.scores.shape[:-1], missing)
+            self.scores = torch.cat([self.scores, pad], dim=-1)
+
+    def nbytes(self) -> int:
+        return self.scores.numel() * self.scores.element_size()
+
+    def truncate(self, num_entries: int) -> None:
+        self.scores = self.scores[..., :num_entries].clone()
+
+    def on_select(self, keep: Tensor) -> None:
+        if keep.dim() == 1:
+            self.scores = self.scores.index_select(-1, keep)
+        else:
+            self.scores = self.scores.gather(-1, keep)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, shared_or_per_head
+from kvlab.compress.decoding import SIZE, CacheSize, all_but, cache_size
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -34,6 +35,21 @@ class TOVA(CompressMethod):
     summary: ClassVar[str] = "Last query's head-averaged attention; one kept set per layer."
 
     budget: Budget = param(2048, "entries kept per layer, shared by all heads (cache size)")
+
+    def compress(self, q: Tensor, ctx: LayerContext) -> None:
+        """Evict at the end of the prefill and remember the cache size for decoding."""
+        ctx.layer.side[SIZE] = CacheSize(resolve_budget(self.budget, ctx.layer.num_entries))
+        super().compress(q, ctx)
+
+    def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
+        """TOVA's per-step form: once over the cache size, drop the entry the current query
+        attends to least (head-averaged), one per step."""
+        size, n = cache_size(ctx.layer), ctx.layer.num_entries
+        if size is None or n <= size:
+            return
+        probs = torch.softmax(ctx.logits(q, ctx.step.positions), dim=-1)  # [b, Hq, 1, n]
+        drop = probs.mean(dim=1)[:, 0].argmin(dim=-1)  # [b]
+        ctx.layer.select(shared_or_per_head(all_but(drop, n), ctx.layer.keys.shape[1]))
 
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         n = ctx.layer.num_entries

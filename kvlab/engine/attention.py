@@ -137,6 +137,8 @@ def kvlab_attention(
     if out is None:
         layer = ctx.layer
         out = ctx.attend(query, ctx.step.positions, layer.keys, layer.key_positions(), layer.values)
+    if query.shape[2] == 1 and not ctx.step.building and recipe.compress is not None:
+        recipe.compress.after_decode_step(query, ctx)
     if ctx.step.compress:  # the end of the context prefill
         if recipe.compress is not None:
             recipe.compress.compress(query, ctx)

@@ -29,6 +29,9 @@ class SideIndex(Protocol):
     def truncate(self, num_entries: int) -> None:
         """Forget everything derived from entries at index >= ``num_entries``."""
 
+    def on_select(self, keep: Tensor) -> None:
+        """Follow :meth:`LayerKV.select` (keep the rows of the kept entries, or reset)."""
+
 
 @dataclass
 class ForwardStep:
@@ -146,7 +149,7 @@ class LayerKV(CacheLayerMixin):
             new_positions = positions.gather(-1, keep)
         self.positions = new_positions.to(torch.int32).contiguous()
         for index in self.side.values():
-            index.truncate(0)
+            index.on_select(keep)
 
     def truncate(self, num_entries: int, seen: int) -> None:
         """Drop entries from index ``num_entries`` on (used to discard a request's tokens)."""

@@ -57,6 +57,9 @@ class PageBounds:
             return 0
         return 2 * self.mins.numel() * self.mins.element_size()
 
+    def on_select(self, keep: Tensor) -> None:
+        self.mins = self.maxs = None  # pages are regrouped: bound them again
+
     def truncate(self, num_entries: int) -> None:
         keep = num_entries // self.page
         if self.mins is not None:

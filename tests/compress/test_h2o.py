@@ -70,12 +70,15 @@ def test_per_head_heavy_hitters_and_recent_tokens_in_the_engine():
     whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
     small = engine.generate_ids(ids, "h2o(budget=0.25)", max_new_tokens=1).stats
     assert small.kv_tokens == 40
-    assert small.kv_bytes == whole * 40 // 160 + 2 * (2 * 40) * 4  # + int32 positions per head
+    # + int32 positions and the fp32 accumulated scores (kept for decoding), per head and layer
+    assert small.kv_bytes == whole * 40 // 160 + 2 * (2 * 40) * 4 + 2 * (2 * 40) * 4
 
 
 def test_equals_full_when_the_budget_covers_the_context():
     engine = tiny_engine()
     ids = prompt_ids(100)
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
-    roomy = engine.generate_ids(ids, "h2o(budget=1.0)", max_new_tokens=8)
-    assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+    roomy = engine.generate_ids(ids, "h2o(budget=200)", max_new_tokens=8)  # never over budget
+    assert roomy.token_ids == full.token_ids and roomy.stats.kv_tokens == full.stats.kv_tokens
+    # the same entries, plus the fp32 accumulated score H2O keeps per entry and head
+    assert roomy.stats.kv_bytes == full.stats.kv_bytes + 2 * 2 * 107 * 4

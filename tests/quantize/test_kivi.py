@@ -1,0 +1,232 @@
+"""KIVI: keys per channel, values per token, 2/4-bit packed, the newest tokens exact."""
+
+import pytest
+import torch
+
+import kvlab
+from kvlab.engine.cache import LayerKV
+from kvlab.quantize.kivi import Kivi, KiviLayerKV
+from tests.conftest import prompt_ids, tiny_engine
+
+HEADS, HEAD_DIM = 2, 16  # the tiny models' KV heads and head dim (fp32)
+
+
+def filled(n=100, bits=2, group=8, residual=16, keys=None, values=None, seed=0):
+    """A KIVI layer holding ``n`` random entries, quantised (end of prefill)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, HEADS, n, HEAD_DIM, generator=g) if keys is None else keys
+    values = torch.randn(1, HEADS, n, HEAD_DIM, generator=g) if values is None else values
+    layer = KiviLayerKV(bits, group, residual)
+    layer.append(keys, values, torch.arange(n))
+    layer.end_prefill()
+    return layer, keys, values
+
+
+def half_step(x, bits, dim):
+    """The error bound of min-max quantisation, scale / 2, broadcast over the group axis."""
+    return (x.amax(dim, keepdim=True) - x.amin(dim, keepdim=True)) / (2 * (2**bits - 1))
+
+
+def packed_bytes(keys_q, values_q, keys_fp, values_fp, bits, group, d=HEAD_DIM, heads=HEADS):
+    """Bytes of one fp32 layer by hand: codes, a scale and a zero per group, the residual."""
+    value_group = min(group, d)
+    per_head = (
+        keys_q * d * bits // 8 + 2 * (keys_q // group) * d * 4
+        + values_q * d * bits // 8 + 2 * values_q * (d // value_group) * 4
+        + (keys_fp + values_fp) * d * 4
+    )
+    return heads * per_head
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_round_trip_error_is_within_half_a_step_and_the_residual_is_exact(bits):
+    layer, keys, values = filled(n=100, bits=bits, group=8, residual=16)
+    # keys: floor(100 / 16) * 16 = 96 quantised; values: all but the 16 newest
+    assert layer.full_precision_entries == (4, 16)
+    got_k, got_v = layer.keys, layer.values
+    assert got_k.shape == keys.shape and got_v.shape == values.shape
+    kq = keys[:, :, :96].reshape(1, HEADS, 12, 8, HEAD_DIM)  # 8 tokens per group, per channel
+    err_k = (got_k[:, :, :96].reshape(kq.shape) - kq).abs()
+    assert (err_k <= half_step(kq, bits, dim=3) * (1 + 1e-5) + 1e-6).all()
+    vq = values[:, :, :84].reshape(1, HEADS, 84, 2, 8)  # 8 channels per group, per token
+    err_v = (got_v[:, :, :84].reshape(vq.shape) - vq).abs()
+    assert (err_v <= half_step(vq, bits, dim=4) * (1 + 1e-5) + 1e-6).all()
+    assert err_k.max() > 0 and err_v.max() > 0  # really quantised
+    assert torch.equal(got_k[:, :, 96:], keys[:, :, 96:])
+    assert torch.equal(got_v[:, :, 84:], values[:, :, 84:])
+
+
+def test_keys_are_grouped_per_channel_and_values_per_token():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, HEADS, 64, HEAD_DIM, generator=g)
+    keys[..., 0] *= 1000  # an outlier channel, as KIVI observes in keys
+    values = torch.randn(1, HEADS, 64, HEAD_DIM, generator=g)
+    values[:, :, 5] *= 1000  # an outlier token
+    layer, _, _ = filled(n=64, bits=2, group=16, residual=16, keys=keys, values=values)
+    err_k = (layer.keys - keys).abs()
+    err_v = (layer.values - values).abs()
+    # per channel, the outlier channel's scale stays its own: the others keep a small error
+    assert err_k[:, :, :48, 1:].max() < 2.0 and err_k[:, :, :48, 0].max() > 20.0
+    # per token, the outlier token's scale stays its own: the other tokens keep a small error
+    others = torch.cat([err_v[:, :, :5], err_v[:, :, 6:48]], dim=2)
+    assert others.max() < 2.0 and err_v[:, :, 5].max() > 20.0
+
+
+def test_packed_bytes_are_the_real_storage():
+    layer, _, _ = filled(n=1000, bits=2, group=32, residual=128)
+    assert layer.full_precision_entries == (1000 - 896, 128)
+    expected = packed_bytes(896, 872, 104, 128, bits=2, group=32)
+    assert layer.nbytes() == expected
+    plain = LayerKV()
+    plain.append(torch.zeros(1, HEADS, 1000, HEAD_DIM), torch.zeros(1, HEADS, 1000, HEAD_DIM), torch.arange(1000))
+    assert layer.nbytes() < plain.nbytes() / 4
+    assert layer._quantized_keys.codes.dtype == torch.uint8
+    assert layer._quantized_keys.codes.shape == (1, HEADS, 896, HEAD_DIM // 4)  # 4 codes a byte
+
+
+def test_decoding_flushes_whole_key_blocks_and_values_fifo():
+    layer, keys, values = filled(n=40, bits=2, group=8, residual=16)
+    assert layer.full_precision_entries == (8, 16)
+    for n in range(40, 80):
+        k, v = torch.randn(1, HEADS, 1, HEAD_DIM), torch.randn(1, HEADS, 1, HEAD_DIM)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        layer.append(k, v, torch.tensor([n]))
+        # settled before the append: key residual (n % 16) + the new token; values 16 + 1
+        assert layer.full_precision_entries == (n % 16 + 1, 17)
+        assert torch.equal(layer.keys[:, :, -1:], k) and torch.equal(layer.values[:, :, -1:], v)
+    assert layer.num_entries == 80 and layer.seen == 80
+    assert torch.equal(layer.key_positions(), torch.arange(80))
+    torch.testing.assert_close(layer.keys, keys, atol=2.0, rtol=0)
+
+
+def test_rollback_to_a_restore_point_is_exact():
+    layer, _, _ = filled(n=40, bits=2, group=8, residual=16)
+    context = (layer.keys, layer.values, layer.nbytes())
+    question = torch.randn(1, HEADS, 20, HEAD_DIM)
+    layer.append(question, question, torch.arange(40, 60))  # a question's prefill: a mark
+    marked = (layer.keys, layer.values, layer.nbytes())
+    for n in range(60, 100):  # decoding quantises the context's and the question's residual
+        layer.append(torch.randn(1, HEADS, 1, HEAD_DIM), torch.randn(1, HEADS, 1, HEAD_DIM), torch.tensor([n]))
+    assert layer.full_precision_entries[0] < 20
+    for entries, (keys, values, nbytes) in [(60, marked), (40, context)]:
+        layer.truncate(entries, entries)
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert layer.num_entries == entries == layer.seen and layer.nbytes() == nbytes
+
+
+def test_eviction_after_the_prefill_keeps_codes_exactly():
+    layer, _, _ = filled(n=70, bits=2, group=8, residual=16)  # keys: 64 quantised, 6 exact
+    keys, values = layer.keys, layer.values
+    keep = torch.tensor([[list(range(0, 60, 2)) + [62, 63, 64, 65, 66, 67, 68, 69],  # 32 quantised
+                          list(range(1, 61, 2)) + [61, 63, 64, 65, 66, 67, 68, 69]]])  # 31
+    layer.select(keep)
+    index = keep[..., None].expand(-1, -1, -1, HEAD_DIM)
+    torch.testing.assert_close(layer.keys, keys.gather(2, index), rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.values, values.gather(2, index), rtol=0, atol=1e-6)
+    assert torch.equal(layer.positions, keep.to(torch.int32))
+    assert layer.full_precision_entries[0] == 38 - 31  # the first head's extra key moved over
+    layer.append(torch.ones(1, HEADS, 1, HEAD_DIM), torch.ones(1, HEADS, 1, HEAD_DIM), torch.tensor([70]))
+    assert layer.num_entries == 39 and layer.positions[0, :, -1].tolist() == [70, 70]
+
+
+def test_methods_list_kivi_under_quantize_with_its_paper():
+    info = next(m for m in kvlab.methods() if m.name == "kivi")
+    assert info.stage == "quantize" and "2402.02750" in info.paper
+    assert {p.name: p.default for p in info.params} == {"bits": 2, "group": 32, "residual": 128}
+    recipe = kvlab.parse_recipe("snapkv(budget=0.5) + kivi(bits=4)")
+    assert recipe.quantize == Kivi(bits=4)
+
+
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ("kivi(bits=3)", r"kivi\(bits=3\): must be one of 2, 4"),
+        ("kivi(residual=100, group=32)", r"residual=100, group=32\).*multiple of group.*96 or 128"),
+        ("kivi(group=0)", r"kivi\(group=0\): must be >= 1"),
+    ],
+)
+def test_bad_parameters_are_refused_clearly(recipe, match):
+    with pytest.raises(kvlab.RecipeError, match=match):
+        kvlab.parse_recipe(recipe)
+
+
+# -- in the engine ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine(max_position_embeddings=2048)
+
+
+def teacher_logprobs(engine, recipe, ids, follow):
+    cache = engine.new_cache(recipe)
+    logits = engine.prefill(cache, ids, compress=True)
+    return logits, engine.teacher_force(cache, logits, follow)
+
+
+def test_4bit_follows_full_precision_closely_and_2bit_less(engine):
+    ids, follow = prompt_ids(600), prompt_ids(48, seed=2)
+    full_logits, full = teacher_logprobs(engine, "full", ids, follow)
+    divergence, agreement = {}, {}
+    for bits in (2, 4):
+        logits, quant = teacher_logprobs(engine, f"kivi(bits={bits})", ids, follow)
+        # the prefill attends in full precision (as in the paper); it quantises at its end
+        torch.testing.assert_close(logits, full_logits)
+        divergence[bits] = float((full.exp() * (full - quant)).sum(-1).mean())
+        agreement[bits] = float((full.argmax(-1) == quant.argmax(-1)).float().mean())
+    assert agreement[4] >= 0.95 and divergence[4] < 1e-3
+    assert divergence[2] > 4 * divergence[4] > 0
+
+
+def test_kv_bytes_are_the_packed_size(engine):
+    full = engine.generate_ids(prompt_ids(1000), "full", max_new_tokens=1)
+    kivi = engine.generate_ids(prompt_ids(1000), "kivi", max_new_tokens=1)
+    assert kivi.stats.kv_tokens == full.stats.kv_tokens == 1000
+    assert kivi.stats.kv_bytes == 2 * packed_bytes(896, 872, 104, 128, bits=2, group=32)
+    assert kivi.stats.kv_bytes < full.stats.kv_bytes / 4
+
+
+def test_residual_stays_bounded_over_a_long_generation(engine):
+    cache = engine.new_cache("kivi(bits=2)")
+    logits = engine.prefill(cache, prompt_ids(200), compress=True)
+    entries = 200
+    for _ in range(300):
+        logits = engine.forward(cache, [int(logits.argmax())], building=False)
+        entries += 1
+        for layer in cache.layers:
+            fp_keys, fp_values = layer.full_precision_entries
+            assert fp_keys == (entries - 1) % 128 + 1 <= 128  # whole blocks of 128 flushed
+            assert fp_values == 129  # FIFO: 128 + the newest
+    quantised_keys = (entries - 1) // 128 * 128
+    context_residual = packed_bytes(0, 0, 200 % 128, 128, bits=2, group=32)  # restore point
+    expected = packed_bytes(quantised_keys, entries - 129, entries - quantised_keys, 129, 2, 32)
+    assert cache.nbytes() == 2 * (expected + context_residual)
+
+
+def test_eviction_then_quantisation_stores_half_the_entries_packed(engine):
+    ids = prompt_ids(1000)
+    full = engine.generate_ids(ids, "full", max_new_tokens=1)
+    both = engine.generate_ids(ids, "snapkv(budget=0.5) + kivi(bits=2)", max_new_tokens=1)
+    assert both.stats.kv_tokens == 500
+    positions = HEADS * 500 * 4  # int32 per KV head after per-head selection
+    assert both.stats.kv_bytes == 2 * (packed_bytes(384, 372, 116, 128, 2, 32) + positions)
+    assert both.stats.kv_bytes < full.stats.kv_bytes / 8
+
+
+def test_decoding_eviction_combines(engine):
+    answer = engine.generate_ids(prompt_ids(300), "h2o(budget=0.5) + kivi(group=16, residual=32)", max_new_tokens=40)
+    assert len(answer.token_ids) == 40 and answer.stats.kv_tokens <= 150 + 40
+
+
+CONTEXT = "Alice keeps the red door code. The code of the red door is 4417. " * 20
+
+
+def test_multi_request_session_rolls_back_exactly(tokenizer):
+    engine = tiny_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048)
+    session = engine.session(CONTEXT, recipe="kivi(bits=2, group=16, residual=32)")
+    context_bytes = session.cache.nbytes()
+    first = session.ask("What is the code of the red door?", max_new_tokens=40)
+    assert session.cache.nbytes() == context_bytes
+    teacher = session.ask("What is the code of the red door?", max_new_tokens=40, teacher_tokens=first.token_ids)
+    again = session.ask("What is the code of the red door?", max_new_tokens=40)
+    for other in (teacher, again):  # teacher forcing rolled back to the question's mark exactly
+        assert other.token_ids == first.token_ids and other.stats.kv_bytes == first.stats.kv_bytes
+    torch.testing.assert_close(teacher.teacher_logprobs.argmax(-1)[1:], torch.tensor(first.token_ids[:-1]))
