@@ -15,7 +15,7 @@ from kvlab.recipe import parse_recipe
 
 MODES = ("multi-turn", "multi-request")
 QUICK_RECIPES = ("full", "snapkv(budget=0.25)", "streaming_llm(budget=0.25)", "quest(budget=0.25)")
-QUICK_TASKS = ("niah_single", "kv_retrieval")
+QUICK_TASKS = ("niah_single", "math_find")
 QUICK_LENGTHS = (1024, 2048)
 
 

@@ -228,7 +228,8 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     rows = runner.store.rows()
     from kvlab.bench.summary import summary_table
 
-    Console().print(summary_table(rows))
+    terminal = Console()
+    (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
     runner.store.close()
     if report:
         from kvlab.bench.report import build_report
