@@ -15,23 +15,27 @@ kvlab's form, at the end of the prompt prefill, per KV head:
    window's own entries (seen by fewer queries) are not under-counted.
 3. **Receivers** of an evicted entry ``j``: the next ``merge`` kept entries after it (fewer
    near the end of the cache: the reference code's slice is truncated the same way).
-4. **Merge probability** ``p_j = clamp(A_j / mean(A over j's receivers), 0, 1)`` — the
+4. **Merge probability** ``p_j = clamp(A_j / mean(A over j's receivers), 0, 1)``: the
    reference attention is the mean attention of the entries that would receive ``j``, as in
-   the reference's ``slicev`` (``accum_attn[start-1] / mean(accum_attn[start:start+m])``).
+   the reference's streaming code (``slicev``: ``accum_attn[start-1] /
+   mean(accum_attn[start:start+merge_num])``).
 5. With probability ``p_j`` (one Bernoulli draw per evicted entry and KV head),
    ``v_j / merge`` is added to the value of each receiver. Keys are never changed, and the
    evicted value's original ``v_j`` is what is merged (merges do not cascade).
 
 The Bernoulli draws are reproducible: ``u = torch.rand([b, kv_heads, n])`` from a CPU
 generator seeded with ``seed * num_layers + layer`` (distinct for every layer and seed), and
-entry ``j`` merges when ``u_j < p_j``. ``merge=32`` is the reference's ``merge_budget``.
+entry ``j`` merges when ``u_j < p_j``. ``merge=32`` is the reference's ``merge_budget``
+(``cam_hf/utils_hh``, ``local_cam_mask``).
 
 Differences from the reference, on purpose: the reference evicts one token per decoding step
 from a sinks + recent-window cache (StreamingLLM/H2O style) and merges it into the next ``m``
 tokens of the recent window; kvlab evicts all at once after the prompt with SnapKV's choice,
 so the receivers are the next kept entries rather than the next positions. The reference's
 lm-eval variant divides by the *max* attention of the kept tokens (``torch.max`` in a variable
-named ``mean_attn``); kvlab follows the streaming variant's mean over the receivers.
+named ``mean_attn``) and its HELM variant by the mean of the whole remaining recent window;
+kvlab follows the streaming variant's mean over the receivers, the one reading that needs no
+sink/recent split.
 Compression while decoding (``decode_budget`` of the SnapKV family) is not offered: each
 decoding eviction would need its own merge.
 """
@@ -121,8 +125,10 @@ class CaM(CompressMethod):
     window: int = param(32, "observation window: the last prompt queries that vote", min=1, max=512)
     kernel: int = param(5, "SnapKV pooling kernel size (odd)", min=1, max=63)
     pooling: Literal["avg", "max"] = param("avg", "SnapKV 1-D pooling of the votes")
-    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: reduce query heads to their KV head")
-    merge: int = param(32, "kept entries after an evicted one that share its value (reference: 32)", min=1)
+    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: query heads -> their KV head")
+    merge: int = param(
+        32, "kept entries after an evicted one that share its value (reference: 32)", min=1
+    )
     seed: int = param(0, "seed of the Bernoulli merge draws (reproducible per layer)", min=0)
 
     def __post_init__(self) -> None:
@@ -158,7 +164,9 @@ class CaM(CompressMethod):
         layer.select(keep)
         layer.values.copy_((layer.values.float() + deltas).to(layer.values.dtype))
 
-    def merge_probability(self, attention: Tensor, keep: Tensor, ctx: LayerContext) -> Tensor | None:
+    def merge_probability(
+        self, attention: Tensor, keep: Tensor, ctx: LayerContext
+    ) -> Tensor | None:
         """Merge probability ``[b, kv_heads, n]`` of every entry, or ``None`` for CaM's
         ``clamp(A_j / mean A(receivers), 0, 1)`` (a seam for ablations and tests)."""
         return None

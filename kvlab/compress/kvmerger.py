@@ -108,8 +108,9 @@ def merge_sets(
     norm = empty.scatter_add(-1, set_id, weight).gather(-1, set_id)
     weight = (weight / norm)[..., None]
     slots = set_id[..., None].expand(-1, -1, -1, d)
-    merged_keys = torch.zeros(b, h, P, d, device=keys.device).scatter_add(2, slots, weight * stored_keys)
-    merged_values = torch.zeros(b, h, P, d, device=keys.device).scatter_add(2, slots, weight * values)
+    zeros = torch.zeros(b, h, P, d, device=keys.device)
+    merged_keys = zeros.scatter_add(2, slots, weight * stored_keys)
+    merged_values = zeros.scatter_add(2, slots, weight * values)
     score = empty.scatter_add(-1, set_id, scores)
     sets = set_id[..., -1:] + 1  # [b, h, 1]
     score = score.masked_fill(torch.arange(P, device=keys.device) >= sets, float("-inf"))
@@ -120,8 +121,10 @@ def merge_sets(
 @dataclass(frozen=True)
 class KVMerger(CompressMethod):
     name: ClassVar[str] = "kvmerger"
-    paper: ClassVar[str] = "Wang et al., Model Tells You Where to Merge (KVMerger), arXiv:2407.08454"
-    summary: ClassVar[str] = "Runs of similar keys merged at their pivot (Gaussian weights); then evict."
+    paper: ClassVar[str] = (
+        "Wang et al., Model Tells You Where to Merge (KVMerger), arXiv:2407.08454"
+    )
+    summary: ClassVar[str] = "Runs of similar keys merged at their pivot (Gaussian); then evict."
 
     budget: Budget = param(0.5, "entries kept per layer and KV head (paper: 50% and 35%)")
     threshold: float = param(
@@ -134,7 +137,7 @@ class KVMerger(CompressMethod):
     window: int = param(32, "observation window: the last prompt queries that vote", min=1, max=512)
     kernel: int = param(1, "SnapKV pooling kernel of the votes (odd; 1: none)", min=1, max=63)
     pooling: Literal["avg", "max"] = param("avg", "SnapKV 1-D pooling of the votes")
-    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: reduce query heads to their KV head")
+    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: query heads -> their KV head")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -80,7 +80,7 @@ from kvlab.errors import RecipeError
 from kvlab.registry import Budget, param, register, resolve_budget
 
 SUFFIX = {"max": 32, "average": 16}
-"""Default suffix (observation window) per strategy: the reference's ``suffix_max``/``suffix_avg``."""
+"""Default suffix (observation window) per strategy: reference ``suffix_max``, ``suffix_avg``."""
 
 
 @dataclass
@@ -136,7 +136,7 @@ def group_budgets(
 class WindowKV(CompressMethod):
     name: ClassVar[str] = "windowkv"
     paper: ClassVar[str] = "Zuo et al., WindowKV, arXiv:2503.17922"
-    summary: ClassVar[str] = "Whole windows of 8 tokens by suffix attention; one choice per layer group."
+    summary: ClassVar[str] = "Whole 8-token windows by suffix votes; one choice per layer group."
 
     budget: Budget = param(
         2048, "entries kept per layer, averaged over layers (suffix included; reference: 2048)"
