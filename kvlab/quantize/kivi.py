@@ -34,6 +34,10 @@ Storage (per layer; ``b`` batch, ``h`` KV heads, ``d`` head dim):
 Scales and zeros are stored in the model's dtype (fp16/bf16 on GPU, fp32 on CPU), as the
 reference stores them in the activations' dtype. :meth:`KiviLayerKV.nbytes` counts all of it.
 
+Eviction after the prefill (H2O, TOVA, ``decode_budget``) selects among quantised entries
+without re-quantising, and a session's rollback is exact at the points where the engine marks
+(see :class:`KiviLayerKV`).
+
 Reading: ``keys`` / ``values`` dequantise the whole layer on every read (quantised part, then
 the residual, in entry order): ``O(n * d)`` work and a transient full-precision copy per read
 and layer, no more than dense attention over the layer costs anyway. No dequantised copy is
@@ -42,7 +46,7 @@ kept between reads, so the memory held is the packed memory that is reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -127,12 +131,14 @@ class QuantizedKeys(_Quantized):
         """Quantise ``keys`` ``[b, h, m, d]`` (``m`` a multiple of ``group``) and add them."""
         b, h, m, d = keys.shape
         groups = m // self.group
-        codes, scale, zero = quantize_minmax(keys.reshape(b, h, groups, self.group, d), self.bits, dim=3)
+        grouped = keys.reshape(b, h, groups, self.group, d)
+        codes, scale, zero = quantize_minmax(grouped, self.bits, dim=3)
         self.codes = torch.cat([self.codes, pack_bits(codes.reshape(b, h, m, d), self.bits)], dim=2)
         self.scale = torch.cat([self.scale, scale.squeeze(3)], dim=2)
         self.zero = torch.cat([self.zero, zero.squeeze(3)], dim=2)
         if self.sizes is not None:
-            self.sizes = torch.cat([self.sizes, self.sizes.new_full((b, h, groups), self.group)], dim=2)
+            whole = self.sizes.new_full((b, h, groups), self.group)
+            self.sizes = torch.cat([self.sizes, whole], dim=2)
 
     def dequantize(self) -> Tensor:
         """Keys ``[b, h, n, d]`` in the model's dtype."""
@@ -221,17 +227,24 @@ class QuantizedValues(_Quantized):
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class RestorePoint:
-    """The layer as it stood at ``entries`` entries: quantised storage only grows at its end,
-    so its prefix lengths and the full-precision residual (kept by reference) are enough."""
+    """What brings a layer back to how it stood at ``entries`` entries.
+
+    Quantised storage only grows at its end, so its lengths then (``key_entries``,
+    ``key_groups``, ``value_entries``) recover it. The residual then held entries
+    ``key_entries..entries`` (keys) and ``value_entries..entries`` (values); those still in
+    the residual are read from it, and those a flush has quantised since are copied, in full
+    precision, at the flush (``flushed_keys`` / ``flushed_values``, in entry order). A point
+    therefore costs nothing until its entries are flushed, and at most one residual.
+    """
 
     entries: int
     key_entries: int
     key_groups: int
     value_entries: int
-    residual_keys: Tensor
-    residual_values: Tensor
+    flushed_keys: list[Tensor] = field(default_factory=list)
+    flushed_values: list[Tensor] = field(default_factory=list)
 
 
 class KiviLayerKV(LayerKV):
@@ -248,10 +261,12 @@ class KiviLayerKV(LayerKV):
       flush quantises them again);
     - :meth:`truncate` (a session rolling back a request) is exact at *restore points*: the
       end of the prefill and the end of the latest multi-token append (a question's prefill),
-      which is where the engine takes its marks. A restore point keeps the residual tensors of
-      that moment alive (they count in :meth:`nbytes`; at most about one residual each).
-      Elsewhere, truncation keeps the first ``num_entries`` entries as they are now stored
-      (exact unless a flush quantised some of them after that count was reached).
+      which is where the engine takes its marks. A flush copies the full-precision entries a
+      restore point still needs before quantising them (they count in :meth:`nbytes`: nothing
+      until a flush, at most one residual; one copy serves both points), as without a hook
+      at ``KVCache.mark`` the layer cannot know whether a mark was taken. Elsewhere,
+      truncation keeps the first ``num_entries`` entries as they are now stored (exact unless
+      a flush quantised some of them after that count was reached).
     """
 
     def __init__(self, bits: int = 2, group: int = 32, residual: int = 128) -> None:
@@ -367,13 +382,34 @@ class KiviLayerKV(LayerKV):
         keys = self._residual_keys
         whole = keys.shape[2] // self.residual * self.residual
         if whole:
+            self._keep_for_restore_points(keys[:, :, :whole], self._quantized_keys, "keys")
             self._quantized_keys.append(keys[:, :, :whole])
             self._residual_keys = keys[:, :, whole:].clone()
         values = self._residual_values
         over = values.shape[2] - self.residual
         if over > 0:
+            self._keep_for_restore_points(values[:, :, :over], self._quantized_values, "values")
             self._quantized_values.append(values[:, :, :over])
             self._residual_values = values[:, :, over:].clone()
+
+    def _keep_for_restore_points(self, flushed: Tensor, into: _Quantized, kind: str) -> None:
+        """Copy the entries about to be quantised ``into`` (``flushed`` ``[b, h, m, d]``,
+        entries ``start..start + m``) that a restore point held in full precision; one copy,
+        shared by the points."""
+        start = into.num_entries
+        end = start + flushed.shape[2]
+        spans = []
+        for point in self.restore_points:
+            first = point.key_entries if kind == "keys" else point.value_entries
+            spans.append((point, max(start, first), min(end, point.entries)))
+        wanted = [(point, a, b) for point, a, b in spans if a < b]
+        if not wanted:
+            return
+        low, high = min(a for _, a, _ in wanted), max(b for _, _, b in wanted)
+        copy = flushed[:, :, low - start : high - start].clone()
+        for point, a, b in wanted:
+            chunks = point.flushed_keys if kind == "keys" else point.flushed_values
+            chunks.append(copy[:, :, a - low : b - low])
 
     def select(self, keep: Tensor) -> None:
         """Keep the entries at ``keep`` (``[k]`` or ``[b, h, k]``, sorted); after the prefill
@@ -402,9 +438,7 @@ class KiviLayerKV(LayerKV):
         point = next((p for p in self.restore_points if p.entries == num_entries), None)
         self.restore_points = [p for p in self.restore_points if p.entries <= num_entries]
         if point is not None:
-            self._quantized_keys.keep_prefix(point.key_entries, point.key_groups)
-            self._quantized_values.keep_prefix(point.value_entries)
-            self._residual_keys, self._residual_values = point.residual_keys, point.residual_values
+            self._restore(point)
         else:
             self._take(torch.arange(num_entries, device=self._residual_keys.device))
         if self.positions is not None:
@@ -419,9 +453,29 @@ class KiviLayerKV(LayerKV):
             key_entries=self._quantized_keys.num_entries,
             key_groups=self._quantized_keys.num_groups,
             value_entries=self._quantized_values.num_entries,
-            residual_keys=self._residual_keys,
-            residual_values=self._residual_values,
         )
+
+    def _restore(self, point: RestorePoint) -> None:
+        """Back to ``point``: cut the quantised storage to its lengths then, and rebuild the
+        residual from the flushed copies and the part still held in full precision."""
+        still_keys = max(0, point.entries - self._quantized_keys.num_entries)
+        still_values = max(0, point.entries - self._quantized_values.num_entries)
+        self._residual_keys = torch.cat(
+            [*point.flushed_keys, self._residual_keys[:, :, :still_keys]], dim=2
+        )
+        self._residual_values = torch.cat(
+            [*point.flushed_values, self._residual_values[:, :, :still_values]], dim=2
+        )
+        self._quantized_keys.keep_prefix(point.key_entries, point.key_groups)
+        self._quantized_values.keep_prefix(point.value_entries)
+        point.flushed_keys, point.flushed_values = [], []
+        for earlier in self.restore_points:  # entries now back in the residual need no copy
+            earlier.flushed_keys = _first_entries(
+                earlier.flushed_keys, point.key_entries - earlier.key_entries
+            )
+            earlier.flushed_values = _first_entries(
+                earlier.flushed_values, point.value_entries - earlier.value_entries
+            )
 
     def _take(self, keep: Tensor) -> None:
         b, h = self._residual_keys.shape[:2]
@@ -431,7 +485,7 @@ class KiviLayerKV(LayerKV):
 
     def nbytes(self) -> int:
         """Packed codes, scales, zeros, full-precision residual, positions, side indexes and
-        the residuals kept by restore points (each storage counted once)."""
+        the flushed entries kept for restore points (each storage counted once)."""
         if not self.quantized:
             return super().nbytes()
         tensors = [
@@ -439,7 +493,7 @@ class KiviLayerKV(LayerKV):
             self._residual_keys, self._residual_values, self.positions,
         ]
         for point in self.restore_points:
-            tensors += [point.residual_keys, point.residual_values]
+            tensors += point.flushed_keys + point.flushed_values
         counted: set[int] = set()
         total = 0
         for tensor in tensors:
@@ -452,7 +506,18 @@ class KiviLayerKV(LayerKV):
         return total + sum(index.nbytes() for index in self.side.values())
 
 
-def _take_entries(quantized: QuantizedKeys | QuantizedValues, residual: Tensor, rows: Tensor) -> Tensor:
+def _first_entries(chunks: list[Tensor], count: int) -> list[Tensor]:
+    """The first ``count`` entries of ``chunks`` (``[b, h, m_i, d]`` each, in order)."""
+    kept = []
+    for chunk in chunks:
+        if count <= 0:
+            break
+        kept.append(chunk if chunk.shape[2] <= count else chunk[:, :, :count].clone())
+        count -= chunk.shape[2]
+    return kept
+
+
+def _take_entries(quantized: _Quantized, residual: Tensor, rows: Tensor) -> Tensor:
     """Keep the entries ``rows`` ``[b, h, k]`` (sorted) of ``quantized`` followed by
     ``residual`` ``[b, h, r, d]``; returns the new residual. Every row keeps the same number of
     quantised entries: the fewest any row keeps; other rows' extra ones join the residual."""

@@ -48,7 +48,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: uint8 codes ``[..., m]`` from bytes ``[..., m * bits // 8]``."""
+    """Inverse of :func:`pack_bits`: uint8 codes ``[..., m]`` from ``[..., m * bits // 8]``."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & (2**bits - 1)
     return codes.reshape(*packed.shape[:-1], -1)
