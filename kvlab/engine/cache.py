@@ -125,13 +125,17 @@ class LayerKV(CacheLayerMixin):
             self._value_storage[..., n : n + t, :] = values
             self.keys = self._key_storage[..., : n + t, :]
             self.values = self._value_storage[..., : n + t, :]
+        self._append_positions(positions)
+
+    def _append_positions(self, positions: Tensor) -> None:
+        """Record the positions ``[t]`` of appended entries (storage formats share this)."""
         if self.positions is not None:
             new = positions.to(self.positions.dtype)
             if self.positions.dim() == 3:
                 new = new.expand(*self.positions.shape[:2], -1)
             self.positions = torch.cat([self.positions, new], dim=-1)
         elif int(positions[0]) != self.seen:
-            raise AssertionError("LayerKV.append: tokens must be appended in order")
+            raise AssertionError(f"{type(self).__name__}.append: tokens must be appended in order")
         self.seen = int(positions[-1]) + 1
 
     def select(self, keep: Tensor) -> None:
@@ -140,10 +144,16 @@ class LayerKV(CacheLayerMixin):
         positions = self.key_positions()
         if keep.dim() == 1:
             self._store(self.keys.index_select(-2, keep), self.values.index_select(-2, keep))
-            new_positions = positions.index_select(-1, keep)
         else:
             index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
             self._store(self.keys.gather(-2, index), self.values.gather(-2, index))
+        self._select_positions(positions, keep)
+
+    def _select_positions(self, positions: Tensor, keep: Tensor) -> None:
+        """Keep the positions of the selected entries and let side indexes follow."""
+        if keep.dim() == 1:
+            new_positions = positions.index_select(-1, keep)
+        else:
             if positions.dim() == 1:
                 positions = positions.expand(*keep.shape[:2], -1)
             new_positions = positions.gather(-1, keep)

@@ -365,14 +365,7 @@ class KiviLayerKV(LayerKV):
         self._settle()
         self._residual_keys = torch.cat([self._residual_keys, keys], dim=2)
         self._residual_values = torch.cat([self._residual_values, values], dim=2)
-        if self.positions is not None:  # as LayerKV.append
-            new = positions.to(self.positions.dtype)
-            if self.positions.dim() == 3:
-                new = new.expand(*self.positions.shape[:2], -1)
-            self.positions = torch.cat([self.positions, new], dim=-1)
-        elif int(positions[0]) != self.seen:
-            raise AssertionError("KiviLayerKV.append: tokens must be appended in order")
-        self.seen = int(positions[-1]) + 1
+        self._append_positions(positions)
         if keys.shape[-2] > 1:  # a prompt chunk: the engine may mark here and roll back to it
             self.restore_points = [*self.restore_points[:1], self._restore_point()]
 
@@ -419,15 +412,7 @@ class KiviLayerKV(LayerKV):
             return
         positions = self.key_positions()
         self._take(keep)
-        if keep.dim() == 1:  # as LayerKV.select
-            new_positions = positions.index_select(-1, keep)
-        else:
-            if positions.dim() == 1:
-                positions = positions.expand(*keep.shape[:2], -1)
-            new_positions = positions.gather(-1, keep)
-        self.positions = new_positions.to(torch.int32).contiguous()
-        for index in self.side.values():
-            index.on_select(keep)
+        self._select_positions(positions, keep)
         self.restore_points = []  # entries were renumbered: no earlier state comes back
 
     def truncate(self, num_entries: int, seen: int) -> None:
