@@ -492,9 +492,9 @@ def _needle_html(ctx: _Context) -> str:
                     ax.text(j, i, text, ha="center", va="center", fontsize=10, color=colour)
             ax.set_xticks(range(len(labels)), labels)
             ax.set_yticks(range(len(lengths)), [_tokens(n) for n in lengths])
-            ax.set_xlabel("needle depth (% of context)")
+            ax.set_xlabel("needle depth (%)")
             ax.set_ylabel("context (tokens)")
-            ax.set_title(ctx.labels[recipe], color=ctx.colours[recipe])
+            ax.set_title(_two_lines(ctx.labels[recipe]), color=ctx.colours[recipe], fontsize=10)
             ax.grid(False)
             for spine in ax.spines.values():
                 spine.set_visible(False)
@@ -747,3 +747,8 @@ _PAGE_TAIL = """
 </body>
 </html>
 """
+
+
+def _two_lines(label: str, width: int = 16) -> str:
+    """A long recipe label broken before its parameters, so narrow panel titles don't collide."""
+    return label if len(label) <= width else label.replace("(", "\n(", 1)
