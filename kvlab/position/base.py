@@ -24,8 +24,10 @@ def causal_mask(
 ) -> tuple[Tensor | None, bool]:
     """The mask for attention of queries at ``q_pos`` over keys at ``k_pos``: returns
     ``(mask, is_causal)`` and avoids building a mask where none is needed."""
+    if q_pos.numel() == 1:  # a decoding step: every stored key is at or before the query
+        return allowed, False
     if allowed is None:
-        if q_pos.numel() == 1 or int(k_pos.max()) <= int(q_pos.min()):
+        if int(k_pos.max()) <= int(q_pos.min()):
             return None, False
         if k_pos.dim() == 1 and k_pos.shape == q_pos.shape and torch.equal(k_pos, q_pos):
             return None, True
