@@ -69,7 +69,7 @@ def window_attention(q_window: Tensor, ctx: LayerContext) -> Tensor:
     q_pos = ctx.step.positions[-w:]
     probs = torch.softmax(ctx.logits(q_window, q_pos), dim=-1)  # [b, Hq, w, n]
     seen = causal_allowed(q_pos, ctx.layer.key_positions()).sum(dim=-2)  # [n] or [b, kv, n]
-    kv_heads = ctx.layer.keys.shape[1]
+    kv_heads = ctx.layer.kv_heads
     b, hq, _, n = probs.shape
     mean = probs.sum(dim=2).reshape(b, kv_heads, hq // kv_heads, n).mean(dim=2)
     return mean / seen.clamp(min=1)

@@ -48,7 +48,7 @@ def accumulated_attention(q: Tensor, ctx: LayerContext) -> Tensor:
     probability summed over the queries ``q`` ``[b, Hq, t, d]`` (the forward's last ``t``
     tokens) and over the query heads of its KV head."""
     b, hq, t, _ = q.shape
-    n, kv_heads = ctx.layer.num_entries, ctx.layer.keys.shape[1]
+    n, kv_heads = ctx.layer.num_entries, ctx.layer.kv_heads
     positions = ctx.step.positions[-t:]
     rows = max(1, LOGIT_BLOCK // (b * hq * n))
     total = torch.zeros(b, hq, n, device=q.device)
@@ -108,7 +108,7 @@ class H2O(CompressMethod):
         heavy, size = layer.side.get(SCORES), cache_size(layer)
         if not isinstance(heavy, HeavyHitters) or size is None:
             return
-        n, kv_heads = layer.num_entries, layer.keys.shape[1]
+        n, kv_heads = layer.num_entries, layer.kv_heads
         probs = torch.softmax(ctx.logits(q, ctx.step.positions), dim=-1)[:, :, 0]  # [b, Hq, n]
         b, hq, _ = probs.shape
         heavy.grow(n)

@@ -49,6 +49,6 @@ class SnapKV(ScoredCompression):
         b, hq, m = votes.shape
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         votes = pool(votes.reshape(b * hq, 1, m), self.kernel, stride=1, padding=self.kernel // 2)
-        kv_heads = ctx.layer.keys.shape[1]
+        kv_heads = ctx.layer.kv_heads
         votes = votes.reshape(b, kv_heads, hq // kv_heads, m)
         return votes.mean(dim=2) if self.gqa_reduce == "mean" else votes.amax(dim=2)

@@ -49,7 +49,7 @@ class TOVA(CompressMethod):
             return
         probs = torch.softmax(ctx.logits(q, ctx.step.positions), dim=-1)  # [b, Hq, 1, n]
         drop = probs.mean(dim=1)[:, 0].argmin(dim=-1)  # [b]
-        ctx.layer.select(shared_or_per_head(all_but(drop, n), ctx.layer.keys.shape[1]))
+        ctx.layer.select(shared_or_per_head(all_but(drop, n), ctx.layer.kv_heads))
 
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         n = ctx.layer.num_entries
@@ -59,4 +59,4 @@ class TOVA(CompressMethod):
         logits = ctx.logits(q[:, :, -1:], ctx.step.positions[-1:])  # [b, Hq, 1, n]
         scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # [b, n]
         keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
-        return shared_or_per_head(keep, ctx.layer.keys.shape[1])
+        return shared_or_per_head(keep, ctx.layer.kv_heads)

@@ -100,6 +100,11 @@ class LayerKV(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     @property
+    def kv_heads(self) -> int:
+        """KV heads of the stored entries (cheap for every storage format)."""
+        return self.keys.shape[1]
+
+    @property
     def is_contiguous(self) -> bool:
         """True while the layer holds every token ``0..n-1`` in order."""
         return self.positions is None

@@ -323,6 +323,12 @@ class KiviLayerKV(LayerKV):
         return self._quantized_keys.num_entries + self._residual_keys.shape[2]
 
     @property
+    def kv_heads(self) -> int:
+        if not self.quantized:
+            return super().kv_heads
+        return self._residual_keys.shape[1]  # no dequantisation just to count heads
+
+    @property
     def full_precision_entries(self) -> tuple[int, int]:
         """Entries held in full precision: ``(keys, values)``."""
         if not self.quantized:

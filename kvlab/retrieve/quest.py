@@ -150,7 +150,7 @@ class Quest(RetrieveMethod):
         valid = entries < n
         entries = entries.clamp(max=n - 1)
         b, hq, k = entries.shape
-        kv_heads = layer.keys.shape[1]
+        kv_heads = layer.kv_heads
         by_kv_head = entries.reshape(b, kv_heads, (hq // kv_heads) * k)
         index = by_kv_head[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
         keys = layer.keys.gather(2, index).reshape(b, hq, k, -1)
