@@ -45,5 +45,5 @@ def load(
 __all__ = [
     "Answer", "Engine", "InputError", "KvlabError", "MethodInfo", "ModelError", "Recipe",
     "RecipeError", "Session", "Stats", "compress", "load", "methods", "parse_recipe",
-    "position", "prefill", "retrieve",
+    "position", "prefill", "quantize", "retrieve",
 ]

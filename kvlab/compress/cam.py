@@ -43,15 +43,14 @@ decoding eviction would need its own merge.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from kvlab.compress.base import CompressMethod
-from kvlab.compress.snapkv import SnapKV
+from kvlab.compress.snapkv import SnapKVVoting
 from kvlab.engine.attention import LayerContext, causal_allowed
-from kvlab.registry import Budget, param, register, resolve_budget
+from kvlab.registry import param, register, resolve_budget
 
 
 def per_head(keep: Tensor, batch: int, kv_heads: int) -> Tensor:
@@ -113,7 +112,7 @@ def merge_deltas(
 
 @register
 @dataclass(frozen=True)
-class CaM(CompressMethod):
+class CaM(SnapKVVoting):
     name: ClassVar[str] = "cam"
     paper: ClassVar[str] = (
         "Zhang et al., CaM: Cache Merging for Memory-efficient LLMs Inference, ICML 2024 "
@@ -121,29 +120,13 @@ class CaM(CompressMethod):
     )
     summary: ClassVar[str] = "SnapKV eviction; evicted values merged into the next kept entries."
 
-    budget: Budget = param(2048, "entries kept per layer and KV head (window included)")
-    window: int = param(32, "observation window: the last prompt queries that vote", min=1, max=512)
-    kernel: int = param(5, "SnapKV pooling kernel size (odd)", min=1, max=63)
-    pooling: Literal["avg", "max"] = param("avg", "SnapKV 1-D pooling of the votes")
-    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: query heads -> their KV head")
     merge: int = param(
         32, "kept entries after an evicted one that share its value (reference: 32)", min=1
     )
     seed: int = param(0, "seed of the Bernoulli merge draws (reproducible per layer)", min=0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.base()  # validates the SnapKV parameters (odd kernel)
-
-    def base(self) -> SnapKV:
-        """The eviction this method merges into."""
-        return SnapKV(
-            budget=self.budget, window=self.window, kernel=self.kernel, pooling=self.pooling,
-            gqa_reduce=self.gqa_reduce,
-        )
-
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
-        return self.base().keep(q, ctx)
+        return self.snapkv().keep(q, ctx)  # the eviction this method merges into
 
     def compress(self, q: Tensor, ctx: LayerContext) -> None:
         layer = ctx.layer

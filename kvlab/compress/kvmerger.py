@@ -42,14 +42,14 @@ a run draws the attention); ``budget=0.5`` (the paper evaluates 50% and 35% budg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvlab.compress.base import CompressMethod, attention_keys
-from kvlab.compress.snapkv import SnapKV
+from kvlab.compress.base import attention_keys
+from kvlab.compress.snapkv import SnapKVVoting
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -119,7 +119,7 @@ def merge_sets(
 
 @register
 @dataclass(frozen=True)
-class KVMerger(CompressMethod):
+class KVMerger(SnapKVVoting):
     name: ClassVar[str] = "kvmerger"
     paper: ClassVar[str] = (
         "Wang et al., Model Tells You Where to Merge (KVMerger), arXiv:2407.08454"
@@ -134,21 +134,7 @@ class KVMerger(CompressMethod):
         0.0, "Gaussian kernel width (0: per set, the RMS distance of its keys to the pivot)",
         min=0.0,
     )
-    window: int = param(32, "observation window: the last prompt queries that vote", min=1, max=512)
     kernel: int = param(1, "SnapKV pooling kernel of the votes (odd; 1: none)", min=1, max=63)
-    pooling: Literal["avg", "max"] = param("avg", "SnapKV 1-D pooling of the votes")
-    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: query heads -> their KV head")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.votes()  # validates the SnapKV parameters (odd kernel)
-
-    def votes(self) -> SnapKV:
-        """The attention scores (SnapKV's) that pick pivots and evict."""
-        return SnapKV(
-            budget=self.budget, window=self.window, kernel=self.kernel, pooling=self.pooling,
-            gqa_reduce=self.gqa_reduce,
-        )
 
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         """The entries that stay (pivots and window) ``[b, kv_heads, budget]``; the merge
@@ -169,7 +155,7 @@ class KVMerger(CompressMethod):
         b, h = layer.keys.shape[:2]
         if choose == 0:
             return recent.expand(b, h, window), None, recent[:0]
-        scores = self.votes().score(q[:, :, q.shape[2] - window :], ctx, window).float()
+        scores = self.snapkv().score(q[:, :, q.shape[2] - window :], ctx, window).float()
         keys = attention_keys(ctx)[:, :, :prefix].float()
         similarity = F.cosine_similarity(keys[:, :, 1:], keys[:, :, :-1], dim=-1)
         linked = link_runs(similarity, self.threshold, n - budget)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvlab.compress.base import ScoredCompression
+from kvlab.compress.base import CompressMethod, ScoredCompression
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register
 
@@ -52,3 +52,26 @@ class SnapKV(ScoredCompression):
         kv_heads = ctx.layer.kv_heads
         votes = votes.reshape(b, kv_heads, hq // kv_heads, m)
         return votes.mean(dim=2) if self.gqa_reduce == "mean" else votes.amax(dim=2)
+
+
+@dataclass(frozen=True)
+class SnapKVVoting(CompressMethod):
+    """Base of methods that build on SnapKV's observation-window votes (CaM, KVMerger): it
+    holds SnapKV's hyper-parameters once and hands out the configured :class:`SnapKV`."""
+
+    budget: Budget = param(2048, "entries kept per layer and KV head (window included)")
+    window: int = param(32, "observation window: the last prompt queries that vote", min=1, max=512)
+    kernel: int = param(5, "SnapKV pooling kernel size (odd)", min=1, max=63)
+    pooling: Literal["avg", "max"] = param("avg", "SnapKV 1-D pooling of the votes")
+    gqa_reduce: Literal["mean", "max"] = param("mean", "SnapKV: query heads -> their KV head")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.snapkv()  # validates the SnapKV parameters (odd kernel)
+
+    def snapkv(self) -> SnapKV:
+        """SnapKV with this method's parameters: its votes and its eviction."""
+        return SnapKV(
+            budget=self.budget, window=self.window, kernel=self.kernel, pooling=self.pooling,
+            gqa_reduce=self.gqa_reduce,
+        )
