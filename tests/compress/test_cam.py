@@ -10,7 +10,7 @@ import kvlab
 from kvlab.compress.cam import CaM
 from kvlab.compress.snapkv import SnapKV
 from kvlab.recipe import Recipe, parse_recipe
-from tests.compress.layers import probs_of, random_layer, rotary
+from tests.layers import probs_of, random_layer, rotary
 from tests.compress.test_snapkv import reference_keep as snapkv_keep
 from tests.conftest import prompt_ids, tiny_engine
 

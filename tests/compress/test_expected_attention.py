@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.compress.layers import random_layer, rotary
+from tests.layers import random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.expected_attention import ExpectedAttention
 

@@ -4,7 +4,7 @@ query — plus the most recent entries, per KV head."""
 import pytest
 import torch
 
-from tests.compress.layers import probs_of, random_layer, rotary
+from tests.layers import probs_of, random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress import h2o
 from kvlab.compress.h2o import H2O

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.compress.layers import random_layer
+from tests.layers import random_layer
 from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.knorm import KNorm
 

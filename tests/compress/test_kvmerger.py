@@ -10,7 +10,7 @@ import kvlab
 from kvlab.compress.kvmerger import KVMerger
 from kvlab.compress.snapkv import SnapKV
 from kvlab.recipe import parse_recipe
-from tests.compress.layers import probs_of, random_layer, rotary
+from tests.layers import probs_of, random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 
 ENTRY_BYTES = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32 (tiny model)

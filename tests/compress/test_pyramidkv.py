@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.compress.layers import random_layer, rotary
+from tests.layers import random_layer, rotary
 from tests.compress.test_snapkv import reference_keep as snapkv_reference
 from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.pyramidkv import PyramidKV, pyramid_budgets

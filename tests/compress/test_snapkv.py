@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kvlab.compress.snapkv import SnapKV
 from kvlab.engine.attention import LayerContext
 from kvlab.engine.cache import ForwardStep, LayerKV
-from kvlab.engine.rotary import Rotary
+from tests.layers import rotary as random_rotary
 from kvlab.position.base import TRAINED_ROPE
 from tests.conftest import prompt_ids, tiny_engine
 
@@ -39,7 +39,7 @@ def test_keep_matches_the_reference(pooling, reduce):
     n, d = 60, 8
     layer = LayerKV()
     layer.append(torch.randn(1, 2, n, d), torch.randn(1, 2, n, d), torch.arange(n))
-    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d))
+    rotary = random_rotary(d)
     step = ForwardStep(torch.arange(n), rotary, rotate_keys=True, building=True, compress=True)
     ctx = LayerContext(0, 1, layer, step, TRAINED_ROPE, d**-0.5)
     q = torch.randn(1, 4, n, d)

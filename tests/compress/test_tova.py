@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.compress.layers import probs_of, random_layer, rotary
+from tests.layers import probs_of, random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.tova import TOVA
 

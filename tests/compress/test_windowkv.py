@@ -9,7 +9,7 @@ import kvlab
 from kvlab.compress import windowkv
 from kvlab.compress.windowkv import WindowKV, group_budgets
 from kvlab.recipe import Recipe, parse_recipe
-from tests.compress.layers import probs_of, random_layer, rotary
+from tests.layers import probs_of, random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 
 ENTRY_BYTES = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32 (tiny model)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvlab.engine.rotary import Rotary
+from tests.layers import rotary as random_rotary
 from kvlab.position.self_extend import SelfExtend
 from tests.conftest import prompt_ids, tiny_engine
 
@@ -42,7 +42,7 @@ def test_merge_is_exact_against_brute_force(group, window):
     torch.manual_seed(0)
     n, t, d = 24, 6, 8
     q, k, v = torch.randn(1, 4, t, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
-    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d))
+    rotary = random_rotary(d)
     method = SelfExtend(group_size=group, window=window)
     got = method.attend(q, torch.arange(n - t, n), k, torch.arange(n), v, rotary, d**-0.5)
     expected = brute_force(q, k, v, group, window, rotary, d**-0.5)

@@ -4,7 +4,7 @@ import torch
 
 from kvlab.engine.attention import LayerContext, dense_attention
 from kvlab.engine.cache import ForwardStep, LayerKV
-from kvlab.engine.rotary import Rotary
+from tests.layers import rotary as random_rotary
 from kvlab.position.base import TRAINED_ROPE
 from kvlab.retrieve.quest import INDEX_KEY, Quest, page_min_max, page_scores
 from tests.conftest import prompt_ids, tiny_engine
@@ -14,7 +14,7 @@ def decode_context(n=100, d=8, seed=0):
     torch.manual_seed(seed)
     layer = LayerKV()
     layer.append(torch.randn(1, 2, n, d), torch.randn(1, 2, n, d), torch.arange(n))
-    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d))
+    rotary = random_rotary(d)
     step = ForwardStep(torch.tensor([n - 1]), rotary, rotate_keys=True)
     return LayerContext(5, 8, layer, step, TRAINED_ROPE, d**-0.5)
 
