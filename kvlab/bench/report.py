@@ -38,6 +38,7 @@ from matplotlib.transforms import Bbox
 from kvlab.bench.store import DB_NAME, ResultStore
 from kvlab.bench.summary import (
     FULL,
+    adaptive_number,
     first_seen,
     recipe_labels,
     recipe_order,
@@ -570,7 +571,7 @@ def _bar_figure(
             bars = ax.bar(xs, ys, width=bar_w * 0.92, color=colours,
                           label=f"{_tokens(n)} tokens")
             if len(lengths) == 1 and ys:
-                ax.bar_label(bars, labels=[_short(v) for v in ys], padding=2, fontsize=9)
+                ax.bar_label(bars, labels=[adaptive_number(v) for v in ys], padding=2, fontsize=9)
         ax.set_title(title)
         ax.set_xticks(range(len(recipes)), [_wrap(ctx.labels[r]) for r in recipes],
                       fontsize=9 if len(recipes) > 4 else 10)
@@ -586,17 +587,6 @@ def _bar_figure(
         fig.legend(handles, names, loc="outside upper center", ncols=len(lengths),
                    frameon=False, title="context length")
     return fig
-
-
-def _short(v: float) -> str:
-    a = abs(v)
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 0.01:
-        return f"{v:.2f}"
-    return f"{v:.1e}" if a else "0"
 
 
 def _speed_html(ctx: _Context) -> str:

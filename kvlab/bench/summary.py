@@ -164,7 +164,7 @@ def _fixed(digits: int, scale: float = 1.0) -> Callable[[Any], str]:
     return lambda v: f"{v * scale:,.{digits}f}"
 
 
-def _adaptive(v: float) -> str:
+def adaptive_number(v: float) -> str:
     """Three significant digits without switching to exponent notation for usual sizes."""
     a = abs(v)
     if a == 0:
@@ -207,12 +207,12 @@ SUMMARY_COLUMNS: tuple[SummaryColumn, ...] = (
     SummaryColumn("n_rows", "rows (n)", lambda v: f"{v:,}"),
     SummaryColumn("accuracy", "acc (%)", _fixed(1, 100)),
     SummaryColumn("accuracy_by_turn", "acc per turn (%)", _turns),
-    SummaryColumn("kv_mib", "KV (MiB)", _adaptive),
+    SummaryColumn("kv_mib", "KV (MiB)", adaptive_number),
     SummaryColumn("kv_ratio", "KV vs full (x)", _fixed(2)),
     SummaryColumn("token_agreement", "token agree (%)", _fixed(1, 100)),
-    SummaryColumn("kl", "KL (nats)", _adaptive),
-    SummaryColumn("context_prefill_s", "prefill (s)", _adaptive),
-    SummaryColumn("decode_ms_per_token", "decode (ms/tok)", _adaptive),
+    SummaryColumn("kl", "KL (nats)", adaptive_number),
+    SummaryColumn("context_prefill_s", "prefill (s)", adaptive_number),
+    SummaryColumn("decode_ms_per_token", "decode (ms/tok)", adaptive_number),
     SummaryColumn("peak_rss_mib", "peak RSS (MiB)", _fixed(0)),
 )
 
