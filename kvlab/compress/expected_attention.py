@@ -41,14 +41,8 @@ from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, attention_keys
 from kvlab.engine.attention import LayerContext
-from kvlab.engine.rotary import Rotary
+from kvlab.engine.rotary import Rotary, apply_rotation
 from kvlab.registry import Budget, param, register, resolve_budget
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """RoPE's pairing in transformers' layout (channel ``i`` with ``i + d/2``)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def average_rotation(rotary: Rotary, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,7 +95,7 @@ class ExpectedAttention(CompressMethod):
         cos, sin = average_rotation(ctx.step.rotary, future)
 
         def rotate(x: Tensor) -> Tensor:  # x R^T: the mean rotation R applied to each row
-            return x * cos + rotate_half(x) * sin
+            return apply_rotation(x, cos, sin)
 
         mean = rotate(mean)  # R mu
         keys = attention_keys(ctx)[:, :, sink:].float()  # [b, kv_heads, m, d]

@@ -40,9 +40,19 @@ class Rotary:
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` ``[b, heads, n, d]`` by ``positions`` ``[n]`` or ``[b, heads, n]``."""
         cos, sin = self.cos_sin(positions, x.dtype)
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated_half * sin
+        return apply_rotation(x, cos, sin)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """RoPE's pairing in transformers' layout: ``(x1, x2) -> (-x2, x1)``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin``: RoPE by given cos and sin (linear in both, so an
+    average of rotations is applied the same way)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_frequencies(
