@@ -142,7 +142,10 @@ def kvlab_attention(
     if ctx.step.compress:  # the end of the context prefill
         if recipe.compress is not None:
             recipe.compress.compress(query, ctx)
-        ctx.layer.end_prefill()
+        if recipe.quantize is not None:
+            recipe.quantize.convert(query, ctx)
+        else:
+            ctx.layer.end_prefill()
     return out.transpose(1, 2).contiguous(), None
 
 

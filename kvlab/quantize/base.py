@@ -12,6 +12,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor
+
+from kvlab.engine.attention import LayerContext
 from kvlab.engine.cache import LayerKV
 from kvlab.registry import Method
 
@@ -23,3 +26,10 @@ class QuantizeMethod(Method, ABC):
     @abstractmethod
     def new_layer(self) -> LayerKV:
         """A fresh, empty layer storage in this method's format."""
+
+    def convert(self, q: Tensor, ctx: LayerContext) -> None:
+        """Called in every layer at the end of the context prefill, after eviction, with the
+        forward's last queries ``q`` ``[b, Hq, t, d]`` (unrotated): convert the kept entries to
+        this method's format. By default the layer's own :meth:`LayerKV.end_prefill` does it
+        (KIVI); a method whose conversion depends on the queries (ThinK) overrides this."""
+        ctx.layer.end_prefill()
