@@ -42,6 +42,12 @@ class CompressMethod(Method, ABC):
         """Called in every layer after each decoding step's attention (``q`` ``[b, Hq, 1, d]``,
         unrotated). Methods that evict while decoding act here; by default nothing happens."""
 
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """True when :meth:`after_decode_step` may evict entries (a session's rollback then
+        needs snapshots, see :meth:`KVCache.mark`)."""
+        return False
+
 
 def top_k_plus_window(scores: Tensor, budget: int, window: int) -> Tensor:
     """Indices ``[b, heads, budget]`` (sorted) of the top ``budget - window`` entries by
@@ -90,6 +96,10 @@ class ScoredCompression(CompressMethod):
             raise RecipeError(
                 f"{self.name}(decode_budget={self.decode_budget}): must be 0 or >= window={self.window}"
             )
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        return self.decode_budget > 0
 
     def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
         """Every ``decode_interval`` steps, compress the layer back to ``decode_budget`` entries

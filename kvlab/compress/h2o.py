@@ -101,6 +101,10 @@ class H2O(CompressMethod):
             return torch.arange(n - recent, n, device=scores.device)
         return top_k_plus_window(scores[..., : n - recent], budget, recent)
 
+    @property
+    def evicts_while_decoding(self) -> bool:
+        return True
+
     def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
         """H2O's per-step form: add the new query's attention to every entry's score; once
         over the cache size, drop the lowest-scored entry older than the recent window."""

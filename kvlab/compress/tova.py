@@ -41,6 +41,10 @@ class TOVA(CompressMethod):
         ctx.layer.side[SIZE] = CacheSize(resolve_budget(self.budget, ctx.layer.num_entries))
         super().compress(q, ctx)
 
+    @property
+    def evicts_while_decoding(self) -> bool:
+        return True
+
     def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
         """TOVA's per-step form: once over the cache size, drop the entry the current query
         attends to least (head-averaged), one per step."""

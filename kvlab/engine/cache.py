@@ -7,9 +7,10 @@ the cache holds — keys, values, position indices and method-owned side indexes
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -64,6 +65,11 @@ class LayerKV(CacheLayerMixin):
       ``[batch, kv_heads, n]`` (per head, after per-head selection); ``None`` while the layer
       holds exactly tokens ``0..n-1`` (nothing evicted), so no index tensor is stored.
     - ``side``: method-owned side indexes, counted in :meth:`nbytes`.
+
+    Storage rule, which :meth:`mark` relies on: a stored tensor is never written in place within
+    its used range; selection and truncation replace tensors, and in-place appends only write
+    beyond the used range (into the reserve). A subclass must keep this rule or override
+    :meth:`snapshot` / :meth:`restore`.
     """
 
     is_sliding = False
@@ -74,6 +80,7 @@ class LayerKV(CacheLayerMixin):
         self.positions: Tensor | None = None
         self.seen = 0  # tokens ever appended: the next token's position
         self.side: dict[str, SideIndex] = {}
+        self.evictions = 0  # selections so far: a rollback by truncation is exact only without one
         self._key_storage: Tensor | None = None
         self._value_storage: Tensor | None = None
 
@@ -146,6 +153,7 @@ class LayerKV(CacheLayerMixin):
     def select(self, keep: Tensor) -> None:
         """Keep only the entries at ``keep``: ``[k]`` for all heads or ``[batch, kv_heads, k]``
         per head (sorted). The stored tensors are replaced by smaller copies."""
+        self.evictions += 1
         positions = self.key_positions()
         if keep.dim() == 1:
             self._store(self.keys.index_select(-2, keep), self.values.index_select(-2, keep))
@@ -175,6 +183,33 @@ class LayerKV(CacheLayerMixin):
         for index in self.side.values():
             index.truncate(num_entries)
 
+    def mark(self, snapshot: bool) -> LayerMark:
+        """Where this layer stands now. With ``snapshot``, also what it holds, so that
+        :meth:`restore` is exact even if entries are evicted in between (decoding-time
+        eviction); without, :meth:`restore` can only drop appended entries."""
+        return LayerMark(self.num_entries, self.seen, self.evictions, self.snapshot() if snapshot else None)
+
+    def restore(self, mark: LayerMark) -> None:
+        """Come back to ``mark`` (taken on this layer; marks taken after it become invalid)."""
+        if self.evictions == mark.evictions:
+            self.truncate(mark.entries, mark.seen)
+        elif mark.state is not None:
+            self.load_snapshot(mark.state)
+        else:
+            raise RuntimeError(
+                "LayerKV.restore: entries were evicted since a mark taken without a snapshot"
+            )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The layer's state: tensors by reference (see the storage rule), side indexes copied."""
+        state = dict(self.__dict__)
+        state["side"] = copy.deepcopy(self.side)
+        return state
+
+    def load_snapshot(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.side = copy.deepcopy(state["side"])
+
     def end_prefill(self) -> None:
         """Called once the context's prefill (and compression) is done; a storage format
         that converts entries (e.g. quantisation) does it here. Plain storage does nothing."""
@@ -200,11 +235,20 @@ def _resized(storage: Tensor, used: int, capacity: int) -> Tensor:
 
 
 @dataclass(frozen=True)
+class LayerMark:
+    """Where a layer stood (see :meth:`LayerKV.mark`)."""
+
+    entries: int
+    seen: int
+    evictions: int
+    state: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class CacheMark:
     """Where a cache stood, to come back to it (see :meth:`KVCache.rollback`)."""
 
-    entries: tuple[int, ...]
-    seen: tuple[int, ...]
+    layers: tuple[LayerMark, ...]
 
 
 class KVCache(Cache):
@@ -241,15 +285,18 @@ class KVCache(Cache):
         return sum(layer.num_entries for layer in self.layers) / max(1, len(self.layers))
 
     def mark(self) -> CacheMark:
-        return CacheMark(
-            entries=tuple(layer.num_entries for layer in self.layers),
-            seen=tuple(layer.seen for layer in self.layers),
-        )
+        """Where the cache stands now. When the recipe evicts while decoding, each layer also
+        keeps a snapshot (its tensors by reference: memory is held only for what a later
+        eviction replaces), so that a rollback restores evicted entries too."""
+        compress = self.recipe.compress if self.recipe is not None else None
+        snapshot = compress is not None and compress.evicts_while_decoding
+        return CacheMark(tuple(layer.mark(snapshot) for layer in self.layers))
 
     def rollback(self, mark: CacheMark) -> None:
-        """Discard every entry appended since ``mark`` (a multi-request question's tokens)."""
-        for layer, entries, seen in zip(self.layers, mark.entries, mark.seen):
-            layer.truncate(entries, seen)
+        """Back to ``mark``: discard every entry appended since (a multi-request question's
+        tokens), and bring back entries evicted since."""
+        for layer, layer_mark in zip(self.layers, mark.layers):
+            layer.restore(layer_mark)
 
 
-__all__ = ["ForwardStep", "LayerKV", "KVCache", "CacheMark", "SideIndex"]
+__all__ = ["ForwardStep", "LayerKV", "KVCache", "CacheMark", "LayerMark", "SideIndex"]

@@ -46,6 +46,7 @@ kept between reads, so the memory held is the packed memory that is reported.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -416,6 +417,7 @@ class KiviLayerKV(LayerKV):
         if not self.quantized:
             super().select(keep)
             return
+        self.evictions += 1
         positions = self.key_positions()
         self._take(keep)
         self._select_positions(positions, keep)
@@ -437,6 +439,13 @@ class KiviLayerKV(LayerKV):
         self.seen = seen
         for index in self.side.values():
             index.truncate(num_entries)
+
+    def snapshot(self) -> dict:
+        """A deep copy: quantised storage objects grow in place, so references would not do."""
+        return copy.deepcopy(self.__dict__)
+
+    def load_snapshot(self, state: dict) -> None:
+        self.__dict__.update(copy.deepcopy(state))
 
     def _restore_point(self) -> RestorePoint:
         return RestorePoint(

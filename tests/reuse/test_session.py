@@ -1,6 +1,7 @@
 """Sessions: the context is encoded once; multi-request forgets, multi-turn remembers."""
 
 import pytest
+import torch
 
 import kvlab
 from tests.conftest import tiny_engine
@@ -85,3 +86,21 @@ def test_multi_turn_with_reference_answers_keeps_the_gold_history(engine):
     gold.ask("What is the code?", max_new_tokens=4, reference_answer="4417.")
     second = gold.ask("Who keeps it?", max_new_tokens=4)
     assert "4417." in gold._consumed and second.stats.prompt_tokens < gold.context_stats.prompt_tokens + 40
+
+
+def _layer_state(cache):
+    return [(layer.keys.clone(), layer.values.clone(), layer.key_positions().clone()) for layer in cache.layers]
+
+
+@pytest.mark.parametrize(
+    "recipe", ["h2o(budget=0.4)", "tova(budget=0.4)", "snapkv(budget=0.5, decode_budget=40, decode_interval=2)"]
+)
+def test_multi_request_restores_entries_evicted_while_decoding(engine, recipe):
+    session = engine.session(CONTEXT, recipe=recipe, mode="multi-request")
+    before = _layer_state(session.cache)
+    first = session.ask("What is the code of the red door?", max_new_tokens=12)
+    after = _layer_state(session.cache)
+    for (k0, v0, p0), (k1, v1, p1) in zip(before, after):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(p0, p1)
+    again = session.ask("What is the code of the red door?", max_new_tokens=12)
+    assert again.token_ids == first.token_ids
