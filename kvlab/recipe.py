@@ -80,6 +80,24 @@ def check_compatible(recipe: Recipe) -> None:
                 f"{retrieve.name} scores post-RoPE keys, but {position.name} keeps keys before "
                 f"RoPE; choose a drop-in position method (e.g. yarn, dynamic_ntk) with {retrieve.name}"
             )
+    compress = recipe.compress
+    if compress is not None and compress.ragged_heads:
+        for other in (recipe.quantize, retrieve):
+            if other is not None:
+                raise RecipeError(
+                    f"{compress.name} keeps a different number of entries per KV head, which "
+                    f"{other.name} does not support yet; use {compress.name} without a "
+                    f"{other.stage} method"
+                )
+    quantize = recipe.quantize
+    if position is not None and quantize is not None:
+        if position.stores_pre_rope and quantize.needs_rotated_keys:
+            raise RecipeError(
+                f"{quantize.name} selects channels of post-RoPE keys, but {position.name} keeps "
+                "keys before RoPE (pruning unrotated channels is a different selection); choose a "
+                f"drop-in position method (e.g. yarn, or dynamic_ntk(rerotate_cache=false)) with "
+                f"{quantize.name}"
+            )
 
 
 def _terms(node: ast.expr, source: str) -> list[ast.expr]:

@@ -90,6 +90,12 @@ class Method:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
         return f"{self.name}({args})"
 
+    def prepare(self, engine: Any) -> Any:
+        """Work done once per model before the method runs (e.g. DuoAttention's head
+        identification); the result reaches the method as ``ctx.prepared[stage]``. None: nothing
+        to prepare."""
+        return None
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -25,6 +25,9 @@ class CompressMethod(Method, ABC):
     """Base of compress methods: :meth:`keep` chooses, the layer shrinks."""
 
     stage: ClassVar[str] = "compress"
+    ragged_heads: ClassVar[bool] = False
+    """True when KV heads may keep different numbers of entries (the engine then gives the
+    layers ragged storage, :class:`~kvlab.engine.ragged.RaggedLayerKV`)."""
 
     def compress(self, q: Tensor, ctx: LayerContext) -> None:
         """Shrink ``ctx.layer`` at the end of the prompt prefill. ``q`` ``[b, Hq, t, d]`` are the

@@ -5,7 +5,8 @@ recipe's methods, in lifecycle order, who computes this call:
 
 1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache;
 2. **prefill** — a prompt forward on an uncompressed layer may use a sparse pattern;
-3. otherwise dense attention over the layer's entries;
+3. otherwise dense attention over the layer's entries (head by head when the compress method
+   left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
 and then, at the end of the prompt prefill, lets the **compress** method shrink the layer.
 Attention itself is always computed by the **position** method (it knows how to rotate q and
@@ -14,8 +15,8 @@ k), through :meth:`LayerContext.attend`, on the keys the other stages chose.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from kvlab.engine.cache import ForwardStep, KVCache, LayerKV
+from kvlab.engine.ragged import RaggedLayerKV, ragged_attention
 
 if TYPE_CHECKING:
     from kvlab.position.base import PositionMethod
@@ -82,6 +84,8 @@ class LayerContext:
     step: ForwardStep
     position: PositionMethod
     scaling: float
+    prepared: dict[str, Any] = field(default_factory=dict)
+    """What the recipe's methods computed once per model (:meth:`Method.prepare`), by stage."""
 
     def attend(
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, values: Tensor,
@@ -128,6 +132,7 @@ def kvlab_attention(
         step=cache.step,
         position=recipe.position or TRAINED_ROPE,
         scaling=scaling if scaling is not None else module.scaling,
+        prepared=cache.prepared,
     )
     out: Tensor | None = None
     if query.shape[2] == 1 and recipe.retrieve is not None:
@@ -136,7 +141,10 @@ def kvlab_attention(
         out = recipe.prefill.attend(query, ctx)
     if out is None:
         layer = ctx.layer
-        out = ctx.attend(query, ctx.step.positions, layer.keys, layer.key_positions(), layer.values)
+        if isinstance(layer, RaggedLayerKV) and layer.is_ragged:
+            out = ragged_attention(query, ctx.step.positions, layer, ctx.attend)
+        else:
+            out = ctx.attend(query, ctx.step.positions, layer.keys, layer.key_positions(), layer.values)
     if query.shape[2] == 1 and not ctx.step.building and recipe.compress is not None:
         recipe.compress.after_decode_step(query, ctx)
     if ctx.step.compress:  # the end of the context prefill

@@ -259,6 +259,7 @@ class KVCache(Cache):
         self.layers: list[LayerKV]
         self.step: ForwardStep | None = None
         self.recipe: Recipe | None = None  # set by the engine
+        self.prepared: dict[str, Any] = {}  # by stage: what Method.prepare computed (engine)
 
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs

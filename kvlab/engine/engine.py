@@ -20,6 +20,7 @@ from torch import Tensor
 from kvlab.engine.attention import ATTENTION_NAME
 from kvlab.engine.cache import ForwardStep, KVCache, LayerKV
 from kvlab.engine.prompt import PromptFormat
+from kvlab.engine.ragged import RaggedLayerKV
 from kvlab.engine.rotary import DeferredRotary, Rotary, head_dim
 from kvlab.engine.sampling import Sampling, TokenSampler
 from kvlab.errors import InputError, ModelError
@@ -150,9 +151,18 @@ class Engine:
     # -- the cache and one forward --------------------------------------------------------
     def new_cache(self, recipe: Recipe | str | None) -> KVCache:
         parsed = parse_recipe(recipe)
-        new_layer = parsed.quantize.new_layer if parsed.quantize is not None else LayerKV
+        if parsed.quantize is not None:
+            new_layer = parsed.quantize.new_layer
+        elif parsed.compress is not None and parsed.compress.ragged_heads:
+            new_layer = RaggedLayerKV
+        else:
+            new_layer = LayerKV
         cache = KVCache(self.config.num_hidden_layers, new_layer)
         cache.recipe = parsed
+        for method in parsed.methods:
+            state = method.prepare(self)
+            if state is not None:
+                cache.prepared[method.stage] = state
         return cache
 
     def context_window(self, recipe: Recipe) -> int:
