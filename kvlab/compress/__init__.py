@@ -1,6 +1,7 @@
 """Stage 3, compress: keep fewer or smaller KV entries."""
 
 from kvlab.compress import (
+    adakv,
     expected_attention,
     h2o,
     keydiff,
@@ -15,6 +16,7 @@ from kvlab.compress.base import CompressMethod, ScoredCompression
 __all__ = [
     "CompressMethod",
     "ScoredCompression",
+    "adakv",
     "expected_attention",
     "h2o",
     "keydiff",
