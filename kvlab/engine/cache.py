@@ -111,6 +111,11 @@ class LayerKV(CacheLayerMixin):
         """KV heads of the stored entries (cheap for every storage format)."""
         return self.keys.shape[1]
 
+    def head_entries(self) -> list[int]:
+        """Entries held by each KV head (all equal unless the layer is ragged)."""
+        n = self.num_entries
+        return [n] * self.kv_heads if n else []
+
     @property
     def is_contiguous(self) -> bool:
         """True while the layer holds every token ``0..n-1`` in order."""
@@ -283,7 +288,8 @@ class KVCache(Cache):
 
     def mean_entries(self) -> float:
         """Entries held per layer and KV head, averaged over layers."""
-        return sum(layer.num_entries for layer in self.layers) / max(1, len(self.layers))
+        per_layer = [layer.head_entries() for layer in self.layers]
+        return sum(sum(h) / len(h) for h in per_layer if h) / max(1, len(self.layers))
 
     def mark(self) -> CacheMark:
         """Where the cache stands now. When the recipe evicts while decoding, each layer also
