@@ -22,6 +22,9 @@ from kvlab.registry import Method
 @dataclass(frozen=True)
 class QuantizeMethod(Method, ABC):
     stage: ClassVar[str] = "quantize"
+    needs_rotated_keys: ClassVar[bool] = False
+    """True when the stored format is defined on post-RoPE keys (ThinK's channel choice):
+    position methods that keep keys before RoPE are then refused (``check_compatible``)."""
 
     @abstractmethod
     def new_layer(self) -> LayerKV:
