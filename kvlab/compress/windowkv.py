@@ -23,12 +23,10 @@ batch too), so the layer stores one shared position tensor ``[k]``.
 **Layer groups.** Layers are grouped by ``shared_layers`` (layer ``l`` is in group
 ``l // shared_layers``). Only the first layer of a group scores; the other layers of the group
 keep the same entries (the reference's ``cached_selected_window_indices``). The choice travels
-from layer to layer through :data:`_SHARED`, a per-forward registry keyed by ``id(ctx.step)``
-(the engine creates one :class:`ForwardStep` per forward and all layers of a forward share it):
-an entry is checked against a weak reference to its step, removed by the last layer of the
-forward and, should a forward stop half-way, when its step is garbage-collected. A layer whose
-group leader left no choice for this forward (it kept everything, or held a different number
-of entries) scores for itself.
+from layer to layer in the forward's scratch space (``ctx.step.scratch``: the engine creates
+one :class:`~kvlab.engine.cache.ForwardStep` per forward, shared by its layers and dropped
+with it). A layer whose group leader left no choice for this forward (it kept everything, or
+held a different number of entries) scores for itself.
 
 **Group budgets** decay arithmetically with depth while their mean is the budget. With
 ``B = budget`` entries per layer on average (suffix included) and ``C = B - suffix`` review
@@ -66,7 +64,6 @@ budget 2048. Differences from the reference code, on purpose:
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -75,7 +72,6 @@ from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
 from kvlab.engine.attention import LayerContext
-from kvlab.engine.cache import ForwardStep
 from kvlab.errors import RecipeError
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -83,30 +79,8 @@ SUFFIX = {"max": 32, "average": 16}
 """Default suffix (observation window) per strategy: reference ``suffix_max``, ``suffix_avg``."""
 
 
-@dataclass
-class _GroupChoices:
-    """The kept entries chosen by each group's first layer during one forward."""
-
-    step: weakref.ref
-    keep: dict[int, tuple[int, Tensor]]  # group -> (entries the leader held, keep [k])
-
-
-_SHARED: dict[int, _GroupChoices] = {}
-"""Per-forward registry: ``id(ForwardStep)`` -> the choices of the group leaders so far."""
-
-
-def _choices(step: ForwardStep) -> _GroupChoices:
-    key = id(step)
-    entry = _SHARED.get(key)
-    if entry is None or entry.step() is not step:
-        entry = _SHARED[key] = _GroupChoices(weakref.ref(step), {})
-        weakref.finalize(step, _forget, key, entry)
-    return entry
-
-
-def _forget(key: int, entry: _GroupChoices | None = None) -> None:
-    if entry is None or _SHARED.get(key) is entry:
-        _SHARED.pop(key, None)
+GROUP_CHOICES = "windowkv.groups"
+"""Scratch key: group -> (entries the group's first layer held, its keep ``[k]``)."""
 
 
 def group_budgets(
@@ -179,28 +153,21 @@ class WindowKV(CompressMethod):
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         n = ctx.layer.num_entries
         budget = resolve_budget(self.budget, n)
-        last_layer = ctx.index == ctx.num_layers - 1
-        try:
-            if n <= budget:
-                return None
-            suffix = min(self.suffix_size, q.shape[2], budget)
-            budgets = group_budgets(
-                budget, suffix, n, ctx.num_layers, self.shared_layers, self.beta
-            )
-            review, allowed = n - suffix, budgets[ctx.index] - suffix
-            if review <= allowed:
-                return None
-            group = ctx.index // self.shared_layers
-            choices = _choices(ctx.step)
-            shared = choices.keep.get(group)
-            if ctx.index % self.shared_layers != 0 and shared is not None and shared[0] == n:
-                return shared[1]
-            keep = self.choose(q[:, :, q.shape[2] - suffix :], ctx, suffix, allowed)
-            choices.keep[group] = (n, keep)
-            return keep
-        finally:
-            if last_layer:
-                _forget(id(ctx.step))
+        if n <= budget:
+            return None
+        suffix = min(self.suffix_size, q.shape[2], budget)
+        budgets = group_budgets(budget, suffix, n, ctx.num_layers, self.shared_layers, self.beta)
+        review, allowed = n - suffix, budgets[ctx.index] - suffix
+        if review <= allowed:
+            return None
+        group = ctx.index // self.shared_layers
+        choices: dict[int, tuple[int, Tensor]] = ctx.step.scratch.setdefault(GROUP_CHOICES, {})
+        shared = choices.get(group)
+        if ctx.index % self.shared_layers != 0 and shared is not None and shared[0] == n:
+            return shared[1]
+        keep = self.choose(q[:, :, q.shape[2] - suffix :], ctx, suffix, allowed)
+        choices[group] = (n, keep)
+        return keep
 
     def choose(self, q_suffix: Tensor, ctx: LayerContext, suffix: int, allowed: int) -> Tensor:
         """Indices ``[k]`` (sorted) of the kept review windows and the suffix, when

@@ -8,7 +8,7 @@ the cache holds — keys, values, position indices and method-owned side indexes
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +41,8 @@ class ForwardStep:
     ``positions`` ``[t]`` are the positions of the new tokens; ``rotate_keys`` stores keys
     rotated (post-RoPE) rather than raw; ``building`` marks the prompt prefill (where the
     prefill method applies); ``compress`` asks for compression at the end of each layer.
+    ``scratch`` is shared by the layers of this forward and dropped with it (a method that
+    decides in one layer for the next ones keeps its choice there, e.g. WindowKV's groups).
     """
 
     positions: Tensor
@@ -48,6 +50,7 @@ class ForwardStep:
     rotate_keys: bool
     building: bool = False
     compress: bool = False
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 DECODE_BLOCK = 32
