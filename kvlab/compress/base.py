@@ -41,6 +41,12 @@ class CompressMethod(Method, ABC):
         """Sorted indices of the entries to keep: ``[k]`` for all heads or
         ``[b, kv_heads, k]`` per head; ``None`` keeps everything."""
 
+    def observe(self, q: Tensor, ctx: LayerContext) -> None:
+        """Called in every layer after the attention of each prompt chunk (the chunk's entries
+        are stored; ``q`` ``[b, Hq, t, d]`` its unrotated queries), before :meth:`compress` on the
+        last chunk. Methods whose statistics cover the whole prompt (H2O) gather them here; by
+        default nothing happens."""
+
     def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
         """Called in every layer after each decoding step's attention (``q`` ``[b, Hq, 1, d]``,
         unrotated). Methods that evict while decoding act here; by default nothing happens."""

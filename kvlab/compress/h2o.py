@@ -8,15 +8,14 @@ largest accumulated score among the older ones, plus the ``recent`` most recent 
 (reference code: ``hh_score`` summed over queries, top ``hh_size`` of
 ``hh_score[:, :seq_len - recent_size]``, then the last ``recent_size``).
 
-Prefill form and its limits:
+Prefill form:
 
-- The scores are the column sums of the causal attention of *every query kvlab has at the end
-  of the prefill* — the last prefill chunk's queries (the whole prompt when it fits one chunk,
-  :attr:`Engine.prefill_chunk`, 1024 by default) — over all entries, computed in blocks of
-  queries so the fp32 probabilities stay small. Queries of earlier chunks are gone by then;
-  counting them needs an engine hook that lets the compress method observe every prefill chunk.
-- Decoding-time eviction (the paper's per-step update) needs a hook at every decoding step;
-  without it decoded tokens are appended, as for every kvlab compress method.
+- The scores are the column sums of the causal attention of *every prompt query* over the
+  entries before it: each prompt chunk's queries add theirs as the chunk is encoded
+  (:meth:`H2O.observe`, computed in blocks of queries so the fp32 probabilities stay small), so
+  a prompt of several chunks (:attr:`Engine.prefill_chunk`, 1024 by default) is scored whole.
+- Afterwards every query keeps adding its attention: a question's prompt chunk and each
+  decoding step, where the paper's per-step eviction applies.
 - GQA: the query heads of a KV head share its entries, so their scores are summed (the mean
   would rank identically).
 
@@ -72,16 +71,30 @@ class H2O(CompressMethod):
         min=0.0, max=1.0,
     )
 
+    def observe(self, q: Tensor, ctx: LayerContext) -> None:
+        """Add this prompt chunk's attention to every entry's accumulated score."""
+        layer = ctx.layer
+        scores = accumulated_attention(q, ctx)
+        heavy = layer.side.get(SCORES)
+        if isinstance(heavy, HeavyHitters):
+            heavy.grow(layer.num_entries)
+            heavy.scores += scores
+        else:
+            layer.side[SCORES] = HeavyHitters(scores)
+
     def compress(self, q: Tensor, ctx: LayerContext) -> None:
-        """Evict at the end of the prefill and keep the accumulated scores of what stays, so
-        decoding goes on accumulating (the per-step form)."""
+        """Evict at the end of the prefill by the scores every prompt query accumulated
+        (:meth:`observe`), and keep the scores of what stays, so decoding goes on accumulating
+        (the per-step form)."""
         layer = ctx.layer
         n = layer.num_entries
         budget = resolve_budget(self.budget, n)
-        scores = accumulated_attention(q, ctx)
-        layer.side[SCORES] = HeavyHitters(scores)
+        heavy = layer.side.get(SCORES)
+        if not isinstance(heavy, HeavyHitters):  # called without the engine's observe
+            self.observe(q, ctx)
+            heavy = layer.side[SCORES]
         layer.side[SIZE] = CacheSize(budget)
-        keep = self.choose(scores, n, budget)
+        keep = self.choose(heavy.scores, n, budget)
         if keep is not None:
             layer.select(keep)
 

@@ -8,7 +8,8 @@ recipe's methods, in lifecycle order, who computes this call:
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
-and then, at the end of the prompt prefill, lets the **compress** method shrink the layer.
+and then lets the **compress** method see every prompt chunk (``observe``) and every decoding
+step (``after_decode_step``), and shrink the layer at the end of the context prefill.
 Attention itself is always computed by the **position** method (it knows how to rotate q and
 k), through :meth:`LayerContext.attend`, on the keys the other stages chose.
 """
@@ -145,8 +146,11 @@ def kvlab_attention(
             out = ragged_attention(query, ctx.step.positions, layer, ctx.attend)
         else:
             out = ctx.attend(query, ctx.step.positions, layer.keys, layer.key_positions(), layer.values)
-    if query.shape[2] == 1 and not ctx.step.building and recipe.compress is not None:
-        recipe.compress.after_decode_step(query, ctx)
+    if recipe.compress is not None:
+        if ctx.step.building:
+            recipe.compress.observe(query, ctx)
+        elif query.shape[2] == 1:
+            recipe.compress.after_decode_step(query, ctx)
     if ctx.step.compress:  # the end of the context prefill
         if recipe.compress is not None:
             recipe.compress.compress(query, ctx)

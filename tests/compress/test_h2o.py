@@ -62,10 +62,12 @@ def test_per_head_heavy_hitters_and_recent_tokens_in_the_engine():
         assert layer.positions.shape == (1, 2, 40)
         for head in layer.positions[0].tolist():
             assert head[-20:] == list(range(140, 160))
-    engine.prefill_chunk = 64  # the prompt spans three chunks: the last chunk's queries vote
+    engine.prefill_chunk = 64  # three chunks: every chunk's queries vote, as in one chunk
     chunked = engine.new_cache("h2o(budget=40, recent=0.5)")
     engine.prefill(chunked, ids, compress=True)
-    assert all(layer.positions.shape == (1, 2, 40) for layer in chunked.layers)
+    for one, three in zip(cache.layers, chunked.layers):
+        assert torch.equal(one.positions, three.positions)
+        torch.testing.assert_close(one.side[h2o.SCORES].scores, three.side[h2o.SCORES].scores)
     engine.prefill_chunk = 1024
     whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
     small = engine.generate_ids(ids, "h2o(budget=0.25)", max_new_tokens=1).stats
