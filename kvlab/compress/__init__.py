@@ -30,3 +30,7 @@ __all__ = [
 from kvlab.compress import cam, kvmerger, windowkv  # noqa: E402  (merging and window methods)
 
 __all__ += ["cam", "kvmerger", "windowkv"]
+
+from kvlab.compress import duo_attention  # noqa: E402  (per-head policies: ragged layers)
+
+__all__ += ["duo_attention"]

@@ -64,15 +64,17 @@ class RaggedLayerKV(LayerKV):
             raise RuntimeError("a ragged layer has no single key tensor: read layer.heads")
         return super().key_positions()
 
-    def select_per_head(self, keep: list[Tensor]) -> None:
-        """Keep, in KV head ``h``, the entries at ``keep[h]`` (sorted indices, any count). The
-        first call splits the layer into one storage per head, holding only the kept entries."""
+    def select_per_head(self, keep: list[Tensor | None]) -> None:
+        """Keep, in KV head ``h``, the entries at ``keep[h]`` (sorted indices, any count;
+        ``None``: all of them, and a ragged head is then left untouched, not copied). The first
+        call splits the layer into one storage per head, holding only the kept entries."""
         if len(keep) != self.kv_heads:
             raise ValueError(f"select_per_head: {len(keep)} index sets for {self.kv_heads} KV heads")
         self.evictions += 1
         if self.heads is not None:
             for head, rows in zip(self.heads, keep):
-                head.select(rows)
+                if rows is not None:
+                    head.select(rows)
             return
         if self.keys.shape[0] != 1:
             raise ValueError("a ragged layer holds one sequence (batch of one)")
@@ -82,12 +84,17 @@ class RaggedLayerKV(LayerKV):
         self.heads = []
         for h, rows in enumerate(keep):
             head = LayerKV()
-            head.lazy_initialization(
-                self.keys[:, h : h + 1].index_select(2, rows),
-                self.values[:, h : h + 1].index_select(2, rows),
-            )
             head_positions = positions if positions.dim() == 1 else positions[0, h]
-            head.positions = head_positions.index_select(0, rows).to(torch.int32)
+            if rows is None:  # the whole head, in storage of its own (a slice would pin the layer's)
+                head.lazy_initialization(self.keys[:, h : h + 1].clone(), self.values[:, h : h + 1].clone())
+                if self.positions is not None:
+                    head.positions = head_positions.to(torch.int32).clone()
+            else:
+                head.lazy_initialization(
+                    self.keys[:, h : h + 1].index_select(2, rows),
+                    self.values[:, h : h + 1].index_select(2, rows),
+                )
+                head.positions = head_positions.index_select(0, rows).to(torch.int32)
             head.seen = self.seen
             self.heads.append(head)
         self.keys = self.values = self._key_storage = self._value_storage = None

@@ -1,0 +1,285 @@
+"""DuoAttention: retrieval heads keep every entry, streaming heads only sinks + recent ones; the
+retrieval heads are those whose answer queries look furthest back in synthetic passkey probes."""
+
+import json
+
+import pytest
+import torch
+
+import kvlab
+from kvlab.compress import duo_attention
+from kvlab.compress.duo_attention import DuoAttention, HeadSplit, probe_prompts
+from kvlab.engine.ragged import RaggedLayerKV
+from kvlab.engine.sampling import Sampling
+from kvlab.recipe import Recipe, parse_recipe
+from tests.conftest import prompt_ids, tiny_engine, tiny_model
+
+SINK, RECENT = 4, 28
+WINDOW = SINK + RECENT
+SMALL = dict(sink=SINK, recent=RECENT, probes=2, probe_length=128)
+PEAKY = dict(initializer_range=0.2, num_hidden_layers=3)  # heads that differ clearly
+HEAD_ENTRY = 2 * 16 * 4  # keys + values of one entry in one KV head: head_dim 16, fp32
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every test identifies into its own cache directory, with an empty in-memory cache."""
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(duo_attention, "_SCORES", {})
+    return tmp_path
+
+
+def no_identification(monkeypatch):
+    def refuse(engine, settings):
+        raise AssertionError("identification ran again")
+
+    monkeypatch.setattr(duo_attention, "measure_heads", refuse)
+
+
+def reference_scores(seed, method):
+    """The identification written out: the same model run by transformers' own eager attention;
+    per KV head, the probability that each answer query at ``p`` puts on the needle (``needle``)
+    or on positions ``sink..p - recent`` (``far``), averaged over its two query heads, the
+    answer queries and the probes."""
+    engine = tiny_engine(seed=seed, **PEAKY)
+    model = tiny_model(seed=seed, **PEAKY)
+    model.set_attn_implementation("eager")
+    prompts = probe_prompts(engine, method.identification(engine))
+    total = torch.zeros(3, 2)
+    for probe in prompts:
+        n, answer = len(probe.ids), probe.answer
+        with torch.no_grad():
+            attentions = model(torch.tensor([probe.ids]), output_attentions=True).attentions
+        for layer, probs in enumerate(attentions):  # [1, 4 query heads, n, n]
+            for kv in range(2):
+                masses = []
+                for hq in (2 * kv, 2 * kv + 1):
+                    for p in range(n - answer, n):
+                        lo, hi = probe.needle if method.score == "needle" else (method.sink, p - method.recent + 1)
+                        masses.append(float(probs[0, hq, p, lo:hi].sum()))
+                total[layer, kv] += sum(masses) / len(masses)
+    return total / len(prompts)
+
+
+@pytest.mark.parametrize("score", ["needle", "far"])
+def test_identification_matches_a_reference_and_takes_the_global_top_share(score):
+    method = DuoAttention(retrieval=0.5, score=score, **SMALL)
+    engine = tiny_engine(seed=0, **PEAKY)
+    split = method.prepare(engine)
+    reference = reference_scores(0, method)
+    assert split.scores.shape == (3, 2)
+    torch.testing.assert_close(split.scores, reference, atol=1e-4, rtol=1e-4)
+    top = set(reference.flatten().topk(3).indices.tolist())  # 50% of the model's 6 KV heads
+    chosen = {layer * 2 + h for layer, row in enumerate(split.retrieval) for h, r in enumerate(row) if r}
+    assert chosen == top
+    shares = {r: sum(map(sum, DuoAttention(retrieval=r, score=score, **SMALL).prepare(engine).retrieval))
+              for r in (0.2, 0.5, 0.9)}
+    assert shares == {0.2: 1, 0.5: 3, 0.9: 5}  # rounded share of all heads, every layer together
+
+
+def test_random_probes_hide_the_needle_outside_the_window_and_repeat_it_at_the_end():
+    engine = tiny_engine()
+    settings = DuoAttention(**SMALL).identification(engine)
+    prompts = probe_prompts(engine, settings)
+    starts = []
+    for probe in prompts:
+        ids, answer = probe.ids, probe.answer
+        assert len(ids) == 128 and answer == 8
+        needle = ids[-7:]  # the repeat (its last token is what the last query predicts)
+        start = next(i for i in range(len(ids) - 7) if ids[i : i + 7] == needle)
+        assert probe.needle == (start, start + 8)
+        assert SINK <= start and start + 8 <= len(ids) - answer - RECENT + 1  # outside every window
+        starts.append(start)
+    assert starts[0] < starts[1]  # the needle at several depths
+
+
+def test_text_probes_ask_for_a_pass_key_hidden_in_prose(tokenizer):
+    engine = tiny_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048)
+    settings = DuoAttention(sink=4, recent=64, probes=3, probe_length=300).identification(engine)
+    starts = []
+    for probe in probe_prompts(engine, settings):
+        ids, answer = probe.ids, probe.answer
+        assert len(ids) == 300
+        text = tokenizer.decode(ids)
+        key = text[text.index(". Remember it.") - 5 : text.index(". Remember it.")]
+        assert key.isdigit() and f"The pass key is {key}. Remember it. {key} is the pass key." in text
+        assert text.endswith("The pass key is " + key[:-1])  # the answer fed but its last digit
+        assert answer == 5  # SmolLM2 writes one token per digit: five answer queries
+        digits = tokenizer(key, add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(300) if ids[i : i + 5] == digits)
+        assert probe.needle[0] < start < probe.needle[1]  # the key is inside the needle
+        assert 4 <= probe.needle[0] and probe.needle[1] <= 300 - answer - 64 + 1  # outside the window
+        starts.append(start)
+    assert starts == sorted(starts) and len(set(starts)) == 3  # at three depths
+
+
+def test_scores_are_kept_on_disk_and_reloaded(cache_dir, monkeypatch):
+    engine = tiny_engine(seed=0, **PEAKY)
+    first = DuoAttention(retrieval=0.5, **SMALL).prepare(engine)
+    files = list((cache_dir / "duo_attention").glob("*.json"))
+    assert len(files) == 1
+    stored = json.loads(files[0].read_text())
+    assert stored["settings"] == {"sink": SINK, "recent": RECENT, "probes": 2, "length": 128, "score": "needle"}
+    assert torch.equal(torch.tensor(stored["scores"]), first.scores)
+
+    no_identification(monkeypatch)
+    monkeypatch.setattr(duo_attention, "_SCORES", {})  # a new process: only the file is left
+    again = DuoAttention(retrieval=0.5, **SMALL).prepare(tiny_engine(seed=0, **PEAKY))
+    assert again.retrieval == first.retrieval and torch.equal(again.scores, first.scores)
+    other_share = DuoAttention(retrieval=0.2, **SMALL).prepare(engine)  # a new split, no new run
+    assert torch.equal(other_share.scores, first.scores)
+    files[0].unlink()
+    assert torch.equal(DuoAttention(retrieval=0.5, **SMALL).prepare(engine).scores, first.scores)  # memory
+    with pytest.raises(AssertionError, match="identification ran again"):  # another random model
+        DuoAttention(retrieval=0.5, **SMALL).prepare(tiny_engine(seed=1, **PEAKY))
+    for other in ({"probes": 3}, {"score": "far"}, {"recent": 20}):  # other settings
+        with pytest.raises(AssertionError, match="identification ran again"):
+            DuoAttention(retrieval=0.5, **{**SMALL, **other}).prepare(engine)
+
+
+def test_streaming_heads_keep_sinks_and_recent_entries_physically():
+    engine = tiny_engine()
+    method = DuoAttention(retrieval=0.25, **SMALL)  # one retrieval head of four: one mixed layer
+    full = engine.new_cache("full")
+    cache = engine.new_cache(Recipe(compress=method))
+    split = cache.prepared["compress"]
+    ids = prompt_ids(150)
+    engine.prefill(full, ids, compress=True)
+    engine.prefill(cache, ids, compress=True)
+    expected_bytes = 0
+    streaming_positions = list(range(SINK)) + list(range(150 - RECENT, 150))
+    for layer, whole, retrieval in zip(cache.layers, full.layers, split.retrieval):
+        assert isinstance(layer, RaggedLayerKV)
+        if all(retrieval):
+            expected_bytes += 2 * 150 * HEAD_ENTRY
+        elif not any(retrieval):  # every head streaming: one rectangular selection
+            assert not layer.is_ragged and layer.positions.tolist() == streaming_positions
+            torch.testing.assert_close(layer.keys, whole.keys[:, :, streaming_positions])
+            expected_bytes += 2 * WINDOW * HEAD_ENTRY + WINDOW * 4  # one shared position tensor
+        else:
+            assert layer.is_ragged
+            for h, (head, keeps_all) in enumerate(zip(layer.heads, retrieval)):
+                kept = list(range(150)) if keeps_all else streaming_positions
+                assert head.key_positions().tolist() == kept
+                assert torch.equal(head.keys[0, 0], whole.keys[0, h, kept])
+                assert torch.equal(head.values[0, 0], whole.values[0, h, kept])
+                # a retrieval head of a never-evicted layer stores no position tensor
+                expected_bytes += 150 * HEAD_ENTRY if keeps_all else WINDOW * (HEAD_ENTRY + 4)
+    assert sorted(sum(map(list, split.retrieval), [])) == [False, False, False, True]
+    assert cache.nbytes() == expected_bytes
+    assert full.nbytes() - cache.nbytes() == 3 * (150 - WINDOW) * HEAD_ENTRY - 2 * WINDOW * 4
+
+
+def test_all_retrieval_is_full_and_all_streaming_is_streaming_llm(monkeypatch):
+    no_identification(monkeypatch)  # a share of 0 or 1 needs no identification
+    engine = tiny_engine()
+    ids = prompt_ids(120)
+    full = engine.generate_ids(ids, "full", max_new_tokens=10)
+    whole = engine.generate_ids(ids, "duo_attention(retrieval=1.0)", max_new_tokens=10)
+    assert whole.token_ids == full.token_ids and whole.stats.kv_bytes == full.stats.kv_bytes
+
+    streaming = engine.new_cache(f"duo_attention(retrieval=0.0, sink={SINK}, recent={RECENT})")
+    reference = engine.new_cache(f"streaming_llm(budget={WINDOW}, sink={SINK})")
+    engine.prefill(streaming, ids, compress=True)
+    engine.prefill(reference, ids, compress=True)
+    for a, b in zip(streaming.layers, reference.layers):
+        assert a.positions.tolist() == b.positions.tolist() and torch.equal(a.keys, b.keys)
+    # fewer than evict_every (16) decoding steps: nothing evicted yet, as for streaming_llm
+    duo = engine.generate_ids(ids, f"duo_attention(retrieval=0.0, sink={SINK}, recent={RECENT})", max_new_tokens=10)
+    streamed = engine.generate_ids(ids, f"streaming_llm(budget={WINDOW}, sink={SINK})", max_new_tokens=10)
+    assert duo.token_ids == streamed.token_ids and duo.stats.kv_bytes == streamed.stats.kv_bytes
+
+
+@pytest.mark.parametrize("evict_every, steps", [(16, 1000), (1, 100)])
+def test_streaming_heads_stay_bounded_while_retrieval_heads_grow(monkeypatch, evict_every, steps):
+    engine = tiny_engine(num_hidden_layers=1, max_position_embeddings=2048)
+    engine.stop_ids = set()  # a random model may draw its eos token
+    recipe = Recipe(compress=DuoAttention(retrieval=0.5, evict_every=evict_every, **SMALL))
+    history = []
+    original = DuoAttention.after_decode_step
+
+    def recording(self, q, ctx):
+        original(self, q, ctx)
+        history.append((int(ctx.step.positions[-1]), ctx.layer.head_entries()))
+
+    monkeypatch.setattr(DuoAttention, "after_decode_step", recording)
+    cache = engine.new_cache(recipe)
+    (retrieval,) = cache.prepared["compress"].retrieval
+    assert sorted(retrieval) == [False, True]  # one head of each kind: a ragged layer
+    r, s = retrieval.index(True), retrieval.index(False)
+    logits = engine.prefill(cache, prompt_ids(100), compress=True)
+    sampler = Sampling().sampler(engine.device)
+    retrieval_head = cache.layers[0].heads[r]
+    assert len(engine.decode(cache, logits, steps, sampler).tokens) == steps
+    assert len(history) == steps - 1  # the last token is returned, not run
+    for position, entries in history:
+        assert entries[r] == position + 1  # the retrieval head holds every token so far
+        assert WINDOW <= entries[s] <= WINDOW + evict_every - 1
+        assert entries[s] - WINDOW == (position + 1 - 100) % evict_every  # evicts on time
+    streaming = cache.layers[0].heads[s].key_positions().tolist()
+    seen = history[-1][0] + 1
+    assert streaming[:SINK] == list(range(SINK)) and streaming[SINK:] == list(range(seen - len(streaming) + SINK, seen))
+    assert cache.layers[0].heads[r] is retrieval_head  # retrieval heads are never copied
+
+
+def test_a_multi_request_session_comes_back_to_the_context_cache(tokenizer, monkeypatch):
+    from tests.reuse.test_session import CONTEXT
+
+    engine = tiny_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048)
+    recipe = "duo_attention(retrieval=0.5, sink=4, recent=32, evict_every=1, probes=2, probe_length=256)"
+    session = engine.session(CONTEXT, recipe=recipe, mode="multi-request")
+    assert session.context_stats.prefilled_tokens == engine.counters.prefilled_tokens  # probes uncounted
+
+    def state(cache):
+        return [[(h.keys.clone(), h.values.clone(), h.key_positions().clone()) for h in layer.heads]
+                for layer in cache.layers]
+
+    before = state(session.cache)
+    assert any(not all(r) and any(r) for r in session.cache.prepared["compress"].retrieval)
+    evictions = []
+    original = RaggedLayerKV.select_per_head
+    monkeypatch.setattr(
+        RaggedLayerKV, "select_per_head", lambda self, keep: evictions.append(1) or original(self, keep)
+    )
+    first = session.ask("What is the code of the red door?", max_new_tokens=12)
+    assert evictions  # streaming heads evicted while answering
+    after = state(session.cache)
+    for layer_before, layer_after in zip(before, after):
+        for (k0, v0, p0), (k1, v1, p1) in zip(layer_before, layer_after):
+            assert torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(p0, p1)
+    again = session.ask("What is the code of the red door?", max_new_tokens=12)
+    assert again.token_ids == first.token_ids
+
+
+def test_listed_with_paper_and_defaults():
+    info = {m.name: m for m in kvlab.methods()}["duo_attention"]
+    assert info.stage == "compress" and "arXiv:2410.10819" in info.paper and info.summary
+    params = {p.name: p for p in info.params}
+    assert {k: p.default for k, p in params.items()} == {
+        "retrieval": 0.5, "sink": 128, "recent": 256, "evict_every": 16, "score": "needle",
+        "probes": 4, "probe_length": 1024,
+    }
+    assert all(p.help for p in info.params)
+    assert isinstance(parse_recipe("duo_attention").compress, DuoAttention)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("duo_attention(retrieval=1.5)", "retrieval=1.5"), ("duo_attention(retrieval=-0.1)", ">= 0.0"),
+    ("duo_attention(recent=0)", "recent=0"), ("duo_attention(sink=-1)", ">= 0"),
+    ("duo_attention(evict_every=0)", "evict_every=0"), ("duo_attention(probes=0)", "probes=0"),
+    ("duo_attention(probe_length=400)", "probe_length=400"), ("duo_attention(score=near)", "needle, far"),
+    ("duo_attention + kivi", "duo_attention keeps a different number"),
+    ("duo_attention + quest", "duo_attention keeps a different number"),
+])
+def test_bad_parameters_and_combinations_are_refused(text, fragment):
+    with pytest.raises(kvlab.RecipeError) as info:
+        parse_recipe(text)
+    assert fragment in str(info.value)
+
+
+def test_a_probe_longer_than_the_model_was_trained_for_is_capped_or_refused():
+    engine = tiny_engine()  # trained length 256
+    assert DuoAttention(**{**SMALL, "probe_length": 4096}).identification(engine).length == 256
+    with pytest.raises(kvlab.RecipeError, match="trained length 256"):
+        engine.new_cache("duo_attention")  # sink 128 + recent 256 do not fit 256 tokens
+    assert isinstance(engine.new_cache("duo_attention(retrieval=0.0)").prepared["compress"], HeadSplit)
