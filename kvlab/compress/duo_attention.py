@@ -59,22 +59,10 @@ needs no identification.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import random
-import re
-import tempfile
-import time
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
@@ -82,17 +70,9 @@ from kvlab.engine.attention import LayerContext
 from kvlab.errors import RecipeError
 from kvlab.registry import param, register
 
-SCORE_VERSION = 2
-"""Version of the score definition and of the probe prompts: part of every cache key."""
-PROBE_ROOM = 64
-"""Tokens a probe needs beyond ``sink + recent``: the needle, the question and the answer."""
-RANDOM_NEEDLE = 8
-"""Tokens of the random needle of tokenizer-less probes (repeated at the end as the answer)."""
-_HAYSTACK = "KVLAB_DUO_HAYSTACK"
-
-_SCORES: dict[str, Tensor] = {}  # cache key -> scores [layers, kv_heads], for this process
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weight digest
-
+from kvlab.compress.duo_heads import (
+    PROBE_ROOM, Identification, head_scores, kv_heads_of, retrieval_heads,
+)
 
 @dataclass(frozen=True)
 class HeadSplit:
@@ -101,27 +81,6 @@ class HeadSplit:
 
     retrieval: tuple[tuple[bool, ...], ...]
     scores: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class Identification:
-    """The settings the per-head scores depend on (``length`` already capped for the model)."""
-
-    sink: int
-    recent: int
-    probes: int
-    length: int
-    score: str
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One identification prompt: ``ids``, whose last ``answer`` queries predict the answer
-    (teacher-forced), and the needle at ``needle`` (start, end) token positions."""
-
-    ids: list[int]
-    answer: int
-    needle: tuple[int, int]
 
 
 @register
@@ -181,7 +140,7 @@ class DuoAttention(CompressMethod):
 
     def prepare(self, engine: Any) -> HeadSplit:
         """Identify the retrieval heads (cached on disk and in memory, see the module docstring)."""
-        layers, kv_heads = engine.config.num_hidden_layers, _kv_heads(engine.config)
+        layers, kv_heads = engine.config.num_hidden_layers, kv_heads_of(engine.config)
         if not self.needs_identification:
             every = self.retrieval == 1.0
             return HeadSplit(tuple((every,) * kv_heads for _ in range(layers)))
@@ -226,224 +185,3 @@ class DuoAttention(CompressMethod):
             layer.select(keep[0])  # every head streaming: the layer stays rectangular
         else:
             layer.select_per_head(keep)
-
-
-def retrieval_heads(scores: Tensor, share: float) -> Tensor:
-    """Boolean ``[layers, kv_heads]``: the ``round(share * heads)`` highest-scored heads of the
-    whole model (ties: the earlier layer and head first)."""
-    count = round(share * scores.numel())
-    order = torch.argsort(-scores.flatten(), stable=True)
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
-    chosen[order[:count]] = True
-    return chosen.reshape(scores.shape)
-
-
-# -- identification -------------------------------------------------------------------------------
-def head_scores(engine: Any, settings: Identification) -> Tensor:
-    """Per-head scores ``[layers, kv_heads]`` of ``engine``'s model: from this process's memory,
-    else from the cache file, else measured (:func:`measure_heads`) and written to both."""
-    key = cache_key(engine, settings)
-    if key in _SCORES:
-        return _SCORES[key]
-    path = score_path(engine, key)
-    shape = [engine.config.num_hidden_layers, _kv_heads(engine.config)]
-    scores = _read_scores(path, shape)
-    if scores is None:
-        start = time.perf_counter()
-        scores = measure_heads(engine, settings)
-        _write_scores(path, engine, settings, scores, time.perf_counter() - start)
-    _SCORES[key] = scores
-    return scores
-
-
-def cache_key(engine: Any, settings: Identification) -> str:
-    """Digest of the model (name, configuration, weight fingerprint, dtype) and the settings."""
-    parts = {
-        "version": SCORE_VERSION,
-        "model": engine.name,
-        "config": engine.config.to_json_string(use_diff=False),
-        "weights": _weight_fingerprint(engine.model),
-        "tokenizer": type(engine.tokenizer).__name__ if engine.tokenizer is not None else None,
-        "settings": dataclasses.asdict(settings),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def score_path(engine: Any, key: str) -> Path:
-    from kvlab.engine.loading import cache_dir
-
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", engine.name)
-    return cache_dir() / "duo_attention" / f"{model}-{key}.json"
-
-
-def _weight_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap digest of the weights: the first 64 values of every parameter, and the dtype
-    (two random models of one configuration differ; kept per model object)."""
-    if model not in _FINGERPRINTS:
-        params = list(model.parameters())
-        head = torch.cat([p.detach().reshape(-1)[:64].float() for p in params]).cpu()
-        digest = hashlib.sha256(head.numpy().tobytes())
-        digest.update(str(params[0].dtype).encode())
-        _FINGERPRINTS[model] = digest.hexdigest()
-    return _FINGERPRINTS[model]
-
-
-def _read_scores(path: Path, shape: list[int]) -> Tensor | None:
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        scores = torch.tensor(stored["scores"], dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return scores if list(scores.shape) == shape else None
-
-
-def _write_scores(path: Path, engine: Any, settings: Identification, scores: Tensor, seconds: float) -> None:
-    record = {
-        "method": "duo_attention", "version": SCORE_VERSION, "model": engine.name,
-        "settings": dataclasses.asdict(settings), "seconds": round(seconds, 3),
-        "scores": scores.tolist(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out)
-        os.replace(staging, path)
-    except OSError:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
-def measure_heads(engine: Any, settings: Identification) -> Tensor:
-    """Scores ``[layers, kv_heads]``: the mean over probes (:func:`probe_prompts`) of the
-    attention mass the answer queries put on the needle or outside the streaming window
-    (:class:`AnswerMass`).
-    The engine's work counters are left as they were: identification is set-up, not a request."""
-    from kvlab.recipe import Recipe
-
-    prompts = probe_prompts(engine, settings)
-    total = torch.zeros(engine.config.num_hidden_layers, _kv_heads(engine.config))
-    counters = dataclasses.replace(engine.counters)
-    shown = engine.progress
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True, disable=not shown,
-    )
-    try:
-        engine.progress = False  # one progress display at a time
-        with bar:
-            task = bar.add_task(
-                f"duo_attention: identifying heads ({settings.probes} x {settings.length} tokens)",
-                total=len(prompts),
-            )
-            for probe in prompts:
-                if settings.score == "needle":
-                    counted = AnswerMass(probe.answer, *probe.needle)
-                else:  # far: what a streaming head drops, seen from each answer query
-                    counted = AnswerMass(probe.answer, settings.sink, len(probe.ids), settings.recent)
-                cache = engine.new_cache(Recipe(compress=counted))
-                engine.prefill(cache, probe.ids, compress=True)
-                total += torch.stack(cache.prepared["compress"])
-                bar.advance(task)
-    finally:
-        engine.progress = shown
-        engine.counters = counters
-    return total / len(prompts)
-
-
-@dataclass(frozen=True)
-class AnswerMass(CompressMethod):
-    """Identification probe (not registered): at the end of a probe's prefill, records per KV
-    head the attention probability that the last ``answer`` queries put on entries at
-    positions ``start <= k < end`` and ``k <= p - recent`` (``p``: the query's position; with
-    ``start = sink``, that is what a streaming head drops), averaged over the answer queries
-    and the KV head's query heads. Keeps every entry (the cache is thrown away)."""
-
-    name: ClassVar[str] = "duo_attention.probe"
-    paper: ClassVar[str] = "-"
-    summary: ClassVar[str] = "DuoAttention's head identification probe."
-
-    answer: int
-    start: int
-    end: int
-    recent: int = 0
-
-    def prepare(self, engine: Any) -> list[Tensor | None]:
-        return [None] * engine.config.num_hidden_layers  # one entry per layer, filled by compress
-
-    def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
-        return None
-
-    def compress(self, q: Tensor, ctx: LayerContext) -> None:
-        q_pos = ctx.step.positions[-self.answer :]
-        probs = torch.softmax(ctx.logits(q[:, :, -self.answer :], q_pos), dim=-1)  # [1, Hq, a, n]
-        k_pos = ctx.layer.key_positions()[None, :]
-        counted = (k_pos >= self.start) & (k_pos < self.end) & (k_pos <= q_pos[:, None] - self.recent)
-        mass = (probs[0] * counted).sum(dim=-1)  # [Hq, a]
-        ctx.prepared["compress"][ctx.index] = mass.reshape(ctx.layer.kv_heads, -1).mean(dim=-1).cpu()
-
-
-def probe_prompts(engine: Any, settings: Identification) -> list[Probe]:
-    """The identification prompts, ``settings.length`` tokens each, the needle of probe ``k``
-    at depth ``(k + 1/2) / probes`` of the span outside the answer queries' streaming window."""
-    prompts = []
-    for k in range(settings.probes):
-        if engine.format is not None:
-            head, needle, tail, answer, filler = _text_probe(engine, settings, k)
-        else:
-            head, needle, tail, answer, filler = _random_probe(engine, settings, k)
-        length = settings.length
-        lo = max(settings.sink, len(head))
-        # the needle's last start: it ends outside the recent window of the first answer query
-        # (position length - answer), and before the tail
-        hi = min(length - answer - settings.recent + 1, length - len(tail)) - len(needle)
-        room = length - len(head) - len(needle) - len(tail)
-        if hi < lo or room < 0:
-            raise RecipeError(
-                f"duo_attention: a {length}-token probe cannot hold its needle outside the "
-                f"streaming window (sink {settings.sink}, recent {settings.recent}); raise "
-                "probe_length or lower sink/recent"
-            )
-        start = lo + round((k + 0.5) / settings.probes * (hi - lo))
-        split = start - len(head)
-        ids = head + filler[:split] + needle + filler[split:room] + tail
-        prompts.append(Probe(ids, answer, (start, start + len(needle))))
-    return prompts
-
-
-def _text_probe(engine: Any, settings: Identification, k: int):
-    """A passkey in prose: the chat-formatted question at the end, the key teacher-forced."""
-    from kvlab.bench.corpus import haystack_units
-
-    fmt = engine.format
-    key = str(random.Random(k).randint(10_000, 99_999))
-    rendered = fmt.render(
-        [{"role": "user", "content": f"{_HAYSTACK}\n\nWhat is the pass key?"}],
-        answer_prefix="The pass key is ",
-    )
-    before, after = rendered.split(_HAYSTACK)
-    head = fmt.encode(before, first=True)
-    needle = fmt.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", first=False)
-    asked, answered = fmt.encode(after, first=False), fmt.encode(after + key, first=False)
-    common = 0
-    while common < len(asked) and asked[common] == answered[common]:
-        common += 1
-    filler: list[int] = []
-    offset = k * 10_007  # a different stretch of the prose for each probe
-    while len(filler) < settings.length:
-        filler += fmt.encode("".join(haystack_units("prose", settings.length, offset)), first=False)
-        offset += settings.length
-    return head, needle, answered[:-1], len(answered) - common, filler
-
-
-def _random_probe(engine: Any, settings: Identification, k: int):
-    """Random tokens, with a random needle repeated at the end (the repeat is the answer)."""
-    g = torch.Generator().manual_seed(k)
-    vocab = engine.config.vocab_size
-    needle = torch.randint(0, vocab, (RANDOM_NEEDLE,), generator=g).tolist()
-    filler = torch.randint(0, vocab, (settings.length,), generator=g).tolist()
-    return [], needle, needle[:-1], RANDOM_NEEDLE, filler
-
-
-def _kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.compress import duo_attention
-from kvlab.compress.duo_attention import DuoAttention, HeadSplit, probe_prompts
+from kvlab.compress import duo_heads
+from kvlab.compress.duo_attention import DuoAttention, HeadSplit
+from kvlab.compress.duo_heads import probe_prompts
 from kvlab.engine.ragged import RaggedLayerKV
 from kvlab.engine.sampling import Sampling
 from kvlab.recipe import Recipe, parse_recipe
@@ -25,7 +26,7 @@ HEAD_ENTRY = 2 * 16 * 4  # keys + values of one entry in one KV head: head_dim 1
 def cache_dir(tmp_path, monkeypatch):
     """Every test identifies into its own cache directory, with an empty in-memory cache."""
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(duo_attention, "_SCORES", {})
+    monkeypatch.setattr(duo_heads, "_SCORES", {})
     return tmp_path
 
 
@@ -33,7 +34,7 @@ def no_identification(monkeypatch):
     def refuse(engine, settings):
         raise AssertionError("identification ran again")
 
-    monkeypatch.setattr(duo_attention, "measure_heads", refuse)
+    monkeypatch.setattr(duo_heads, "measure_heads", refuse)
 
 
 def reference_scores(seed, method):
@@ -123,7 +124,7 @@ def test_scores_are_kept_on_disk_and_reloaded(cache_dir, monkeypatch):
     assert torch.equal(torch.tensor(stored["scores"]), first.scores)
 
     no_identification(monkeypatch)
-    monkeypatch.setattr(duo_attention, "_SCORES", {})  # a new process: only the file is left
+    monkeypatch.setattr(duo_heads, "_SCORES", {})  # a new process: only the file is left
     again = DuoAttention(retrieval=0.5, **SMALL).prepare(tiny_engine(seed=0, **PEAKY))
     assert again.retrieval == first.retrieval and torch.equal(again.scores, first.scores)
     other_share = DuoAttention(retrieval=0.2, **SMALL).prepare(engine)  # a new split, no new run
