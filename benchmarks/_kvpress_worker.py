@@ -18,9 +18,25 @@ Two ways to run it:
 Progress goes to stdout as lines ``PROGRESS <json>``; logging goes to stderr.
 
 A job: ``{"cases": [{"id", "context", "turns": [{"question", "answer_prefix",
-"max_new_tokens"}]}], "methods": [{"key", "press" (class name or null),
-"compression_ratio", "kwargs"}], "warmup": bool}``; in one-shot mode it also carries the
-settings: ``model_path``, ``threads``, ``max_context_length``, ``question_prefix``.
+"max_new_tokens"}]}], "methods": [{"key", "press", "eager_prefill"}], "warmup": bool}``.
+``press`` is null (no compression) or a press tree ``{"class": "SnapKVPress", "kwargs":
+{...}}``; a kwarg that is itself such a tree (or a list of them) is built first, so
+``AdaKVPress(press=SnapKVPress(...))`` and ``ComposedPress(presses=[...])`` are expressible.
+``eager_prefill: true`` runs the context's prefill with ``attn_implementation="eager"`` (the
+only implementation that returns attention weights, which ``ObservedAttentionPress`` needs) and
+switches back to the model's own implementation for the questions. In one-shot mode the job
+also carries the settings: ``model_path``, ``threads``, ``max_context_length``,
+``question_prefix`` and optionally ``calibration_texts`` (see :func:`offline_duo_calibration`).
+
+Measured per (case, method), besides answers and times: ``cache_bytes`` / ``cache_tokens``,
+what the ``DynamicCache`` tensors physically hold after the call; and, for presses that only
+mask entries (AdaKV, DuoAttention: fake keys at attention time) or zero key channels (ThinK)
+without shrinking the tensors, ``effective_bytes`` / ``effective_tokens``: what a cache that
+dropped the masked entries and the all-zero key channels would hold. For other presses the two
+pairs are equal.
+
+One fix to the model's execution, needed for PyramidKVPress on CPU: see
+:func:`per_layer_causal_mask` (counted per run as ``mask_fixes``).
 """
 
 from __future__ import annotations
@@ -42,17 +58,131 @@ def emit(event: str, **data: Any) -> None:
     print("PROGRESS " + json.dumps({"event": event, **data}), flush=True)
 
 
-def cache_measure(cache: Any) -> tuple[int, float]:
-    """(bytes of every key/value tensor, mean entries per layer and KV head) of a DynamicCache."""
-    total, entries = 0, []
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+def cache_measure(cache: Any, masks: list[Any] | None = None) -> dict[str, Any]:
+    """What a DynamicCache holds: ``bytes`` of every key/value tensor and ``tokens``, the mean
+    entries per layer and KV head (physical); ``effective_bytes`` / ``effective_tokens`` count
+    only entries not masked (``masks[layer]``: kvpress's ``masked_key_indices``, a tuple of
+    batch, head and position indices, or None) and key channels not zeroed in a whole head;
+    ``masked_entries`` and ``zero_key_channels`` say how many were left out."""
+    total = effective = masked_total = zero_total = 0
+    entries: list[float] = []
+    effective_entries: list[float] = []
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        for t in (keys, values):
             if t is not None and hasattr(t, "numel"):
                 total += t.numel() * t.element_size()
-        keys = getattr(layer, "keys", None)
-        if keys is not None and hasattr(keys, "dim") and keys.dim() == 4:
-            entries.append(keys.shape[-2])
-    return total, (sum(entries) / len(entries) if entries else 0.0)
+        if keys is None or not hasattr(keys, "dim") or keys.dim() != 4:
+            continue
+        b, h, n, d = keys.shape
+        dv = values.shape[-1]
+        entries.append(n)
+        kept = keys.new_full((b, h), n, dtype=keys.dtype).long()  # unmasked entries per head
+        mask = masks[i] if masks and i < len(masks) else None
+        if mask is not None and len(mask[0]):
+            bi, hi = mask[0].to(keys.device).long(), mask[1].to(keys.device).long()
+            kept -= (bi * h + hi).bincount(minlength=b * h).view(b, h)
+            masked_total += int(len(mask[0]))
+        zero = (keys == 0).all(dim=2).sum(dim=-1) if n else kept * 0  # [b, h] zeroed channels
+        zero_total += int(zero.sum())
+        effective += int((kept * (d - zero + dv)).sum()) * keys.element_size()
+        effective_entries.append(float(kept.float().mean()))
+    return {
+        "bytes": total,
+        "tokens": sum(entries) / len(entries) if entries else 0.0,
+        "effective_bytes": effective,
+        "effective_tokens": sum(effective_entries) / len(effective_entries) if effective_entries else 0.0,
+        "masked_entries": masked_total,
+        "zero_key_channels": zero_total,
+    }
+
+
+def offline_duo_calibration(texts: list[str]) -> None:
+    """Let ``DuoAttentionPress(on_the_fly_scoring=True)`` run offline.
+
+    kvpress's on-the-fly head scoring (``duo_attention_on_the_fly``) averages queries and keys
+    over 50 chapters sampled from the ``kmfoda/booksum`` dataset, downloaded with
+    ``datasets.load_dataset``; this machine has no network. The scoring code itself is kept;
+    only its data source is replaced by ``texts`` (book prose from kvlab's shipped corpus,
+    given by ``vs_kvpress.py``), served in the shape it expects: a frame with a ``chapter``
+    column from which it samples 50 rows."""
+    import pandas as pd
+
+    from kvpress.presses import duo_attention_press
+
+    class _Local:
+        def to_pandas(self) -> Any:
+            return pd.DataFrame({"chapter": list(texts)})
+
+    def load_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
+        return _Local()
+
+    duo_attention_press.load_dataset = load_dataset
+
+
+MASK_FIXES = [0]  # questions whose causal mask was rebuilt for a shorter layer (see below)
+
+
+def per_layer_causal_mask() -> None:
+    """Let presses that leave layers of different lengths (PyramidKVPress) answer on CPU.
+
+    transformers sizes a forward's causal mask once, from layer 0's cache length. After a
+    PyramidKV prefill, layers hold different numbers of entries, so a question of several
+    tokens fails in every shorter layer with sdpa ("The size of tensor a (530) must match the
+    size of tensor b (546)"), and with eager attention the mask is silently cut to the layer's
+    length, which lets question tokens see later question tokens. On GPU kvpress is run with
+    flash attention, which takes no mask: each layer's queries are aligned to the end of its
+    own keys. This wrapper of the (kvpress-patched) sdpa function does the same where the mask
+    does not fit the layer: query ``i`` of ``q`` sees key ``j`` of ``k`` iff
+    ``j <= k - q + i``. Layers whose mask fits (every other press) are untouched; the number of
+    rebuilt masks is reported as ``mask_fixes``."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any,
+             **kwargs: Any) -> Any:
+        if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+            q, k = query.shape[-2], key.shape[-2]
+            causal = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
+            if attention_mask.dtype == torch.bool:
+                attention_mask = causal
+            else:
+                attention_mask = torch.zeros(causal.shape, dtype=attention_mask.dtype, device=query.device)
+                attention_mask.masked_fill_(~causal, torch.finfo(attention_mask.dtype).min)
+            MASK_FIXES[0] += 1
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+
+
+class EagerPrefill:
+    """A press used as kvpress's pipeline uses one (``with press(model):`` around the context's
+    prefill only) that switches the model to eager attention for that prefill, so the
+    attention layers return their weights, and back afterwards (questions and decoding run on
+    the model's own implementation, like every other method)."""
+
+    def __init__(self, press: Any) -> None:
+        self.press = press
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.press, name)
+
+    def __call__(self, model: Any) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope() -> Any:
+            before = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+            try:
+                with self.press(model):
+                    yield
+            finally:
+                model.set_attn_implementation(before)
+
+        return scope()
 
 
 class RecordingDecode:
@@ -84,6 +214,8 @@ class Runner:
 
         import kvpress  # registers the "kv-press-text-generation" pipeline
 
+        per_layer_causal_mask()
+
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         from importlib.metadata import version
@@ -95,7 +227,19 @@ class Runner:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, local_files_only=True
         ).eval()
+        self.model = model
+        if settings.get("calibration_texts"):
+            offline_duo_calibration(settings["calibration_texts"])
         self.pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+        self.context_tokens: list[int] = []
+        preprocess = self.pipe.preprocess
+
+        def counting_preprocess(*args: Any, **kwargs: Any) -> Any:
+            out = preprocess(*args, **kwargs)
+            self.context_tokens.append(int(out["context_ids"].shape[1]))
+            return out
+
+        self.pipe.preprocess = counting_preprocess
         self.recorder = RecordingDecode(self.pipe.tokenizer.decode)
         self.pipe.tokenizer.decode = self.recorder
         self.answer_s: list[float] = []
@@ -124,16 +268,45 @@ class Runner:
             "eos_token_id": model.generation_config.eos_token_id,
         }
 
+    def build(self, tree: Any) -> Any:
+        """A press from its tree ``{"class", "kwargs"}``; nested trees are built first."""
+        if isinstance(tree, list):
+            return [self.build(t) for t in tree]
+        if isinstance(tree, dict) and "class" in tree:
+            cls = getattr(self.kvpress, tree["class"])
+            return cls(**{k: self.build(v) for k, v in tree.get("kwargs", {}).items()})
+        return tree
+
     def press(self, method: dict[str, Any]) -> Any:
         if method.get("press") is None:
             return None
-        cls = getattr(self.kvpress, method["press"])
-        return cls(compression_ratio=method["compression_ratio"], **method.get("kwargs", {}))
+        press = self.build(method["press"])
+        return EagerPrefill(press) if method.get("eager_prefill") else press
+
+    def masks(self) -> list[Any]:
+        """Each layer's ``masked_key_indices`` (set by AdaKV / DuoAttention, None otherwise;
+        kvpress resets it at every prefill)."""
+        return [getattr(layer.self_attn, "masked_key_indices", None) for layer in self.model.model.layers]
+
+    @staticmethod
+    def describe(press: Any) -> dict[str, Any]:
+        """What the press decided that the results do not show (DuoAttention's heads)."""
+        mask = getattr(press, "streaming_mask", None)
+        if mask is None:
+            return {}
+        return {"streaming_heads": [[int(x) for x in row] for row in mask.int().tolist()],
+                "sink_size": press.sink_size, "recent_size": press.recent_size}
 
     def run(self, case: dict[str, Any], method: dict[str, Any]) -> dict[str, Any]:
         from transformers import DynamicCache
 
         press = self.press(method)
+        inner = press.press if isinstance(press, EagerPrefill) else press
+        # kvpress clears masked_key_indices in its patched attention functions at each prefill,
+        # but an eager prefill does not go through them: clear stale masks of an earlier
+        # AdaKV/DuoAttention run so they cannot leak into this method's questions
+        for layer in self.model.model.layers:
+            layer.self_attn.masked_key_indices = None
         turns = case["turns"]
         answers: list[str | None] = [None] * len(turns)
         token_ids: list[list[int] | None] = [None] * len(turns)
@@ -144,8 +317,10 @@ class Runner:
         groups: dict[tuple[str, int], list[int]] = {}
         for i, t in enumerate(turns):
             groups.setdefault((t["answer_prefix"], int(t["max_new_tokens"])), []).append(i)
-        cache_bytes, cache_tokens, calls = 0, 0.0, 0
+        measured: dict[str, Any] = {}
+        calls, fixes = 0, MASK_FIXES[0]
         self.answer_s.clear()
+        self.context_tokens.clear()
         start = time.perf_counter()
         with self.torch.inference_mode():
             for (prefix, max_new), idx in groups.items():
@@ -165,8 +340,9 @@ class Runner:
                     answers[i] = out["answers"][j]
                     if j < len(self.recorder.calls):
                         token_ids[i] = self.recorder.calls[j]
-                b, n = cache_measure(cache)
-                cache_bytes, cache_tokens = max(cache_bytes, b), max(cache_tokens, n)
+                m = cache_measure(cache, self.masks() if press is not None else None)
+                if not measured or m["bytes"] > measured["bytes"]:
+                    measured = m
         wall_s = time.perf_counter() - start
         return {
             "case_id": case["id"],
@@ -176,9 +352,17 @@ class Runner:
             "wall_s": wall_s,
             "answers_s": sum(self.answer_s),
             "context_s": wall_s - sum(self.answer_s),
-            "cache_bytes": cache_bytes,
-            "cache_tokens": cache_tokens,
+            "context_tokens": max(self.context_tokens, default=0),
+            "cache_bytes": measured.get("bytes", 0),
+            "cache_tokens": measured.get("tokens", 0.0),
+            "effective_bytes": measured.get("effective_bytes", 0),
+            "effective_tokens": measured.get("effective_tokens", 0.0),
+            "masked_entries": measured.get("masked_entries", 0),
+            "zero_key_channels": measured.get("zero_key_channels", 0),
+            "press_repr": repr(inner) if inner is not None else None,
+            "press_info": self.describe(inner) if inner is not None else {},
             "pipeline_calls": calls,
+            "mask_fixes": MASK_FIXES[0] - fixes,
         }
 
     def job(self, job: dict[str, Any]) -> dict[str, Any]:
