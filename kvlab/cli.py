@@ -166,14 +166,19 @@ def bench(
 def report(
     directory: Annotated[Path, typer.Argument(help="A results directory written by kvlab bench.")],
     output: Annotated[Optional[Path], typer.Option(help="HTML file to write (default: DIR/report.html).")] = None,
+    markdown: Annotated[bool, typer.Option(help="Also print the summary as a Markdown table.")] = False,
 ) -> None:
     """Render the HTML report (plots and tables) of a results directory."""
     from kvlab.bench.report import build_report
-    from kvlab.bench.store import DB_NAME
+    from kvlab.bench.store import DB_NAME, ResultStore
+    from kvlab.bench.summary import summary_markdown
 
     if not (directory / DB_NAME).is_file():
         _fail(f"{str(directory)!r} holds no {DB_NAME}; run kvlab bench --out {directory} first")
     out.print(f"report: {build_report(directory, output)}")
+    if markdown:
+        with ResultStore(directory) as store:
+            print(summary_markdown(store.rows()), end="")
 
 
 @app.command()

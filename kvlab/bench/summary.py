@@ -253,6 +253,20 @@ def summary_table(rows: list[dict[str, Any]], title: str | None = None) -> Table
     return table
 
 
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """The :func:`summarize` lines as a Markdown table (same columns and numbers as the
+    terminal table), for pasting into notes and READMEs."""
+    summaries = summarize(rows)
+    columns = visible_columns(summaries)
+    lines = [
+        "| " + " | ".join(c.header for c in columns) + " |",
+        "|" + "|".join("---:" if c.numeric else "---" for c in columns) + "|",
+    ]
+    for summary in summaries:
+        lines.append("| " + " | ".join(c.cell(summary).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _stack(header: str) -> str:
     """A header on short lines: the unit alone on the last one, long names split in two."""
     name, _, unit = header.partition(" (")

@@ -67,6 +67,19 @@ def test_niah_needles_once_and_answers(make_case, task, length):
     assert turn.metric == "string_match_all" and asked[0] in turn.answer_prefix
 
 
+@pytest.mark.parametrize("length", LENGTHS)
+def test_niah_multiturn_asks_another_needle_each_turn(make_case, length):
+    case = make_case("niah_multiturn", length)
+    values = dict(NEEDLE.findall(case.context))
+    assert len(values) == 3 and len(case.turns) == 3
+    asked = []
+    for turn in case.turns:
+        (key,) = [k for k in values if k in turn.question]
+        assert turn.answers == [values[key]] and key in turn.answer_prefix
+        asked.append(key)
+    assert sorted(asked) == sorted(values)  # every needle is asked once
+
+
 def test_niah_haystacks(make_case):
     noise = make_case("niah_single", 1000).context
     assert "The grass is green. The sky is blue." in noise
@@ -212,6 +225,9 @@ def test_overrides_and_errors(tok):
     assert len(generate("math_find", tok, 600, 1, num_turns=5).turns) == 5
     with pytest.raises(InputError, match="num_turns"):
         generate("kv_retrieval", tok, 1000, 1, num_turns=6)
+    with pytest.raises(InputError, match="num_keys >= num_turns"):
+        generate("niah_multiturn", tok, 1000, 1, num_keys=2)
+    assert len(generate("niah_multiturn", tok, 1000, 1, num_keys=5, num_turns=5).turns) == 5
     with pytest.raises(InputError, match="no parameter 'bogus'"):
         generate("kv_retrieval", tok, 1000, 1, bogus=1)
     with pytest.raises(InputError, match="depth"):

@@ -7,8 +7,8 @@ context fills ``target_tokens`` tokens of ``tokenizer`` (within 2% from 500 toke
 RULER (arXiv:2404.06654): ``niah_single``, ``niah_single_prose``, ``niah_multikey``,
 ``niah_multivalue``, ``niah_multiquery``, ``variable_tracking``, ``common_words``,
 ``frequent_words`` - one question each. SCBench (arXiv:2412.10319): ``kv_retrieval``,
-``prefix_suffix``, ``multi_hop``, ``math_find`` - ``num_turns`` (default 3) questions on one
-shared context.
+``prefix_suffix``, ``multi_hop``, ``math_find``, and ``niah_multiturn`` (RULER's needles, one
+key asked per turn) - ``num_turns`` (default 3) questions on one shared context.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ _TASKS = [
          {"haystack": "prose", "num_values": 4}, uses_depth=True),
     Task("niah_multiquery", "ruler", "4 keys asked in one question; answer all values", niah,
          {"haystack": "prose", "num_keys": 4, "num_queries": 4}, uses_depth=True),
+    Task("niah_multiturn", "scbench", "3 needles, one key asked per turn (shared context)",
+         niah, {"haystack": "prose", "num_keys": 3, "num_turns": 3}, uses_depth=True),
     Task("variable_tracking", "ruler", "follow a 4-hop chain of variable assignments",
          variable_tracking, {"num_chains": 1, "num_hops": 4}),
     Task("common_words", "ruler", "the 10 most common words of a numbered list", common_words,
