@@ -118,3 +118,5 @@ def test_bench_runs_and_reports(model_dir, tmp_path):
     assert (out / "report.html").is_file() and "streaming_llm" in result.output
     again = runner.invoke(app, ["report", str(out)])
     assert again.exit_code == 0 and "report.html" in again.output
+    table = runner.invoke(app, ["report", str(out), "--markdown"])
+    assert table.exit_code == 0 and "| recipe |" in table.output and "| full |" in table.output

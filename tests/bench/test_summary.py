@@ -9,7 +9,9 @@ import pytest
 from rich.console import Console
 
 from kvlab.bench.store import COLUMN_NAMES, ResultStore
-from kvlab.bench.summary import SUMMARY_COLUMNS, recipe_order, summarize, summary_table
+from kvlab.bench.summary import (
+    SUMMARY_COLUMNS, recipe_order, summarize, summary_markdown, summary_table,
+)
 
 MIB = 2**20
 # canonical recipe, label, kv bytes relative to full, token agreement, KL (nats)
@@ -165,3 +167,14 @@ def test_summary_table_headers_carry_units(rows):
     assert line.split() == ["snapkv(budget=0.25)", "6", "8", "50.0", "67", "/", "0",
                             f"{1500 * 256 / MIB:.3f}", "0.25", "50.0", "0.200", "1.60",
                             "10.0", "600"]
+
+
+def test_summary_markdown_has_the_terminal_numbers(rows):
+    text = summary_markdown(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| recipe | cases (n) |") and "KL (nats)" in lines[0]
+    assert lines[1].startswith("|---|---:|")
+    snapkv = next(line for line in lines if line.startswith("| snapkv"))
+    cells = [c.strip() for c in snapkv.strip("|").split("|")]
+    assert cells[:6] == ["snapkv(budget=0.25)", "6", "8", "50.0", "67 / 0", f"{1500 * 256 / MIB:.3f}"]
+    assert len(lines) == 2 + len(summarize(rows))
