@@ -69,6 +69,11 @@ def embed_figure(fig: Figure, alt: str, caption: str | None = None) -> str:
             f'style="width:{width}px">{cap}</figure>')
 
 
+LEGEND_ROWS = 14
+"""Most legend entries beside a plot; a longer legend goes under it in LEGEND_COLUMNS columns."""
+LEGEND_COLUMNS = 3
+
+
 # --- accuracy per turn --------------------------------------------------------------------
 
 def turns_section(ctx: ReportContext) -> str:
@@ -85,7 +90,9 @@ def turns_section(ctx: ReportContext) -> str:
             continue
         summaries = summarize(multi)
         turns = max(len(s["accuracy_by_turn"]) for s in summaries)
-        fig = Figure(figsize=(9.5, 4.2), layout="constrained")
+        below = len(summaries) > LEGEND_ROWS  # a long legend goes under the plot, in columns
+        legend_rows = math.ceil(len(summaries) / LEGEND_COLUMNS) if below else 0
+        fig = Figure(figsize=(9.5, 4.2 + 0.2 * legend_rows), layout="constrained")
         ax = fig.subplots()
         for s in summaries:
             values = [math.nan if v is None else v * 100 for v in s["accuracy_by_turn"]]
@@ -98,7 +105,11 @@ def turns_section(ctx: ReportContext) -> str:
         ax.set_ylim(-3, 105)
         ax.set_xlabel("turn (1 = first question on the context)")
         ax.set_ylabel("accuracy (%)")
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="recipe")
+        if below:
+            fig.legend(loc="outside lower center", ncols=LEGEND_COLUMNS, frameon=False,
+                       title="recipe", fontsize="small")
+        else:
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="recipe")
         tasks = ", ".join(dict.fromkeys(r["task"] for r in multi))
         n_cases = len({(r.get("settings_id"), r["case_id"]) for r in multi})
         caption = (f"Mean accuracy at each turn over the {n_cases} cases with more than one turn "
