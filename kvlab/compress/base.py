@@ -42,10 +42,10 @@ class CompressMethod(Method, ABC):
         ``[b, kv_heads, k]`` per head; ``None`` keeps everything."""
 
     def observe(self, q: Tensor, ctx: LayerContext) -> None:
-        """Called in every layer after the attention of each prompt chunk (the chunk's entries
-        are stored; ``q`` ``[b, Hq, t, d]`` its unrotated queries), before :meth:`compress` on the
-        last chunk. Methods whose statistics cover the whole prompt (H2O) gather them here; by
-        default nothing happens."""
+        """Called in every layer after the attention of each chunk of the context prefill (the
+        chunk's entries are stored; ``q`` ``[b, Hq, t, d]`` its unrotated queries), before
+        :meth:`compress` on the last chunk. Methods whose statistics cover the whole prompt
+        (H2O, Expected Attention) gather them here; by default nothing happens."""
 
     def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
         """Called in every layer after each decoding step's attention (``q`` ``[b, Hq, 1, d]``,

@@ -19,9 +19,10 @@ Query-agnostic: nothing depends on which question follows. Defaults are kvpress'
 
 What kvlab approximates or does differently:
 
-- Statistics come from the unrotated queries ``q`` kvlab hands the compress method: the last
-  prefill chunk (the whole prompt when it fits one chunk). kvpress projects every prompt
-  hidden state; for a prompt of several chunks the earlier chunks' queries are not seen here.
+- Statistics come from every query of the context prefill after the sinks: each prefill chunk
+  adds its queries' sums to running moments (:class:`QueryMoments`, float64, held only until
+  the compression), so a prompt of several chunks is summarised whole, as kvpress does from
+  every prompt hidden state.
 - kvpress rebuilds queries as ``W_q h`` (no bias, and it refuses models with q/k norms);
   kvlab uses the model's actual queries, so biases (Qwen2) and q-norms (Qwen3) are included.
 - The average rotation is a first-order summary of the mixture over future positions (kvpress
@@ -52,13 +53,49 @@ def average_rotation(rotary: Rotary, positions: Tensor) -> tuple[Tensor, Tensor]
     return cos.mean(dim=0), sin.mean(dim=0)
 
 
+MOMENTS = "expected_attention.moments"
+
+
+class QueryMoments:
+    """Running count, sum and sum of outer products of queries ``[b, Hq, t, d]`` (float64):
+    the mean and population covariance of every query seen, whatever the chunking."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def add(self, q: Tensor) -> None:
+        q = q.double()
+        total, outer = q.sum(dim=2), q.transpose(-1, -2) @ q
+        if self.total is None:
+            self.total, self.outer = total, outer
+        else:
+            self.total, self.outer = self.total + total, self.outer + outer
+        self.count += q.shape[2]
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """Mean ``[b, Hq, d]`` and covariance ``[b, Hq, d, d]``, float32 (as kvpress: population)."""
+        mean = self.total / self.count
+        cov = self.outer / self.count - mean[..., :, None] * mean[..., None, :]
+        return mean.float(), cov.float()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.total, self.outer) if t is not None)
+
+    def truncate(self, num_entries: int) -> None:
+        """Moments describe queries, not entries: nothing to drop."""
+
+    def on_select(self, keep: Tensor) -> None:
+        """Moments describe queries, not entries: nothing to drop."""
+
+
 def query_statistics(q: Tensor) -> tuple[Tensor, Tensor]:
     """Mean ``[b, Hq, d]`` and covariance ``[b, Hq, d, d]`` of queries ``[b, Hq, t, d]``
     (population covariance, as kvpress)."""
-    q = q.float()
-    mean = q.mean(dim=2)
-    centred = q - mean[:, :, None]
-    return mean, centred.transpose(-1, -2) @ centred / q.shape[2]
+    moments = QueryMoments()
+    moments.add(q)
+    return moments.statistics()
 
 
 @register
@@ -75,23 +112,43 @@ class ExpectedAttention(CompressMethod):
     value_norm: bool = param(True, "multiply the expected attention by ||v||")
     epsilon: float = param(0.0, "added to the expected attention before the ||v|| product", min=0.0)
 
+    def observe(self, q: Tensor, ctx: LayerContext) -> None:
+        """Add this prefill chunk's queries after the first ``sink`` positions to the moments."""
+        moments = ctx.layer.side.setdefault(MOMENTS, QueryMoments())
+        observed = q[:, :, ctx.step.positions[-q.shape[2] :] >= self.sink]
+        if observed.shape[2]:
+            moments.add(observed)
+
     def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        moments = ctx.layer.side.pop(MOMENTS, None)  # held only until the compression
         n = ctx.layer.num_entries
         budget = resolve_budget(self.budget, n)
         if n <= budget:
             return None
         sink = min(self.sink, budget)
-        scores = self.score(q, ctx, sink)  # [b, kv_heads, n - sink]
+        if isinstance(moments, QueryMoments) and moments.count:
+            statistics = moments.statistics()
+        else:  # called without the engine's observe, or every query is a sink
+            statistics = self.statistics(q, ctx)
+        scores = self.score(statistics, ctx, sink, q.shape[1])  # [b, kv_heads, n - sink]
         top = scores.topk(budget - sink, dim=-1).indices + sink
         sinks = torch.arange(sink, device=q.device).expand(*top.shape[:-1], sink)
         return torch.cat([sinks, top], dim=-1).sort(dim=-1).values
 
-    def score(self, q: Tensor, ctx: LayerContext, sink: int) -> Tensor:
-        """Expected attention ``[b, kv_heads, n - sink]`` of the entries after the sinks."""
+    def statistics(self, q: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
+        """Query mean and covariance from the queries ``q`` of this forward alone."""
         positions = ctx.step.positions[-q.shape[2] :]
-        observed = q[:, :, positions >= sink]
-        mean, cov = query_statistics(observed if observed.shape[2] else q)
-        future = torch.arange(ctx.layer.seen, ctx.layer.seen + self.future, device=q.device)
+        observed = q[:, :, positions >= self.sink]
+        return query_statistics(observed if observed.shape[2] else q)
+
+    def score(
+        self, statistics: tuple[Tensor, Tensor], ctx: LayerContext, sink: int, query_heads: int
+    ) -> Tensor:
+        """Expected attention ``[b, kv_heads, n - sink]`` of the entries after the sinks, for
+        queries of mean and covariance ``statistics`` (``[b, Hq, d]``, ``[b, Hq, d, d]``)."""
+        mean, cov = statistics
+        device = mean.device
+        future = torch.arange(ctx.layer.seen, ctx.layer.seen + self.future, device=device)
         cos, sin = average_rotation(ctx.step.rotary, future)
 
         def rotate(x: Tensor) -> Tensor:  # x R^T: the mean rotation R applied to each row
@@ -100,7 +157,7 @@ class ExpectedAttention(CompressMethod):
         mean = rotate(mean)  # R mu
         keys = attention_keys(ctx)[:, :, sink:].float()  # [b, kv_heads, m, d]
         b, kv_heads, m, d = keys.shape
-        group = q.shape[1] // kv_heads
+        group = query_heads // kv_heads
         keys = keys[:, :, None]  # [b, kv_heads, 1, m, d], broadcast over the group
         s = ctx.scaling
         logits = s * (keys @ mean.reshape(b, kv_heads, group, d, 1))[..., 0]  # [b, kv, g, m]

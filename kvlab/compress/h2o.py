@@ -14,8 +14,8 @@ Prefill form:
   entries before it: each prompt chunk's queries add theirs as the chunk is encoded
   (:meth:`H2O.observe`, computed in blocks of queries so the fp32 probabilities stay small), so
   a prompt of several chunks (:attr:`Engine.prefill_chunk`, 1024 by default) is scored whole.
-- Afterwards every query keeps adding its attention: a question's prompt chunk and each
-  decoding step, where the paper's per-step eviction applies.
+- Afterwards each decoding step's query adds its attention, where the paper's per-step
+  eviction applies (a question appended to a session is encoded without adding its queries).
 - GQA: the query heads of a KV head share its entries, so their scores are summed (the mean
   would rank identically).
 

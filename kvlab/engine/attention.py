@@ -8,8 +8,8 @@ recipe's methods, in lifecycle order, who computes this call:
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
-and then lets the **compress** method see every prompt chunk (``observe``) and every decoding
-step (``after_decode_step``), and shrink the layer at the end of the context prefill.
+and then lets the **compress** method see every chunk of the context prefill (``observe``) and
+every decoding step (``after_decode_step``), and shrink the layer at the end of that prefill.
 Attention itself is always computed by the **position** method (it knows how to rotate q and
 k), through :meth:`LayerContext.attend`, on the keys the other stages chose.
 """
@@ -147,9 +147,9 @@ def kvlab_attention(
         else:
             out = ctx.attend(query, ctx.step.positions, layer.keys, layer.key_positions(), layer.values)
     if recipe.compress is not None:
-        if ctx.step.building:
+        if ctx.step.compressing:
             recipe.compress.observe(query, ctx)
-        elif query.shape[2] == 1:
+        elif query.shape[2] == 1 and not ctx.step.building:
             recipe.compress.after_decode_step(query, ctx)
     if ctx.step.compress:  # the end of the context prefill
         if recipe.compress is not None:

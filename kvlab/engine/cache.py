@@ -40,7 +40,9 @@ class ForwardStep:
 
     ``positions`` ``[t]`` are the positions of the new tokens; ``rotate_keys`` stores keys
     rotated (post-RoPE) rather than raw; ``building`` marks the prompt prefill (where the
-    prefill method applies); ``compress`` asks for compression at the end of each layer.
+    prefill method applies); ``compress`` asks for compression at the end of each layer;
+    ``compressing`` marks every chunk of a prefill that ends in compression (the compress
+    method observes them).
     ``scratch`` is shared by the layers of this forward and dropped with it (a method that
     decides in one layer for the next ones keeps its choice there, e.g. WindowKV's groups).
     """
@@ -50,6 +52,7 @@ class ForwardStep:
     rotate_keys: bool
     building: bool = False
     compress: bool = False
+    compressing: bool = False
     scratch: dict[str, Any] = field(default_factory=dict)
 
 

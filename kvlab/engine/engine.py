@@ -179,7 +179,8 @@ class Engine:
 
     @torch.inference_mode()
     def forward(
-        self, cache: KVCache, ids: list[int], *, building: bool, compress: bool = False
+        self, cache: KVCache, ids: list[int], *, building: bool, compress: bool = False,
+        compressing: bool = False,
     ) -> Tensor:
         """Run ``ids`` through the model on top of ``cache``; next-token logits ``[vocab]``."""
         start = cache.get_seq_length()
@@ -190,6 +191,7 @@ class Engine:
             rotary=self._rotary(cache, start + len(ids)),
             rotate_keys=not position.stores_pre_rope,
             building=building,
+            compressing=compressing or compress,
             compress=compress,
         )
         try:
@@ -227,7 +229,9 @@ class Engine:
             task = bar.add_task(f"prefill {len(ids)} tokens", total=len(ids))
             for i, (a, b) in enumerate(bounds):
                 last = i == len(bounds) - 1
-                logits = self.forward(cache, ids[a:b], building=True, compress=compress and last)
+                logits = self.forward(
+                    cache, ids[a:b], building=True, compress=compress and last, compressing=compress
+                )
                 bar.update(task, advance=b - a)
         self.counters.prefilled_tokens += len(ids)
         return logits

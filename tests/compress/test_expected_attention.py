@@ -8,7 +8,7 @@ import torch
 
 from tests.layers import random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
-from kvlab.compress.expected_attention import ExpectedAttention
+from kvlab.compress.expected_attention import ExpectedAttention, QueryMoments
 
 
 def rope_matrix(inv_freq, position):
@@ -76,12 +76,13 @@ def test_scores_are_the_attention_of_gaussian_future_queries():
     q = (torch.randn(20000, 8) @ mix + torch.randn(8))[None, None]  # [1, 1, t, d]
     ctx.step.positions = torch.arange(q.shape[2])
     method = ExpectedAttention(budget=10, sink=0, future=1, value_norm=False)
-    predicted = method.score(q, ctx, sink=0)[0, 0]
+    predicted = method.score(method.statistics(q, ctx), ctx, sink=0, query_heads=1)[0, 0]
     future_q = rotary(8).rotate(q, torch.full((q.shape[2],), 20))[0, 0]
     observed = torch.exp(future_q @ ctx.layer.keys[0, 0].T / math.sqrt(8)).mean(0)
     torch.testing.assert_close(predicted, observed / observed.sum(), rtol=0.03, atol=1e-4)
     mean_only = ExpectedAttention(budget=10, sink=0, future=1, value_norm=False, covariance=False)
-    assert not torch.allclose(mean_only.score(q, ctx, sink=0)[0, 0], predicted, rtol=0.03)
+    mean_scores = mean_only.score(mean_only.statistics(q, ctx), ctx, sink=0, query_heads=1)
+    assert not torch.allclose(mean_scores[0, 0], predicted, rtol=0.03)
 
 
 def test_sinks_are_kept_and_the_size_is_physical_in_the_engine():
@@ -104,3 +105,26 @@ def test_equals_full_when_the_budget_covers_the_context():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     roomy = engine.generate_ids(ids, "expected_attention(budget=100)", max_new_tokens=8)
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+
+
+def test_statistics_cover_every_prefill_chunk():
+    """A prompt prefilled in three chunks is summarised whole: the same entries are kept as
+    with one chunk, and the query moments are dropped once the layer is compressed."""
+    engine = tiny_engine()
+    ids = prompt_ids(160)
+    recipe = "expected_attention(budget=40)"
+    whole = engine.new_cache(recipe)
+    engine.prefill(whole, ids, compress=True)
+    engine.prefill_chunk = 64
+    chunked = engine.new_cache(recipe)
+    engine.prefill(chunked, ids, compress=True)
+    for one, three in zip(whole.layers, chunked.layers):
+        assert torch.equal(one.positions, three.positions)
+        assert not three.side  # nothing left behind (no bytes counted after compression)
+    _, q = random_layer(n=160, seed=3)
+    moments = QueryMoments()
+    moments.add(q[:, :, 4:])
+    mean, cov = moments.statistics()
+    ref_mean, ref_cov = q[:, :, 4:].mean(dim=2), torch.cov(q[0, 0, 4:].T, correction=0)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(cov[0, 0], ref_cov, atol=1e-5, rtol=1e-4)
