@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kvlab
 from kvlab.compress.adakv import AdaKV
@@ -12,25 +11,9 @@ from kvlab.engine.cache import ForwardStep
 from kvlab.engine.ragged import RaggedLayerKV
 from kvlab.errors import RecipeError
 from kvlab.position.base import TRAINED_ROPE
+from tests.compress.test_snapkv import reference_scores
 from tests.conftest import prompt_ids, tiny_engine
 from tests.layers import rotary as random_rotary
-
-
-def snapkv_scores(q, keys, rotary, window, kernel):
-    """SnapKV's votes per KV head written out with loops (avg pooling, mean over the group)."""
-    n, hq, hk = keys.shape[2], q.shape[1], keys.shape[1]
-    qr = rotary.rotate(q[:, :, -window:], torch.arange(n - window, n))
-    scores = []
-    for kv in range(hk):
-        votes = []
-        for h in range(kv * hq // hk, (kv + 1) * hq // hk):
-            logits = qr[0, h] @ keys[0, kv].T / q.shape[-1] ** 0.5
-            causal = torch.arange(n)[None, :] <= torch.arange(n - window, n)[:, None]
-            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-            v = probs[:, : n - window].sum(0)[None, None]
-            votes.append(F.avg_pool1d(v, kernel, 1, kernel // 2)[0, 0])
-        scores.append(torch.stack(votes).mean(0))
-    return scores
 
 
 def reference_keep(scores, choose, window, n, alpha):
@@ -69,7 +52,7 @@ def test_keep_matches_the_reference(alpha):
     layer, step, rotary, q = random_ragged()
     ctx = LayerContext(0, 1, layer, step, TRAINED_ROPE, 8**-0.5)
     keys_before, n = layer.keys.clone(), layer.num_entries
-    scores = snapkv_scores(q, keys_before, rotary, window=6, kernel=3)
+    scores = reference_scores(q, keys_before, rotary, window=6, kernel=3)
     expected = reference_keep(scores, choose=14, window=6, n=n, alpha=alpha)
     AdaKV(budget=20, window=6, kernel=3, alpha=alpha).compress(q, ctx)
     assert [head.key_positions().tolist() for head in layer.heads] == expected

@@ -12,11 +12,12 @@ from kvlab.position.base import TRAINED_ROPE
 from tests.conftest import prompt_ids, tiny_engine
 
 
-def reference_keep(q, keys, rotary, budget, window, kernel, pooling, reduce):
-    """SnapKV written out with loops over heads (rotated q and k, causal window)."""
+def reference_scores(q, keys, rotary, window, kernel, pooling="avg", reduce="mean"):
+    """SnapKV's votes per KV head ``[n - window]`` written out with loops over heads (rotated q
+    and k, causal window)."""
     n, hq, hk = keys.shape[2], q.shape[1], keys.shape[1]
     qr = rotary.rotate(q[:, :, -window:], torch.arange(n - window, n))
-    kept = []
+    scores = []
     for kv in range(hk):
         votes = []
         for h in range(kv * hq // hk, (kv + 1) * hq // hk):
@@ -27,10 +28,17 @@ def reference_keep(q, keys, rotary, budget, window, kernel, pooling, reduce):
             pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
             votes.append(pool(v, kernel, 1, kernel // 2)[0, 0])
         stacked = torch.stack(votes)
-        score = stacked.mean(0) if reduce == "mean" else stacked.amax(0)
-        top = score.topk(budget - window).indices.tolist()
-        kept.append(sorted(top + list(range(n - window, n))))
-    return kept
+        scores.append(stacked.mean(0) if reduce == "mean" else stacked.amax(0))
+    return scores
+
+
+def reference_keep(q, keys, rotary, budget, window, kernel, pooling, reduce):
+    """SnapKV's kept entries per KV head: the top ``budget - window`` votes plus the window."""
+    n = keys.shape[2]
+    return [
+        sorted(score.topk(budget - window).indices.tolist() + list(range(n - window, n)))
+        for score in reference_scores(q, keys, rotary, window, kernel, pooling, reduce)
+    ]
 
 
 @pytest.mark.parametrize("pooling, reduce", [("avg", "mean"), ("max", "max")])
