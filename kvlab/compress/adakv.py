@@ -27,6 +27,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from kvlab.compress.base import Keep
 from kvlab.compress.pyramidkv import PyramidKV
 from kvlab.compress.snapkv import SnapKV, SnapKVVoting
 from kvlab.engine.attention import LayerContext
@@ -70,25 +71,20 @@ class AdaKV(SnapKVVoting):
             return PyramidKV(**{**snapkv.__dict__, "beta": self.beta})
         return snapkv
 
-    def compress(self, q: Tensor, ctx: LayerContext) -> None:
+    def keep(self, q: Tensor, ctx: LayerContext) -> Keep:
         layer = ctx.layer
         n = layer.num_entries
         budget = resolve_budget(self.budget, n)
         if n <= budget:
-            return
+            return None
         base = self.base()
         window = min(self.window, q.shape[2], budget)
         choose = base.layer_budget(budget, window, ctx) - window
         recent = torch.arange(n - window, n, device=q.device)
         if choose <= 0:
-            layer.select(recent)
-            return
+            return recent
         scores = base.score(q[:, :, q.shape[2] - window :], ctx, window)[0]  # [kv_heads, n - w]
-        keep = [
+        return [
             torch.cat([head_scores.topk(capacity).indices, recent]).sort().values
             for head_scores, capacity in zip(scores, head_capacities(scores, choose, self.alpha))
         ]
-        layer.select_per_head(keep)
-
-    def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
-        raise NotImplementedError("adakv keeps a different number of entries per head: see compress")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
 from kvlab.engine.attention import LayerContext
+from kvlab.engine.cache import LayerKV
 from kvlab.compress.decoding import QUERIES, QueryWindow
 from kvlab.registry import Budget, Method, param, resolve_budget
 
@@ -32,14 +33,14 @@ class CompressMethod(Method, ABC):
     def compress(self, q: Tensor, ctx: LayerContext) -> None:
         """Shrink ``ctx.layer`` at the end of the prompt prefill. ``q`` ``[b, Hq, t, d]`` are the
         unrotated queries of the forward's last ``t`` tokens (the observation window source)."""
-        keep = self.keep(q, ctx)
-        if keep is not None:
-            ctx.layer.select(keep)
+        apply_keep(ctx.layer, self.keep(q, ctx))
 
     @abstractmethod
-    def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
-        """Sorted indices of the entries to keep: ``[k]`` for all heads or
-        ``[b, kv_heads, k]`` per head; ``None`` keeps everything."""
+    def keep(self, q: Tensor, ctx: LayerContext) -> Keep:
+        """Sorted indices of the entries to keep: ``[k]`` for all heads, ``[b, kv_heads, k]``
+        per head, or, for a method with per-head budgets (:attr:`ragged_heads`), a list with one
+        index set per KV head (any counts; ``None``: that head keeps all); ``None`` keeps
+        everything."""
 
     def observe(self, q: Tensor, ctx: LayerContext) -> None:
         """Called in every layer after the attention of each chunk of the context prefill (the
@@ -56,6 +57,20 @@ class CompressMethod(Method, ABC):
         """True when :meth:`after_decode_step` may evict entries (a session's rollback then
         needs snapshots, see :meth:`KVCache.mark`)."""
         return False
+
+
+Keep = Union[Tensor, list[Optional[Tensor]], None]
+"""What :meth:`CompressMethod.keep` returns (see there)."""
+
+
+def apply_keep(layer: LayerKV, keep: Keep) -> None:
+    """Shrink ``layer`` to ``keep``: per-head lists go to the ragged storage."""
+    if keep is None:
+        return
+    if isinstance(keep, list):
+        layer.select_per_head(keep)  # a RaggedLayerKV: the engine gives ragged_heads methods one
+    else:
+        layer.select(keep)
 
 
 def top_k_plus_window(scores: Tensor, budget: int, window: int) -> Tensor:

@@ -65,7 +65,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from kvlab.compress.base import CompressMethod
+from kvlab.compress.base import CompressMethod, Keep, apply_keep
 from kvlab.engine.attention import LayerContext
 from kvlab.errors import RecipeError
 from kvlab.registry import param, register
@@ -149,12 +149,9 @@ class DuoAttention(CompressMethod):
         return HeadSplit(tuple(tuple(row) for row in chosen.tolist()), scores)
 
     # -- per layer -------------------------------------------------------------------------------
-    def keep(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
-        raise NotImplementedError("duo_attention keeps different entries per KV head: see compress")
-
-    def compress(self, q: Tensor, ctx: LayerContext) -> None:
+    def keep(self, q: Tensor, ctx: LayerContext) -> Keep:
         """At the end of the prefill, streaming heads keep ``sink`` first + ``recent`` last entries."""
-        self._evict(ctx, over=1)
+        return self._streaming_keep(ctx, over=1)
 
     @property
     def evicts_while_decoding(self) -> bool:
@@ -163,9 +160,9 @@ class DuoAttention(CompressMethod):
     def after_decode_step(self, q: Tensor, ctx: LayerContext) -> None:
         """Streaming heads holding ``evict_every`` entries beyond ``sink + recent`` drop their
         oldest non-sink entries; retrieval heads keep growing."""
-        self._evict(ctx, over=self.evict_every)
+        apply_keep(ctx.layer, self._streaming_keep(ctx, over=self.evict_every))
 
-    def _evict(self, ctx: LayerContext, over: int) -> None:
+    def _streaming_keep(self, ctx: LayerContext, over: int) -> Keep:
         """Shrink every streaming head of the layer holding ``>= sink + recent + over`` entries."""
         split = ctx.prepared.get("compress")
         if not isinstance(split, HeadSplit):
@@ -180,8 +177,7 @@ class DuoAttention(CompressMethod):
                 sinks = torch.arange(self.sink, device=device)
                 keep.append(torch.cat([sinks, torch.arange(n - self.recent, n, device=device)]))
         if all(rows is None for rows in keep):
-            return
+            return None
         if not layer.is_ragged and all(rows is not None for rows in keep):
-            layer.select(keep[0])  # every head streaming: the layer stays rectangular
-        else:
-            layer.select_per_head(keep)
+            return keep[0]  # every head streaming: the layer stays rectangular
+        return keep
