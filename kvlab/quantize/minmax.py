@@ -42,7 +42,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     per_byte = 8 // bits
     if bits not in PACKABLE_BITS or codes.shape[-1] % per_byte:
         raise ValueError(f"cannot pack {codes.shape[-1]} {bits}-bit codes into whole bytes")
-    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
 
@@ -51,7 +51,7 @@ def unpack_bits(packed: Tensor, bits: int) -> Tensor:
     """Inverse of :func:`pack_bits`: uint8 codes ``[..., m]`` from ``[..., m * bits // 8]``."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * len(shifts))  # also when empty
 
 
 __all__ = ["quantize_minmax", "dequantize_minmax", "pack_bits", "unpack_bits"]

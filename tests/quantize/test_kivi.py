@@ -228,6 +228,15 @@ def test_eviction_then_quantisation_stores_half_the_entries_packed(engine):
     assert both.stats.kv_bytes < full.stats.kv_bytes / 5
 
 
+def test_a_cache_shorter_than_the_residual_stays_in_full_precision(engine):
+    """Nothing to quantise yet (60 entries < residual 128): reading the empty packed part
+    works, and the answer equals the same eviction without KIVI."""
+    ids = prompt_ids(160)
+    plain = engine.generate_ids(ids, "snapkv(budget=60)", max_new_tokens=6)
+    both = engine.generate_ids(ids, "snapkv(budget=60) + kivi(bits=2)", max_new_tokens=6)
+    assert both.token_ids == plain.token_ids
+
+
 def test_eviction_while_decoding_selects_among_quantised_entries(engine):
     ids = prompt_ids(160)
     alone = engine.generate_ids(ids, "h2o(budget=0.5)", max_new_tokens=12)
