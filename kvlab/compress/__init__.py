@@ -27,9 +27,9 @@ __all__ = [
     "tova",
 ]
 
-from kvlab.compress import cam, kvmerger, windowkv  # noqa: E402  (merging and window methods)
+from kvlab.compress import cam, chelsea, kvmerger, windowkv  # noqa: E402  (merging and window methods)
 
-__all__ += ["cam", "kvmerger", "windowkv"]
+__all__ += ["cam", "chelsea", "kvmerger", "windowkv"]
 
 from kvlab.compress import duo_attention  # noqa: E402  (per-head policies: ragged layers)
 
