@@ -73,6 +73,17 @@ def apply_keep(layer: LayerKV, keep: Keep) -> None:
         layer.select(keep)
 
 
+def select_merged(layer: LayerKV, keep: Tensor, start: int, keys: Tensor, values: Tensor) -> None:
+    """Keep the entries at ``keep`` ``[b, kv_heads, k]``, then write merged ``keys`` /
+    ``values`` ``[b, kv_heads, m, d]`` over the kept entries ``start .. start + m`` (merging
+    methods: KVMerger, Chelsea). The selection made new tensors, so
+    writing into them keeps :class:`LayerKV`'s storage rule."""
+    layer.select(keep)
+    end = start + keys.shape[2]
+    layer.keys[:, :, start:end] = keys.to(layer.keys.dtype)
+    layer.values[:, :, start:end] = values.to(layer.values.dtype)
+
+
 def top_k_plus_window(scores: Tensor, budget: int, window: int) -> Tensor:
     """Indices ``[b, heads, budget]`` (sorted) of the top ``budget - window`` entries by
     ``scores`` ``[b, heads, n - window]`` plus the last ``window`` entries."""

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvlab.compress.base import CompressMethod, attention_keys
+from kvlab.compress.base import CompressMethod, attention_keys, select_merged
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -227,10 +227,7 @@ class Chelsea(CompressMethod):
         if plan is None:
             return
         keep, merged, sink = plan
-        layer = ctx.layer
-        layer.select(keep)  # new tensors: writing into them keeps the storage rule
         if merged is None:
-            return
-        kept = merged.index.shape[-1]
-        layer.keys[:, :, sink : sink + kept] = merged.keys.to(layer.keys.dtype)
-        layer.values[:, :, sink : sink + kept] = merged.values.to(layer.values.dtype)
+            ctx.layer.select(keep)
+        else:
+            select_merged(ctx.layer, keep, sink, merged.keys, merged.values)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvlab.compress.base import attention_keys
+from kvlab.compress.base import attention_keys, select_merged
 from kvlab.compress.snapkv import SnapKVVoting
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
@@ -173,11 +173,8 @@ class KVMerger(SnapKVVoting):
         if plan is None:
             return
         keep, merged, slots = plan
-        layer = ctx.layer
-        layer.select(keep)
         if merged is None:
+            ctx.layer.select(keep)
             return
-        choose, d = slots.shape[-1], layer.keys.shape[-1]
-        index = slots[..., None].expand(-1, -1, -1, d)
-        layer.keys[:, :, :choose] = merged.keys.gather(2, index).to(layer.keys.dtype)
-        layer.values[:, :, :choose] = merged.values.gather(2, index).to(layer.values.dtype)
+        index = slots[..., None].expand(-1, -1, -1, ctx.layer.keys.shape[-1])
+        select_merged(ctx.layer, keep, 0, merged.keys.gather(2, index), merged.values.gather(2, index))
