@@ -139,13 +139,9 @@ class LayerKV(CacheLayerMixin):
             self.lazy_initialization(keys, values)
         else:
             n, t = self.num_entries, keys.shape[-2]
-            if n + t > self._key_storage.shape[-2]:
-                reserve = min(DECODE_BLOCK, n // 16) if t == 1 else 0
-                capacity = n + t + reserve
-                self._key_storage = _resized(self._key_storage, n, capacity)
-                self._value_storage = _resized(self._value_storage, n, capacity)
-            self._key_storage[..., n : n + t, :] = keys
-            self._value_storage[..., n : n + t, :] = values
+            reserve = decode_reserve(n, t)
+            self._key_storage = append_in_place(self._key_storage, n, keys, reserve)
+            self._value_storage = append_in_place(self._value_storage, n, values, reserve)
             self.keys = self._key_storage[..., : n + t, :]
             self.values = self._value_storage[..., : n + t, :]
         self._append_positions(positions)
@@ -237,12 +233,25 @@ class LayerKV(CacheLayerMixin):
         return total + sum(index.nbytes() for index in self.side.values())
 
 
-def _resized(storage: Tensor, used: int, capacity: int) -> Tensor:
-    """New storage of ``capacity`` entries holding the first ``used`` entries of ``storage``."""
-    shape = (*storage.shape[:-2], capacity, storage.shape[-1])
-    grown = torch.empty(shape, dtype=storage.dtype, device=storage.device)
-    grown[..., :used, :] = storage[..., :used, :]
-    return grown
+def decode_reserve(entries: int, new: int) -> int:
+    """Entries to reserve when a layer of ``entries`` outgrows its storage by ``new``: a small
+    block while decoding (see :data:`DECODE_BLOCK`), none for a prompt chunk."""
+    return min(DECODE_BLOCK, entries // 16) if new == 1 else 0
+
+
+def append_in_place(storage: Tensor, used: int, new: Tensor, reserve: int) -> Tensor:
+    """Write ``new`` ``[..., t, d]`` after the first ``used`` entries of ``storage``; when it
+    does not fit, first move them to a new storage with ``reserve`` entries to spare. Returns
+    the storage written (the same tensor while the reserve lasts). Only entries at or beyond
+    ``used`` are written: the storage rule of :class:`LayerKV`."""
+    t = new.shape[-2]
+    if used + t > storage.shape[-2]:
+        shape = (*storage.shape[:-2], used + t + reserve, storage.shape[-1])
+        grown = torch.empty(shape, dtype=storage.dtype, device=storage.device)
+        grown[..., :used, :] = storage[..., :used, :]
+        storage = grown
+    storage[..., used : used + t, :] = new
+    return storage
 
 
 @dataclass(frozen=True)
@@ -312,4 +321,4 @@ class KVCache(Cache):
             layer.restore(layer_mark)
 
 
-__all__ = ["ForwardStep", "LayerKV", "KVCache", "CacheMark", "LayerMark", "SideIndex"]
+__all__ = ["ForwardStep", "LayerKV", "append_in_place", "decode_reserve", "KVCache", "CacheMark", "LayerMark", "SideIndex"]

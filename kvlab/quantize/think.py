@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from kvlab.engine.attention import LayerContext
-from kvlab.engine.cache import DECODE_BLOCK, LayerKV
+from kvlab.engine.cache import LayerKV, append_in_place, decode_reserve
 from kvlab.errors import RecipeError
 from kvlab.quantize.base import QuantizeMethod
 from kvlab.recipe import Recipe, check_compatible
@@ -214,12 +214,9 @@ class ThinKLayerKV(LayerKV):
             super().append(keys, values, positions)
             return
         n, tail, t = self.num_entries, self._tail_keys.shape[2], keys.shape[2]
-        if n + t > self._value_storage.shape[2] or tail + t > self._key_storage.shape[2]:
-            reserve = min(DECODE_BLOCK, n // 16) if t == 1 else 0
-            self._key_storage = _grown(self._key_storage, tail, tail + t + reserve)
-            self._value_storage = _grown(self._value_storage, n, n + t + reserve)
-        self._key_storage[:, :, tail : tail + t] = keys
-        self._value_storage[:, :, n : n + t] = values
+        reserve = decode_reserve(n, t)
+        self._key_storage = append_in_place(self._key_storage, tail, keys, reserve)
+        self._value_storage = append_in_place(self._value_storage, n, values, reserve)
         self._tail_keys = self._key_storage[:, :, : tail + t]
         self.values = self._value_storage[:, :, : n + t]
         self._append_positions(positions)
@@ -277,14 +274,6 @@ class ThinKLayerKV(LayerKV):
         if self.pruned:
             total += sum(t.numel() * t.element_size() for t in (self._pruned_keys, self.channels))
         return total
-
-
-def _grown(storage: Tensor, used: int, capacity: int) -> Tensor:
-    """New storage of ``capacity`` entries holding the first ``used`` entries of ``storage``."""
-    b, h, _, d = storage.shape
-    grown = storage.new_empty(b, h, capacity, d)
-    grown[:, :, :used] = storage[:, :, :used]
-    return grown
 
 
 __all__ = ["ThinK", "ThinKLayerKV", "channel_dtype"]
