@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
@@ -150,16 +148,14 @@ def measure_heads(engine: Any, settings: Identification) -> Tensor:
     attention mass the answer queries put on the needle or outside the streaming window
     (:class:`AnswerMass`).
     The engine's work counters are left as they were: identification is set-up, not a request."""
+    from kvlab.engine.engine import progress_bar
     from kvlab.recipe import Recipe
 
     prompts = probe_prompts(engine, settings)
     total = torch.zeros(engine.config.num_hidden_layers, kv_heads_of(engine.config))
     counters = dataclasses.replace(engine.counters)
     shown = engine.progress
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True, disable=not shown,
-    )
+    bar = progress_bar(shown, "prompts")
     try:
         engine.progress = False  # one progress display at a time
         with bar:

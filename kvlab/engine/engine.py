@@ -225,7 +225,7 @@ class Engine:
             raise InputError("nothing to prefill: the prompt encodes to zero tokens")
         bounds = self.chunks(len(ids))
         show = self.progress and len(bounds) > 2
-        with _progress(show) as bar:
+        with progress_bar(show) as bar:
             task = bar.add_task(f"prefill {len(ids)} tokens", total=len(ids))
             for i, (a, b) in enumerate(bounds):
                 last = i == len(bounds) - 1
@@ -342,8 +342,11 @@ class Engine:
         )
 
 
-def _progress(show: bool) -> Progress:
+def progress_bar(show: bool, unit: str = "tokens") -> Progress:
+    """kvlab's progress display for long work (on stderr, removed when done): ``done/total
+    unit`` and the time left; nothing when ``show`` is false."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-        TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not show,
+        TextColumn("{task.description}"), BarColumn(),
+        TextColumn(f"{{task.completed}}/{{task.total}} {unit}"), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=True, disable=not show,
     )
