@@ -43,6 +43,14 @@ def tiny_engine(arch: str = "llama", seed: int = 0, tokenizer=None, **overrides)
     return kvlab.Engine(tiny_model(arch, seed, **overrides), tokenizer, progress=False)
 
 
+def teacher_logprobs(engine, recipe, ids, follow):
+    """Prefill ``ids`` with ``recipe`` (compressed at the end); the prompt's last logits and the
+    log-probabilities of ``follow`` teacher-forced through that cache."""
+    cache = engine.new_cache(recipe)
+    logits = engine.prefill(cache, ids, compress=True)
+    return logits, engine.teacher_force(cache, logits, follow)
+
+
 def prompt_ids(n: int, seed: int = 1, vocab: int = 256) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,), generator=g).tolist()

@@ -6,7 +6,7 @@ import torch
 import kvlab
 from kvlab.engine.cache import LayerKV
 from kvlab.quantize.kivi import Kivi, KiviLayerKV
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
 
 HEADS, HEAD_DIM = 2, 16  # the tiny models' KV heads and head dim (fp32)
 
@@ -167,12 +167,6 @@ def test_bad_parameters_are_refused_clearly(recipe, match):
 @pytest.fixture(scope="module")
 def engine():
     return tiny_engine(max_position_embeddings=2048)
-
-
-def teacher_logprobs(engine, recipe, ids, follow):
-    cache = engine.new_cache(recipe)
-    logits = engine.prefill(cache, ids, compress=True)
-    return logits, engine.teacher_force(cache, logits, follow)
 
 
 def test_4bit_follows_full_precision_closely_and_2bit_less(engine):

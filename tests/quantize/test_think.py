@@ -7,7 +7,7 @@ import torch
 
 import kvlab
 from kvlab.quantize.think import ThinK, ThinKLayerKV
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
 from tests.layers import probs_of, random_layer
 
 N, D, KV_HEADS, QUERY_HEADS = 60, 8, 2, 4  # random_layer's defaults; the base of its RoPE is 100
@@ -280,12 +280,6 @@ def test_eviction_then_pruning(engine):
     per_layer = KV_HEADS * (500 * 8 * 4 + 8 + 500 * HEAD_DIM * 4) + positions
     assert both.stats.kv_bytes == 2 * per_layer
     assert snap.stats.kv_bytes - both.stats.kv_bytes == 2 * KV_HEADS * (500 * 8 * 4 - 8)
-
-
-def teacher_logprobs(engine, recipe, ids, follow):
-    cache = engine.new_cache(recipe)
-    logits = engine.prefill(cache, ids, compress=True)
-    return logits, engine.teacher_force(cache, logits, follow)
 
 
 def test_the_prefill_is_exact_and_ratio_zero_is_full(engine):
