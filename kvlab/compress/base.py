@@ -84,6 +84,14 @@ def select_merged(layer: LayerKV, keep: Tensor, start: int, keys: Tensor, values
     layer.values[:, :, start:end] = values.to(layer.values.dtype)
 
 
+def sinks_and_recent(entries: int, sink: int, recent: int, device: torch.device) -> Tensor:
+    """Indices ``[sink + recent]`` of the first ``sink`` and the last ``recent`` of ``entries``
+    entries (StreamingLLM's cache; DuoAttention's streaming heads)."""
+    return torch.cat([
+        torch.arange(sink, device=device), torch.arange(entries - recent, entries, device=device)
+    ])
+
+
 def top_k_plus_window(scores: Tensor, budget: int, window: int) -> Tensor:
     """Indices ``[b, heads, budget]`` (sorted) of the top ``budget - window`` entries by
     ``scores`` ``[b, heads, n - window]`` plus the last ``window`` entries."""

@@ -62,10 +62,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor
 
-from kvlab.compress.base import CompressMethod, Keep, apply_keep
+from kvlab.compress.base import CompressMethod, Keep, apply_keep, sinks_and_recent
 from kvlab.engine.attention import LayerContext
 from kvlab.errors import RecipeError
 from kvlab.registry import param, register
@@ -173,9 +172,7 @@ class DuoAttention(CompressMethod):
             if retrieval or n < window + over:
                 keep.append(None)
             else:
-                device = ctx.step.positions.device
-                sinks = torch.arange(self.sink, device=device)
-                keep.append(torch.cat([sinks, torch.arange(n - self.recent, n, device=device)]))
+                keep.append(sinks_and_recent(n, self.sink, self.recent, ctx.step.positions.device))
         if all(rows is None for rows in keep):
             return None
         if not layer.is_ragged and all(rows is not None for rows in keep):

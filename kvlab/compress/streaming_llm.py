@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from kvlab.compress.base import CompressMethod
+from kvlab.compress.base import CompressMethod, sinks_and_recent
 from kvlab.engine.attention import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -35,5 +34,4 @@ class StreamingLLM(CompressMethod):
         if n <= budget:
             return None
         sink = min(self.sink, budget)
-        recent = torch.arange(n - (budget - sink), n, device=q.device)
-        return torch.cat([torch.arange(sink, device=q.device), recent])
+        return sinks_and_recent(n, sink, budget - sink, q.device)
