@@ -533,7 +533,7 @@ def calibration_texts(count: int = 50, words: int = 250) -> list[str]:
     """Text for kvpress's DuoAttention head scoring, in place of BookSum chapters (offline):
     ``count`` consecutive chunks of ``words`` words of kvlab's shipped prose corpus (Pride and
     Prejudice), so both libraries' calibration data is public-domain book prose."""
-    from kvlab.bench.corpus import prose_text
+    from kvlab.corpus import prose_text
 
     tokens = prose_text().split()
     return [" ".join(tokens[i * words:(i + 1) * words]) for i in range(count)]

@@ -1,25 +1,61 @@
 """kvlab: efficient long-context inference on Hugging Face transformers, stage by stage.
 
 The KV cache's life is the architecture: ``kvlab.position``, ``kvlab.prefill``,
-``kvlab.compress``, ``kvlab.retrieve`` and ``kvlab.reuse`` hold the methods of each stage;
-``kvlab.engine`` holds the shared mechanics they plug into.
+``kvlab.compress``, ``kvlab.quantize``, ``kvlab.retrieve`` and ``kvlab.reuse`` hold the
+methods of each stage; ``kvlab.engine`` holds the shared mechanics they plug into.
+
+``import kvlab`` is light (the command line starts fast): PyTorch, transformers and the
+methods are imported the first time one of the names below is used.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvlab never downloads: fail fast instead
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from kvlab import compress, position, prefill, quantize, retrieve  # noqa: E402  (registers the methods)
-from kvlab.engine.engine import Answer, Engine, Stats  # noqa: E402
 from kvlab.errors import InputError, KvlabError, ModelError, RecipeError  # noqa: E402
-from kvlab.recipe import Recipe, parse_recipe  # noqa: E402
-from kvlab.registry import MethodInfo, methods  # noqa: E402
-from kvlab.reuse import Session  # noqa: E402
+
+if TYPE_CHECKING:
+    from kvlab.engine.engine import Answer, Engine, Stats
+    from kvlab.recipe import Recipe, parse_recipe
+    from kvlab.registry import MethodInfo
+    from kvlab.reuse.session import Session
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Answer": "kvlab.engine.engine",
+    "Engine": "kvlab.engine.engine",
+    "Stats": "kvlab.engine.engine",
+    "Recipe": "kvlab.recipe",
+    "parse_recipe": "kvlab.recipe",
+    "MethodInfo": "kvlab.registry",
+    "Session": "kvlab.reuse.session",
+}
+_PACKAGES = ("compress", "engine", "position", "prefill", "quantize", "retrieve", "reuse", "bench")
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name or subpackage on first use (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _PACKAGES:
+        value = importlib.import_module(f"kvlab.{name}")
+    else:
+        raise AttributeError(f"module 'kvlab' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def methods() -> list[MethodInfo]:
+    """Every method, ordered by stage then name, with its parameters and paper."""
+    from kvlab.registry import methods as registered
+
+    return registered()
 
 
 def load(
@@ -35,6 +71,7 @@ def load(
     ``cpu``, ``cuda[:N]``. ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``,
     ``bfloat16`` or ``float16``.
     """
+    from kvlab.engine.engine import Engine
     from kvlab.engine.loading import load_pretrained, resolve_device, resolve_dtype
 
     resolved_device = resolve_device(device)

@@ -9,29 +9,53 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvlab.compress.base import CompressMethod
 from kvlab.errors import RecipeError
+from kvlab.position.base import PositionMethod
+from kvlab.prefill.base import PrefillMethod
+from kvlab.quantize.base import QuantizeMethod
 from kvlab.registry import STAGES, Method, method_class
+from kvlab.retrieve.base import RetrieveMethod
 
-if TYPE_CHECKING:
-    from kvlab.compress.base import CompressMethod
-    from kvlab.position.base import PositionMethod
-    from kvlab.prefill.base import PrefillMethod
-    from kvlab.quantize.base import QuantizeMethod
-    from kvlab.retrieve.base import RetrieveMethod
+MAX_RECIPE_CHARS = 2000
+"""Longest recipe string accepted (a recipe holds at most one method per stage)."""
+MAX_TERMS = len(STAGES)
+_STAGE_TYPES: dict[str, type[Method]] = {
+    "position": PositionMethod, "prefill": PrefillMethod, "compress": CompressMethod,
+    "quantize": QuantizeMethod, "retrieve": RetrieveMethod,
+}
 
 
 @dataclass(frozen=True)
 class Recipe:
     """One method per stage, or ``None`` for the stage's default (RoPE as trained, dense
-    prefill, no compression, dense decoding)."""
+    prefill, no compression, dense decoding). Built valid or not at all: each field holds a
+    method of its own stage, and the methods must work together (:func:`check_compatible`)."""
 
     position: PositionMethod | None = None
     prefill: PrefillMethod | None = None
     compress: CompressMethod | None = None
     quantize: QuantizeMethod | None = None
     retrieve: RetrieveMethod | None = None
+
+    def __post_init__(self) -> None:
+        for stage, expected in _STAGE_TYPES.items():
+            method = getattr(self, stage)
+            if method is not None and not isinstance(method, expected):
+                got = getattr(method, "name", None) or type(method).__name__
+                where = getattr(method, "stage", None)
+                raise RecipeError(
+                    f"Recipe({stage}={got!r}): the {stage} stage takes a {stage} method"
+                    + (f", and {got} is a {where} method" if isinstance(where, str) else "")
+                )
+        check_compatible(self)
+
+    @classmethod
+    def parse(cls, text: str | Recipe | None) -> Recipe:
+        """The recipe written ``text`` (see :func:`parse_recipe`)."""
+        return parse_recipe(text)
 
     @property
     def methods(self) -> list[Method]:
@@ -43,12 +67,28 @@ class Recipe:
 
 
 def parse_recipe(text: str | Recipe | None) -> Recipe:
-    """Parse a recipe string; errors name the bad part and list the allowed values."""
+    """Parse a recipe string; errors name the bad part and list the allowed values. A
+    :class:`Recipe` is returned as it is (it is valid by construction)."""
     if isinstance(text, Recipe):
         return text
+    if text is not None and not isinstance(text, str):
+        raise RecipeError(
+            f"recipe={text!r}: a recipe is a string such as 'snapkv(budget=0.25)' (or 'full'), "
+            "or a kvlab.Recipe"
+        )
     if text is None or not text.strip() or text.strip() == "full":
         return Recipe()
     source = text.strip()
+    if len(source) > MAX_RECIPE_CHARS:
+        raise RecipeError(
+            f"recipe of {len(source)} characters: at most {MAX_RECIPE_CHARS} (one method per "
+            f"stage: {', '.join(STAGES)})"
+        )
+    if source.count("+") >= MAX_TERMS:
+        raise RecipeError(
+            f"recipe {_short(source)!r} has {source.count('+') + 1} terms; a recipe holds at most "
+            f"{MAX_TERMS} methods, one per stage ({', '.join(STAGES)})"
+        )
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:
@@ -66,9 +106,11 @@ def parse_recipe(text: str | Recipe | None) -> Recipe:
                 f"({chosen[method.stage].name} and {method.name}); use at most one per stage"
             )
         chosen[method.stage] = method
-    recipe = Recipe(**chosen)  # type: ignore[arg-type]
-    check_compatible(recipe)
-    return recipe
+    return Recipe(**chosen)  # type: ignore[arg-type]
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_compatible(recipe: Recipe) -> None:
@@ -101,9 +143,13 @@ def check_compatible(recipe: Recipe) -> None:
 
 
 def _terms(node: ast.expr, source: str) -> list[ast.expr]:
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _terms(node.left, source) + _terms(node.right, source)
-    return [node]
+    """The terms of a sum ``a + b + c``, left to right (iteratively: no recursion limit)."""
+    terms: list[ast.expr] = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        terms.append(node.right)
+        node = node.left
+    terms.append(node)
+    return terms[::-1]
 
 
 def _build(term: ast.expr, source: str) -> Method:
@@ -125,6 +171,8 @@ def _build(term: ast.expr, source: str) -> Method:
     allowed = [f.name for f in fields(cls)]
     kwargs: dict[str, Any] = {}
     for kw in keywords:
+        if kw.arg in kwargs:
+            raise RecipeError(f"in {text!r}: parameter {kw.arg!r} is given twice; give it once")
         if kw.arg is None or kw.arg not in allowed:
             raise RecipeError(
                 f"{name} has no parameter {kw.arg!r}; its parameters: {', '.join(allowed) or 'none'}"
@@ -144,4 +192,4 @@ def _literal(node: ast.expr, source: str, where: str) -> Any:
         raise RecipeError(f"{where}: {text!r} is not a number, boolean or word") from None
 
 
-__all__ = ["Recipe", "parse_recipe", "STAGES"]
+__all__ = ["Recipe", "check_compatible", "parse_recipe", "STAGES"]

@@ -8,6 +8,7 @@ parameters the same way for every method, so a method's class only says what is 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -21,6 +22,11 @@ STAGES: tuple[Stage, ...] = ("position", "prefill", "compress", "quantize", "ret
 
 Budget = Union[int, float]
 """A KV budget: an integer token count (>= 1) or a float fraction of the context in (0, 1]."""
+MAX_BUDGET_TOKENS = 1 << 24
+"""Largest token budget accepted (16,777,216 tokens: beyond any context a model here holds)."""
+BUILTIN_PACKAGES = tuple(f"kvlab.{stage}" for stage in STAGES)
+"""Where kvlab's own methods live; imported (registering them) the first time the registry is
+read, so ``import kvlab`` stays light and a recipe parses however kvlab was imported."""
 
 
 def resolve_budget(budget: Budget, context_tokens: int) -> int:
@@ -110,8 +116,16 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def load_builtin_methods() -> None:
+    """Import kvlab's stage packages, whose modules register the built-in methods (a plug-in
+    discovery at call time, not a dependency of this module: imports still run one way)."""
+    for package in BUILTIN_PACKAGES:
+        importlib.import_module(package)
+
+
 def method_class(name: str) -> type[Method]:
     """The registered class called ``name``; a :class:`RecipeError` lists the known names."""
+    load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -121,6 +135,7 @@ def method_class(name: str) -> type[Method]:
 
 def methods() -> list[MethodInfo]:
     """Every registered method, ordered by stage then name, with its parameters and paper."""
+    load_builtin_methods()
     infos = [
         MethodInfo(
             name="full",
@@ -207,7 +222,7 @@ def _check_budget(value: Any, where: str) -> None:
         raise RecipeError(
             f"{where}: a budget is a token count (integer >= 1) or a fraction in (0, 1]"
         )
-    if isinstance(value, int) and value < 1:
-        raise RecipeError(f"{where}: a token budget must be >= 1")
+    if isinstance(value, int) and not 1 <= value <= MAX_BUDGET_TOKENS:
+        raise RecipeError(f"{where}: a token budget must be >= 1 and <= {MAX_BUDGET_TOKENS}")
     if isinstance(value, float) and not 0.0 < value <= 1.0:
         raise RecipeError(f"{where}: a fractional budget must be in (0, 1]")

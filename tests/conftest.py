@@ -46,7 +46,7 @@ def tiny_engine(arch: str = "llama", seed: int = 0, tokenizer=None, **overrides)
 def teacher_logprobs(engine, recipe, ids, follow):
     """Prefill ``ids`` with ``recipe`` (compressed at the end); the prompt's last logits and the
     log-probabilities of ``follow`` teacher-forced through that cache."""
-    cache = engine.new_cache(recipe)
+    cache = engine.new_sequence(recipe)
     logits = engine.prefill(cache, ids, compress=True)
     return logits, engine.teacher_force(cache, logits, follow)
 

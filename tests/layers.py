@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.engine.attention import LayerContext
-from kvlab.engine.cache import ForwardStep, LayerKV
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.context import LayerContext, Phase
 from kvlab.engine.rotary import Rotary
 from kvlab.position.base import TRAINED_ROPE
 
@@ -26,11 +26,18 @@ def random_layer(
     keys = raw if position.stores_pre_rope else rot.rotate(raw, torch.arange(n))
     layer = LayerKV()
     layer.append(keys, torch.randn(batch, kv_heads, n, d), torch.arange(n))
-    step = ForwardStep(
-        torch.arange(n), rot, rotate_keys=not position.stores_pre_rope, building=True, compress=True
-    )
-    ctx = LayerContext(index, num_layers, layer, step, position, d**-0.5)
+    ctx = layer_context(layer, torch.arange(n), rot, index, num_layers, position)
     return ctx, torch.randn(batch, query_heads, n, d)
+
+
+def layer_context(
+    layer: LayerKV, positions: torch.Tensor, rot: Rotary, index: int = 0, num_layers: int = 1,
+    position=TRAINED_ROPE, phase: Phase = Phase.CONTEXT_END,
+) -> LayerContext:
+    """The context a method sees in layer ``index`` of a forward of tokens at ``positions``
+    (by default the last chunk of a context prefill), scaling ``d ** -0.5``."""
+    d = layer.keys.shape[-1] if layer.keys is not None else rot.inv_freq.shape[0] * 2
+    return LayerContext(index, num_layers, layer, positions, rot, position, d**-0.5, phase)
 
 
 def probs_of(q_row: torch.Tensor, q_pos: int, keys: torch.Tensor, rot: Rotary) -> torch.Tensor:

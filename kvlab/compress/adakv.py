@@ -30,7 +30,7 @@ from torch import Tensor
 from kvlab.compress.base import Keep
 from kvlab.compress.pyramidkv import PyramidKV
 from kvlab.compress.snapkv import SnapKV, SnapKVVoting
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import param, register, resolve_budget
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.engine.cache import LayerKV
 from kvlab.compress.decoding import QUERIES, QueryWindow
 from kvlab.registry import Budget, Method, param, resolve_budget
@@ -109,7 +109,7 @@ def attention_keys(ctx: LayerContext) -> Tensor:
     layer = ctx.layer
     if not ctx.position.stores_pre_rope:
         return layer.keys
-    return ctx.step.rotary.rotate(layer.keys, layer.key_positions())
+    return ctx.rotary.rotate(layer.keys, layer.key_positions())
 
 
 def shared_or_per_head(keep: Tensor, kv_heads: int) -> Tensor:
@@ -154,7 +154,7 @@ class ScoredCompression(CompressMethod):
         window_state = layer.side.get(QUERIES)
         if not isinstance(window_state, QueryWindow):
             window_state = layer.side[QUERIES] = QueryWindow(max(1, self.window))
-        window_state.add(q, ctx.step.positions)
+        window_state.add(q, ctx.positions)
         if window_state.steps < self.decode_interval:
             return
         window_state.steps = 0
@@ -164,7 +164,7 @@ class ScoredCompression(CompressMethod):
         window = min(self.window, window_state.size)
         positions = window_state.positions[window_state.size - window :]
         queries = window_state.queries[:, :, window_state.size - window :]
-        observed = replace(ctx, step=replace(ctx.step, positions=positions))
+        observed = replace(ctx, positions=positions)
         scores = self.score(queries, observed, window)
         layer.select(top_k_plus_window(scores, self.decode_budget, window))
 

@@ -49,7 +49,8 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.snapkv import SnapKVVoting
-from kvlab.engine.attention import LayerContext, causal_allowed
+from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import causal_allowed
 from kvlab.registry import param, register, resolve_budget
 
 
@@ -65,7 +66,7 @@ def window_attention(q_window: Tensor, ctx: LayerContext) -> Tensor:
     window queries ``q_window`` ``[b, Hq, w, d]`` (the last ``w`` positions) that can see it
     and over the query heads of its KV head."""
     w = q_window.shape[2]
-    q_pos = ctx.step.positions[-w:]
+    q_pos = ctx.positions[-w:]
     probs = torch.softmax(ctx.logits(q_window, q_pos), dim=-1)  # [b, Hq, w, n]
     seen = causal_allowed(q_pos, ctx.layer.key_positions()).sum(dim=-2)  # [n] or [b, kv, n]
     kv_heads = ctx.layer.kv_heads

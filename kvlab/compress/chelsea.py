@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, attention_keys, select_merged
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
 

@@ -65,7 +65,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, Keep, apply_keep, sinks_and_recent
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.errors import RecipeError
 from kvlab.registry import param, register
 
@@ -172,7 +172,7 @@ class DuoAttention(CompressMethod):
             if retrieval or n < window + over:
                 keep.append(None)
             else:
-                keep.append(sinks_and_recent(n, self.sink, self.recent, ctx.step.positions.device))
+                keep.append(sinks_and_recent(n, self.sink, self.recent, ctx.positions.device))
         if all(rows is None for rows in keep):
             return None
         if not layer.is_ragged and all(rows is not None for rows in keep):

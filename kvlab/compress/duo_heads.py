@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
+from kvlab.engine.progress import progress_bar
 from kvlab.errors import RecipeError
 
 SCORE_VERSION = 2
@@ -147,34 +148,25 @@ def measure_heads(engine: Any, settings: Identification) -> Tensor:
     """Scores ``[layers, kv_heads]``: the mean over probes (:func:`probe_prompts`) of the
     attention mass the answer queries put on the needle or outside the streaming window
     (:class:`AnswerMass`).
-    The engine's work counters are left as they were: identification is set-up, not a request."""
-    from kvlab.engine.engine import progress_bar
+    Each probe runs as the engine's set-up work (:meth:`Engine.probe`: not counted as a
+    request, no progress display of its own); this function shows one bar over the probes."""
     from kvlab.recipe import Recipe
 
     prompts = probe_prompts(engine, settings)
     total = torch.zeros(engine.config.num_hidden_layers, kv_heads_of(engine.config))
-    counters = dataclasses.replace(engine.counters)
-    shown = engine.progress
-    bar = progress_bar(shown, "prompts")
-    try:
-        engine.progress = False  # one progress display at a time
-        with bar:
-            task = bar.add_task(
-                f"duo_attention: identifying heads ({settings.probes} x {settings.length} tokens)",
-                total=len(prompts),
-            )
-            for probe in prompts:
-                if settings.score == "needle":
-                    counted = AnswerMass(probe.answer, *probe.needle)
-                else:  # far: what a streaming head drops, seen from each answer query
-                    counted = AnswerMass(probe.answer, settings.sink, len(probe.ids), settings.recent)
-                cache = engine.new_cache(Recipe(compress=counted))
-                engine.prefill(cache, probe.ids, compress=True)
-                total += torch.stack(cache.prepared["compress"])
-                bar.advance(task)
-    finally:
-        engine.progress = shown
-        engine.counters = counters
+    with progress_bar(engine.progress, "prompts") as bar:
+        task = bar.add_task(
+            f"duo_attention: identifying heads ({settings.probes} x {settings.length} tokens)",
+            total=len(prompts),
+        )
+        for probe in prompts:
+            if settings.score == "needle":
+                counted = AnswerMass(probe.answer, *probe.needle)
+            else:  # far: what a streaming head drops, seen from each answer query
+                counted = AnswerMass(probe.answer, settings.sink, len(probe.ids), settings.recent)
+            sequence = engine.probe(Recipe(compress=counted), probe.ids)
+            total += torch.stack(sequence.prepared["compress"])
+            bar.advance(task)
     return total / len(prompts)
 
 
@@ -202,7 +194,7 @@ class AnswerMass(CompressMethod):
         return None
 
     def compress(self, q: Tensor, ctx: LayerContext) -> None:
-        q_pos = ctx.step.positions[-self.answer :]
+        q_pos = ctx.positions[-self.answer :]
         probs = torch.softmax(ctx.logits(q[:, :, -self.answer :], q_pos), dim=-1)  # [1, Hq, a, n]
         k_pos = ctx.layer.key_positions()[None, :]
         counted = (k_pos >= self.start) & (k_pos < self.end) & (k_pos <= q_pos[:, None] - self.recent)
@@ -240,7 +232,7 @@ def probe_prompts(engine: Any, settings: Identification) -> list[Probe]:
 
 def _text_probe(engine: Any, settings: Identification, k: int):
     """A passkey in prose: the chat-formatted question at the end, the key teacher-forced."""
-    from kvlab.bench.corpus import haystack_units
+    from kvlab.corpus import haystack_units
 
     fmt = engine.format
     key = str(random.Random(k).randint(10_000, 99_999))

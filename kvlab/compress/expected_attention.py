@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, attention_keys
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.engine.rotary import Rotary, apply_rotation
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -115,7 +115,7 @@ class ExpectedAttention(CompressMethod):
     def observe(self, q: Tensor, ctx: LayerContext) -> None:
         """Add this prefill chunk's queries after the first ``sink`` positions to the moments."""
         moments = ctx.layer.side.setdefault(MOMENTS, QueryMoments())
-        observed = q[:, :, ctx.step.positions[-q.shape[2] :] >= self.sink]
+        observed = q[:, :, ctx.positions[-q.shape[2] :] >= self.sink]
         if observed.shape[2]:
             moments.add(observed)
 
@@ -137,7 +137,7 @@ class ExpectedAttention(CompressMethod):
 
     def statistics(self, q: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
         """Query mean and covariance from the queries ``q`` of this forward alone."""
-        positions = ctx.step.positions[-q.shape[2] :]
+        positions = ctx.positions[-q.shape[2] :]
         observed = q[:, :, positions >= self.sink]
         return query_statistics(observed if observed.shape[2] else q)
 
@@ -149,7 +149,7 @@ class ExpectedAttention(CompressMethod):
         mean, cov = statistics
         device = mean.device
         future = torch.arange(ctx.layer.seen, ctx.layer.seen + self.future, device=device)
-        cos, sin = average_rotation(ctx.step.rotary, future)
+        cos, sin = average_rotation(ctx.rotary, future)
 
         def rotate(x: Tensor) -> Tensor:  # x R^T: the mean rotation R applied to each row
             return apply_rotation(x, cos, sin)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, top_k_plus_window
 from kvlab.compress.decoding import SIZE, CacheSize, all_but, cache_size
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
 SCORES = "h2o.scores"
@@ -48,7 +48,7 @@ def accumulated_attention(q: Tensor, ctx: LayerContext) -> Tensor:
     tokens) and over the query heads of its KV head."""
     b, hq, t, _ = q.shape
     n, kv_heads = ctx.layer.num_entries, ctx.layer.kv_heads
-    positions = ctx.step.positions[-t:]
+    positions = ctx.positions[-t:]
     rows = max(1, LOGIT_BLOCK // (b * hq * n))
     total = torch.zeros(b, hq, n, device=q.device)
     for start in range(0, t, rows):
@@ -126,7 +126,7 @@ class H2O(CompressMethod):
         if not isinstance(heavy, HeavyHitters) or size is None:
             return
         n, kv_heads = layer.num_entries, layer.kv_heads
-        probs = torch.softmax(ctx.logits(q, ctx.step.positions), dim=-1)[:, :, 0]  # [b, Hq, n]
+        probs = torch.softmax(ctx.logits(q, ctx.positions), dim=-1)[:, :, 0]  # [b, Hq, n]
         b, hq, _ = probs.shape
         heavy.grow(n)
         heavy.scores += probs.reshape(b, kv_heads, hq // kv_heads, n).sum(dim=2)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvlab.compress.base import ScoredCompression, attention_keys
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register
 
 

@@ -27,7 +27,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from kvlab.compress.base import ScoredCompression
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register
 
 

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from kvlab.compress.base import attention_keys, select_merged
 from kvlab.compress.snapkv import SnapKVVoting
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvlab.compress.snapkv import SnapKV
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register
 
 

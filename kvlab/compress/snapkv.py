@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, ScoredCompression
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register
 
 
@@ -43,7 +43,7 @@ class SnapKV(ScoredCompression):
             raise RecipeError(f"{self.name}(kernel={self.kernel}): the pooling kernel must be odd")
 
     def score(self, q_window: Tensor, ctx: LayerContext, window: int) -> Tensor:
-        q_pos = ctx.step.positions[-window:]
+        q_pos = ctx.positions[-window:]
         probs = torch.softmax(ctx.logits(q_window, q_pos), dim=-1)  # [b, Hq, w, n]
         votes = probs[..., : probs.shape[-1] - window].sum(dim=-2)  # [b, Hq, n - w]
         b, hq, m = votes.shape

@@ -14,7 +14,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, sinks_and_recent
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
 

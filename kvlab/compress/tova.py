@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kvlab.compress.base import CompressMethod, shared_or_per_head
 from kvlab.compress.decoding import SIZE, CacheSize, all_but, cache_size
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.registry import Budget, param, register, resolve_budget
 
 
@@ -51,7 +51,7 @@ class TOVA(CompressMethod):
         size, n = cache_size(ctx.layer), ctx.layer.num_entries
         if size is None or n <= size:
             return
-        probs = torch.softmax(ctx.logits(q, ctx.step.positions), dim=-1)  # [b, Hq, 1, n]
+        probs = torch.softmax(ctx.logits(q, ctx.positions), dim=-1)  # [b, Hq, 1, n]
         drop = probs.mean(dim=1)[:, 0].argmin(dim=-1)  # [b]
         ctx.layer.select(shared_or_per_head(all_but(drop, n), ctx.layer.kv_heads))
 
@@ -60,7 +60,7 @@ class TOVA(CompressMethod):
         budget = resolve_budget(self.budget, n)
         if n <= budget:
             return None
-        logits = ctx.logits(q[:, :, -1:], ctx.step.positions[-1:])  # [b, Hq, 1, n]
+        logits = ctx.logits(q[:, :, -1:], ctx.positions[-1:])  # [b, Hq, 1, n]
         scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # [b, n]
         keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
         return shared_or_per_head(keep, ctx.layer.kv_heads)

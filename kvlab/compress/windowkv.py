@@ -23,8 +23,8 @@ batch too), so the layer stores one shared position tensor ``[k]``.
 **Layer groups.** Layers are grouped by ``shared_layers`` (layer ``l`` is in group
 ``l // shared_layers``). Only the first layer of a group scores; the other layers of the group
 keep the same entries (the reference's ``cached_selected_window_indices``). The choice travels
-from layer to layer in the forward's scratch space (``ctx.step.scratch``: the engine creates
-one :class:`~kvlab.engine.cache.ForwardStep` per forward, shared by its layers and dropped
+from layer to layer in the forward's scratch space (``ctx.scratch``: the engine creates
+one :class:`~kvlab.engine.forward.ForwardContext` per forward, shared by its layers and dropped
 with it). A layer whose group leader left no choice for this forward (it kept everything, or
 held a different number of entries) scores for itself.
 
@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.errors import RecipeError
 from kvlab.registry import Budget, param, register, resolve_budget
 
@@ -161,7 +161,7 @@ class WindowKV(CompressMethod):
         if review <= allowed:
             return None
         group = ctx.index // self.shared_layers
-        choices: dict[int, tuple[int, Tensor]] = ctx.step.scratch.setdefault(GROUP_CHOICES, {})
+        choices: dict[int, tuple[int, Tensor]] = ctx.scratch.setdefault(GROUP_CHOICES, {})
         shared = choices.get(group)
         if ctx.index % self.shared_layers != 0 and shared is not None and shared[0] == n:
             return shared[1]
@@ -187,7 +187,7 @@ class WindowKV(CompressMethod):
     def window_scores(self, q_suffix: Tensor, ctx: LayerContext, suffix: int) -> Tensor:
         """One score per review window ``[ceil(n_review / window_size)]``, pooled over the
         batch, the query heads and the window as ``strategy`` says."""
-        q_pos = ctx.step.positions[-suffix:]
+        q_pos = ctx.positions[-suffix:]
         probs = torch.softmax(ctx.logits(q_suffix, q_pos), dim=-1)  # [b, Hq, suffix, n]
         votes = probs[..., : probs.shape[-1] - suffix].sum(dim=-2)  # [b, Hq, n_review]
         votes = votes.flatten(0, 1)  # [b * Hq, n_review]

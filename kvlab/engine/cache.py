@@ -1,25 +1,19 @@
-"""KV storage: one :class:`LayerKV` per layer inside a transformers ``Cache`` subclass.
+"""KV storage: one :class:`LayerKV` per layer (the model-facing ``Cache`` that holds them is
+:class:`kvlab.engine.sequence.KVCache`).
 
 Savings are physical: compression replaces the stored tensors with smaller ones (per KV head
-when the method selects per head), and :meth:`KVCache.nbytes` sums the bytes of every tensor
+when the method selects per head), and :meth:`LayerKV.nbytes` sums the bytes of every tensor
 the cache holds — keys, values, position indices and method-owned side indexes.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
-
-from kvlab.engine.rotary import Rotary
-
-if TYPE_CHECKING:
-    from kvlab.recipe import Recipe
 
 
 class SideIndex(Protocol):
@@ -34,35 +28,13 @@ class SideIndex(Protocol):
         """Follow :meth:`LayerKV.select` (keep the rows of the kept entries, or reset)."""
 
 
-@dataclass
-class ForwardStep:
-    """What one model forward does to the cache: set by the engine before the forward.
-
-    ``positions`` ``[t]`` are the positions of the new tokens; ``rotate_keys`` stores keys
-    rotated (post-RoPE) rather than raw; ``building`` marks the prompt prefill (where the
-    prefill method applies); ``compress`` asks for compression at the end of each layer;
-    ``compressing`` marks every chunk of a prefill that ends in compression (the compress
-    method observes them).
-    ``scratch`` is shared by the layers of this forward and dropped with it (a method that
-    decides in one layer for the next ones keeps its choice there, e.g. WindowKV's groups).
-    """
-
-    positions: Tensor
-    rotary: Rotary
-    rotate_keys: bool
-    building: bool = False
-    compress: bool = False
-    compressing: bool = False
-    scratch: dict[str, Any] = field(default_factory=dict)
-
-
 DECODE_BLOCK = 32
 """Most entries reserved at once when decoding outgrows a layer's storage: n // 16, capped at
 this, so the reserve stays under 1/16 of the layer. Prompt chunks and compression allocate
 exactly. Reserved entries are allocated memory and count in nbytes."""
 
 
-class LayerKV(CacheLayerMixin):
+class LayerKV:
     """One layer's KV entries.
 
     - ``keys``, ``values``: ``[batch, kv_heads, n, head_dim]`` views of storage that may hold
@@ -78,11 +50,13 @@ class LayerKV(CacheLayerMixin):
     :meth:`snapshot` / :meth:`restore`.
     """
 
-    is_sliding = False
+    is_sliding = False  # what transformers asks of a cache layer
     is_compileable = False
 
     def __init__(self) -> None:
-        super().__init__()
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.is_initialized = False
         self.positions: Tensor | None = None
         self.seen = 0  # tokens ever appended: the next token's position
         self.side: dict[str, SideIndex] = {}
@@ -90,27 +64,22 @@ class LayerKV(CacheLayerMixin):
         self._key_storage: Tensor | None = None
         self._value_storage: Tensor | None = None
 
-    # -- transformers' CacheLayerMixin contract --------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Start the layer with these entries (``[batch, kv_heads, t, d]``)."""
         self._store(key_states.contiguous(), value_states.contiguous())
         self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        raise TypeError("use KVCache.update, which knows the positions of the new tokens")
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.num_entries + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_max_length(self) -> int:
-        return -1
-
-    # -- kvlab --------------------------------------------------------------------------------
     @property
     def num_entries(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def capacity(self) -> int:
+        """Entries the allocated storage can hold: the used ones plus the decoding reserve."""
+        return 0 if self._key_storage is None else self._key_storage.shape[-2]
 
     @property
     def kv_heads(self) -> int:
@@ -271,54 +240,4 @@ class CacheMark:
     layers: tuple[LayerMark, ...]
 
 
-class KVCache(Cache):
-    """The cache kvlab's engine hands to the model: a list of :class:`LayerKV`."""
-
-    def __init__(self, num_layers: int, new_layer: Callable[[], LayerKV] = LayerKV) -> None:
-        super().__init__(layers=[new_layer() for _ in range(num_layers)])
-        self.layers: list[LayerKV]
-        self.step: ForwardStep | None = None
-        self.recipe: Recipe | None = None  # set by the engine
-        self.prepared: dict[str, Any] = {}  # by stage: what Method.prepare computed (engine)
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
-    ) -> tuple[Tensor, Tensor]:
-        """Store new (unrotated) keys and values; rotate keys first unless the position
-        method keeps them pre-RoPE. kvlab's attention reads the layer, not the return value."""
-        step = self.step
-        if step is None:
-            raise RuntimeError("KVCache.update outside an engine forward (no ForwardStep set)")
-        if step.rotate_keys:
-            key_states = step.rotary.rotate(key_states, step.positions)
-        self.layers[layer_idx].append(key_states, value_states, step.positions)
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].seen
-
-    def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds, all layers."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def mean_entries(self) -> float:
-        """Entries held per layer and KV head, averaged over layers."""
-        per_layer = [layer.head_entries() for layer in self.layers]
-        return sum(sum(h) / len(h) for h in per_layer if h) / max(1, len(self.layers))
-
-    def mark(self) -> CacheMark:
-        """Where the cache stands now. When the recipe evicts while decoding, each layer also
-        keeps a snapshot (its tensors by reference: memory is held only for what a later
-        eviction replaces), so that a rollback restores evicted entries too."""
-        compress = self.recipe.compress if self.recipe is not None else None
-        snapshot = compress is not None and compress.evicts_while_decoding
-        return CacheMark(tuple(layer.mark(snapshot) for layer in self.layers))
-
-    def rollback(self, mark: CacheMark) -> None:
-        """Back to ``mark``: discard every entry appended since (a multi-request question's
-        tokens), and bring back entries evicted since."""
-        for layer, layer_mark in zip(self.layers, mark.layers):
-            layer.restore(layer_mark)
-
-
-__all__ = ["ForwardStep", "LayerKV", "append_in_place", "decode_reserve", "KVCache", "CacheMark", "LayerMark", "SideIndex"]
+__all__ = ["LayerKV", "append_in_place", "decode_reserve", "CacheMark", "LayerMark", "SideIndex"]

@@ -2,96 +2,39 @@
 
 The hot loop is visible here: :meth:`Engine.prefill` runs the prompt through the model in
 chunks (compressing at the end), :meth:`Engine.decode` samples one token per forward. Every
-forward goes through kvlab's attention function and a :class:`KVCache` built for the recipe.
+forward goes through kvlab's attention function, with one
+:class:`~kvlab.engine.forward.ForwardContext`, on a :class:`~kvlab.engine.sequence.Sequence`
+made for the recipe.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from kvlab.engine.attention import ATTENTION_NAME
-from kvlab.engine.cache import ForwardStep, KVCache, LayerKV
+from kvlab.engine.attention import ATTENTION_NAME, FORWARD_KWARG
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.forward import ForwardContext, Phase
+from kvlab.engine.progress import progress_bar
 from kvlab.engine.prompt import PromptFormat
 from kvlab.engine.ragged import RaggedLayerKV
-from kvlab.engine.rotary import DeferredRotary, Rotary, head_dim
+from kvlab.engine.rotary import DeferredRotary, head_dim
 from kvlab.engine.sampling import Sampling, TokenSampler
+from kvlab.engine.sequence import KVCache, Sequence
 from kvlab.errors import InputError, ModelError
 from kvlab.position.base import TRAINED_ROPE
 from kvlab.recipe import Recipe, parse_recipe
-
-if TYPE_CHECKING:
-    from kvlab.reuse.session import Session
+from kvlab.engine.results import (
+    Answer, Counters, Decoded, Stats, check_max_new_tokens, check_text,
+)
+from kvlab.reuse.session import Session
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass
-class Stats:
-    """Measured numbers of one answer (nothing here is estimated).
-
-    - ``prompt_tokens``: tokens before the answer (context, earlier turns, question);
-    - ``prefilled_tokens``: tokens this call ran through the model's prefill;
-    - ``new_tokens``: generated tokens;
-    - ``kv_tokens``: cache entries per layer and KV head when the answer ended (mean over
-      layers; heads of a layer always hold the same count);
-    - ``kv_bytes``: bytes of every tensor the cache held then (all layers);
-    - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding.
-    """
-
-    prompt_tokens: int
-    prefilled_tokens: int
-    new_tokens: int
-    kv_tokens: float
-    kv_bytes: int
-    prefill_s: float
-    decode_s: float
-
-    @property
-    def decode_s_per_token(self) -> float:
-        return self.decode_s / self.new_tokens if self.new_tokens else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "decode_s_per_token": self.decode_s_per_token}
-
-
-@dataclass
-class Answer:
-    """A generated answer: text (special tokens removed), token ids, and its stats.
-
-    ``logprobs`` ``[new_tokens, vocab]``: log-softmax of the distributions the tokens were
-    drawn from (when asked for). ``teacher_logprobs`` ``[len(teacher), vocab]``: the
-    distributions at each position of a given teacher answer fed instead (when one was given).
-    """
-
-    text: str
-    token_ids: list[int]
-    stats: Stats
-    logprobs: Tensor | None = None
-    teacher_logprobs: Tensor | None = None
-
-
-@dataclass
-class Counters:
-    """Running totals of the engine's work (for tests and reports)."""
-
-    prefilled_tokens: int = 0
-    decoded_tokens: int = 0
-    forwards: int = 0
-
-
-@dataclass
-class _Decoded:
-    tokens: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-    logprobs: list[Tensor] = field(default_factory=list)
 
 
 def check_architecture(config: Any) -> None:
@@ -117,7 +60,11 @@ def check_architecture(config: Any) -> None:
 
 
 class Engine:
-    """A loaded model and tokenizer, ready to run recipes (see :func:`kvlab.load`)."""
+    """A loaded model and tokenizer, ready to run recipes (see :func:`kvlab.load`).
+
+    The hot loop is :meth:`prefill` then :meth:`decode`, on a :class:`Sequence` made by
+    :meth:`new_sequence`; :meth:`generate` and :meth:`session` are the public entry points.
+    """
 
     def __init__(
         self, model: Any, tokenizer: Any = None, name: str = "model", progress: bool = True,
@@ -148,8 +95,17 @@ class Engine:
                 ids.update(int(e) for e in eos)
         return ids
 
-    # -- the cache and one forward --------------------------------------------------------
-    def new_cache(self, recipe: Recipe | str | None) -> KVCache:
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The tokenizer's prompt format (chat template); a :class:`ModelError` without one."""
+        if self.format is None:
+            raise ModelError("this engine has no tokenizer; use generate_ids with token ids")
+        return self.format
+
+    # -- a sequence and one forward ---------------------------------------------------------
+    def new_sequence(self, recipe: Recipe | str | None) -> Sequence:
+        """An empty sequence for ``recipe``: storage in the recipe's format, and what its
+        methods prepare once per model (:meth:`Method.prepare`)."""
         parsed = parse_recipe(recipe)
         if parsed.quantize is not None:
             new_layer = parsed.quantize.new_layer
@@ -157,54 +113,37 @@ class Engine:
             new_layer = RaggedLayerKV
         else:
             new_layer = LayerKV
-        cache = KVCache(self.config.num_hidden_layers, new_layer)
-        cache.recipe = parsed
+        prepared: dict[str, Any] = {}
         for method in parsed.methods:
             state = method.prepare(self)
             if state is not None:
-                cache.prepared[method.stage] = state
-        return cache
+                prepared[method.stage] = state
+        return Sequence(parsed, KVCache(self.config.num_hidden_layers, new_layer), prepared)
 
     def context_window(self, recipe: Recipe) -> int:
         return (recipe.position or TRAINED_ROPE).context_window(self.trained_length)
 
-    def _rotary(self, cache: KVCache, seq_len: int) -> Rotary:
-        position = cache.recipe.position or TRAINED_ROPE
-        key = position.frequency_key(seq_len, self.trained_length)
-        memo = getattr(cache, "_rotary_memo", None)
-        if memo is None or memo[0] != key:
-            memo = (key, position.rotary(self.config, seq_len))
-            cache._rotary_memo = memo  # type: ignore[attr-defined]
-        return memo[1]
-
     @torch.inference_mode()
-    def forward(
-        self, cache: KVCache, ids: list[int], *, building: bool, compress: bool = False,
-        compressing: bool = False,
-    ) -> Tensor:
-        """Run ``ids`` through the model on top of ``cache``; next-token logits ``[vocab]``."""
-        start = cache.get_seq_length()
+    def forward(self, sequence: Sequence, ids: list[int], phase: Phase) -> Tensor:
+        """Run ``ids`` through the model on top of ``sequence``; next-token logits ``[vocab]``."""
+        start = sequence.seen
         positions = torch.arange(start, start + len(ids), device=self.device)
-        position = cache.recipe.position or TRAINED_ROPE
-        cache.step = ForwardStep(
+        forward = ForwardContext(
+            recipe=sequence.recipe,
+            cache=sequence.cache,
             positions=positions,
-            rotary=self._rotary(cache, start + len(ids)),
-            rotate_keys=not position.stores_pre_rope,
-            building=building,
-            compressing=compressing or compress,
-            compress=compress,
+            rotary=sequence.rotary(self.config, start + len(ids), self.trained_length),
+            phase=phase,
+            prepared=sequence.prepared,
         )
-        try:
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),
-                position_ids=positions[None],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                kvlab_cache=cache,
-            )
-        finally:
-            cache.step = None
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=positions[None],
+            cache=sequence.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **{FORWARD_KWARG: forward},
+        )
         self.counters.forwards += 1
         return out.logits[0, -1].float()
 
@@ -219,30 +158,48 @@ class Engine:
             bounds[-2:] = [(a, e)]
         return bounds
 
-    def prefill(self, cache: KVCache, ids: list[int], *, compress: bool) -> Tensor:
-        """Encode ``ids`` into ``cache`` chunk by chunk; compress after the last chunk."""
+    def prefill(
+        self, sequence: Sequence, ids: list[int], *, compress: bool, progress: bool | None = None
+    ) -> Tensor:
+        """Encode ``ids`` into ``sequence`` chunk by chunk. With ``compress``, ``ids`` are the
+        context: the compress method observes every chunk and compresses after the last one;
+        without, they are appended to the cache as they are. ``progress`` (default: the
+        engine's setting) shows a progress bar for long prompts."""
         if not ids:
             raise InputError("nothing to prefill: the prompt encodes to zero tokens")
         bounds = self.chunks(len(ids))
-        show = self.progress and len(bounds) > 2
+        show = (self.progress if progress is None else progress) and len(bounds) > 2
         with progress_bar(show) as bar:
             task = bar.add_task(f"prefill {len(ids)} tokens", total=len(ids))
             for i, (a, b) in enumerate(bounds):
-                last = i == len(bounds) - 1
-                logits = self.forward(
-                    cache, ids[a:b], building=True, compress=compress and last, compressing=compress
-                )
+                if not compress:
+                    phase = Phase.APPEND
+                else:
+                    phase = Phase.CONTEXT_END if i == len(bounds) - 1 else Phase.CONTEXT
+                logits = self.forward(sequence, ids[a:b], phase)
                 bar.update(task, advance=b - a)
         self.counters.prefilled_tokens += len(ids)
         return logits
 
+    def probe(self, recipe: Recipe, ids: list[int]) -> Sequence:
+        """Prefill ``ids`` as a context with ``recipe`` as set-up work (a method measuring the
+        model in :meth:`Method.prepare`, e.g. DuoAttention's head identification): no progress
+        display, and not counted in :attr:`counters`, which count the work of requests."""
+        sequence = self.new_sequence(recipe)
+        counters = replace(self.counters)
+        try:
+            self.prefill(sequence, ids, compress=True, progress=False)
+        finally:
+            self.counters = counters
+        return sequence
+
     def decode(
-        self, cache: KVCache, logits: Tensor, max_new_tokens: int, sampler: TokenSampler,
+        self, sequence: Sequence, logits: Tensor, max_new_tokens: int, sampler: TokenSampler,
         keep_logprobs: bool = False,
-    ) -> _Decoded:
+    ) -> Decoded:
         """Generate up to ``max_new_tokens``; stops after a stop token. The last token is not
         run through the model (it is returned, not cached)."""
-        result = _Decoded()
+        result = Decoded()
         start = time.perf_counter()
         for i in range(max_new_tokens):
             if keep_logprobs:
@@ -251,41 +208,59 @@ class Engine:
             result.tokens.append(token)
             if token in self.stop_ids or i == max_new_tokens - 1:
                 break
-            logits = self.forward(cache, [token], building=False)
+            logits = self.forward(sequence, [token], Phase.DECODE)
         result.seconds = time.perf_counter() - start
         self.counters.decoded_tokens += len(result.tokens)
         return result
 
-    def teacher_force(self, cache: KVCache, logits: Tensor, tokens: list[int]) -> Tensor:
+    def teacher_force(self, sequence: Sequence, logits: Tensor, tokens: list[int]) -> Tensor:
         """Log-probabilities ``[len(tokens), vocab]`` the model gives each of ``tokens`` when
         they are fed one by one after ``logits`` (the state the prefill left)."""
         rows = [torch.log_softmax(logits, dim=-1)]
         for token in tokens[:-1]:
-            rows.append(torch.log_softmax(self.forward(cache, [token], building=False), dim=-1))
+            rows.append(torch.log_softmax(self.forward(sequence, [token], Phase.DECODE), dim=-1))
         return torch.stack(rows)
 
     # -- checks -------------------------------------------------------------------------------
     def check_fits(
-        self, recipe: Recipe, total_tokens: int, max_new_tokens: int, allow_overflow: bool
+        self, recipe: Recipe, prompt_tokens: int, max_new_tokens: int, allow_overflow: bool
     ) -> None:
-        """Refuse a prompt that does not fit the window of the recipe's position method."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+        """Refuse a prompt of ``prompt_tokens`` that, with ``max_new_tokens`` to generate, does
+        not fit the window of the recipe's position method (``max_new_tokens=0``: a context
+        that later questions will extend)."""
+        check_max_new_tokens(max_new_tokens, allow_zero=True)
         window = self.context_window(recipe)
-        if total_tokens <= window or allow_overflow:
+        total = prompt_tokens + max_new_tokens
+        if total <= window or allow_overflow:
             return
-        factor = 2 ** math.ceil(math.log2(total_tokens / self.trained_length))
+        if max_new_tokens:
+            what = f"{prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} = {total} tokens"
+        else:
+            what = f"the context's {prompt_tokens} tokens"
         raise InputError(
-            f"{total_tokens} tokens (prompt + max_new_tokens {max_new_tokens}) exceed the "
-            f"{window}-token window of {self.name} with recipe '{recipe}'; add a position "
-            f"method, e.g. 'yarn(factor={factor})' or 'self_extend(group_size={max(2, factor)})', "
-            "or allow the overflow (allow_overflow=True, --allow-overflow) to watch the model fail"
+            f"{what} exceed the {window}-token window of {self.name} with recipe '{recipe}'; "
+            f"{self._extension_hint(total)}, or allow the overflow (allow_overflow=True, "
+            "--allow-overflow) to watch the model fail"
         )
 
-    def _require_tokenizer(self) -> PromptFormat:
-        if self.format is None:
-            raise ModelError("this engine has no tokenizer; use generate_ids with token ids")
-        return self.format
+    def _extension_hint(self, total: int) -> str:
+        """A position method whose window holds ``total`` tokens, within its parameter range."""
+        from kvlab.registry import method_class
+
+        needed = 2 ** math.ceil(math.log2(total / self.trained_length))
+        yarn_max = int(_param_max(method_class("yarn"), "factor"))
+        group_max = int(_param_max(method_class("self_extend"), "group_size"))
+        hints = []
+        if needed <= yarn_max:
+            hints.append(f"'yarn(factor={needed})'")
+        if max(2, needed) <= group_max:
+            hints.append(f"'self_extend(group_size={max(2, needed)})'")
+        if not hints:
+            return (
+                f"no position method reaches {total} tokens on this model (yarn's factor is at "
+                f"most {yarn_max}: {yarn_max * self.trained_length} tokens); shorten the prompt"
+            )
+        return "add a position method, e.g. " + " or ".join(hints)
 
     # -- public API --------------------------------------------------------------------------
     def generate_ids(
@@ -293,16 +268,21 @@ class Engine:
         sampling: Sampling | None = None, allow_overflow: bool = False,
     ) -> Answer:
         """Generate from token ids (the prompt is prefilled and compressed as one)."""
-        cache = self.new_cache(recipe)
-        self.check_fits(cache.recipe, len(ids) + max_new_tokens, max_new_tokens, allow_overflow)
+        check_max_new_tokens(max_new_tokens)
+        if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
+            raise InputError(f"ids: must be a list of token ids (integers), got {type(ids).__name__}")
+        sequence = self.new_sequence(parse_recipe(recipe))
+        self.check_fits(sequence.recipe, len(ids), max_new_tokens, allow_overflow)
         start = time.perf_counter()
-        logits = self.prefill(cache, list(ids), compress=True)
+        logits = self.prefill(sequence, list(ids), compress=True)
         prefill_s = time.perf_counter() - start
-        decoded = self.decode(cache, logits, max_new_tokens, (sampling or Sampling()).sampler(self.device))
+        decoded = self.decode(sequence, logits, max_new_tokens, (sampling or Sampling()).sampler(self.device))
         return Answer(
             text=self.tokenizer.decode(decoded.tokens, skip_special_tokens=True) if self.tokenizer else "",
             token_ids=decoded.tokens,
-            stats=self.measure(cache, len(ids), len(ids), decoded, prefill_s),
+            stats=Stats.measure(sequence, len(ids), len(ids), prefill_s, decoded),
         )
 
     def generate(
@@ -311,12 +291,11 @@ class Engine:
         allow_overflow: bool = False,
     ) -> Answer:
         """Answer one prompt (chat template applied when the tokenizer has one)."""
-        fmt = self._require_tokenizer()
-        if not prompt.strip():
-            raise InputError("the prompt is empty")
+        fmt = self.prompt_format
+        check_text(prompt, "prompt")
         ids = fmt.encode(fmt.render([{"role": "user", "content": prompt}]), first=True)
         return self.generate_ids(
-            ids, recipe, max_new_tokens, Sampling(temperature, top_p, seed), allow_overflow
+            ids, parse_recipe(recipe), max_new_tokens, Sampling(temperature, top_p, seed), allow_overflow
         )
 
     def session(
@@ -324,29 +303,10 @@ class Engine:
         allow_overflow: bool = False,
     ) -> Session:
         """Encode ``context`` once; ask it many questions (see :class:`kvlab.reuse.Session`)."""
-        from kvlab.reuse.session import Session
-
         return Session(self, context, parse_recipe(recipe), mode, allow_overflow)
 
-    def measure(
-        self, cache: KVCache, prompt_tokens: int, prefilled: int, decoded: _Decoded, prefill_s: float
-    ) -> Stats:
-        return Stats(
-            prompt_tokens=prompt_tokens,
-            prefilled_tokens=prefilled,
-            new_tokens=len(decoded.tokens),
-            kv_tokens=cache.mean_entries(),
-            kv_bytes=cache.nbytes(),
-            prefill_s=prefill_s,
-            decode_s=decoded.seconds,
-        )
 
+def _param_max(cls: type, name: str) -> float:
+    from dataclasses import fields
 
-def progress_bar(show: bool, unit: str = "tokens") -> Progress:
-    """kvlab's progress display for long work (on stderr, removed when done): ``done/total
-    unit`` and the time left; nothing when ``show`` is false."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(),
-        TextColumn(f"{{task.completed}}/{{task.total}} {unit}"), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=True, disable=not show,
-    )
+    return next(f.metadata["max"] for f in fields(cls) if f.name == name)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class Rotary:
@@ -73,6 +72,8 @@ def rope_frequencies(
         dim = head_dim(config)
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # heavy: only when needed
+
     return ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len)
 
 

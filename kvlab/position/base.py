@@ -11,30 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from kvlab.engine.attention import causal_allowed, dense_attention, masked_logits
+from kvlab.engine.kernels import causal_allowed, causal_mask, dense_attention, masked_logits
 from kvlab.engine.rotary import Rotary, rope_frequencies
 from kvlab.registry import Method
-
-
-def causal_mask(
-    q_pos: Tensor, k_pos: Tensor, allowed: Tensor | None
-) -> tuple[Tensor | None, bool]:
-    """The mask for attention of queries at ``q_pos`` over keys at ``k_pos``: returns
-    ``(mask, is_causal)`` and avoids building a mask where none is needed."""
-    if q_pos.numel() == 1:  # a decoding step: every stored key is at or before the query
-        return allowed, False
-    if allowed is None:
-        if int(k_pos.max()) <= int(q_pos.min()):
-            return None, False
-        if k_pos.dim() == 1 and k_pos.shape == q_pos.shape and torch.equal(k_pos, q_pos):
-            return None, True
-    mask = causal_allowed(q_pos, k_pos)
-    if allowed is not None:
-        mask = mask & allowed
-    return mask, False
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from kvlab.engine.attention import expand_heads, masked_logits
+from kvlab.engine.kernels import expand_heads, masked_logits
 from kvlab.engine.rotary import Rotary
 from kvlab.position.base import PositionMethod
 from kvlab.registry import param, register

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.prefill.base import PrefillMethod
 from kvlab.registry import param, register
 
@@ -39,7 +39,7 @@ class AShape(PrefillMethod):
         return torch.cat([sinks, torch.arange(lo, last + 1)])
 
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor:
-        layer, q_pos = ctx.layer, ctx.step.positions
+        layer, q_pos = ctx.layer, ctx.positions
         outputs = []
         for start in range(0, q.shape[2], self.block):
             block_pos = q_pos[start : start + self.block]

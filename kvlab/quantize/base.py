@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.engine.cache import LayerKV
 from kvlab.registry import Method
 

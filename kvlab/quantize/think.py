@@ -47,11 +47,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.engine.cache import LayerKV, append_in_place, decode_reserve
 from kvlab.errors import RecipeError
 from kvlab.quantize.base import QuantizeMethod
-from kvlab.recipe import Recipe, check_compatible
 from kvlab.registry import param, register
 
 
@@ -90,7 +89,7 @@ class ThinK(QuantizeMethod):
         """fp32 ``[b, h, d]``: per KV head and channel, mean ``q_c^2`` over the last ``window``
         rotated queries (summed over the head's query heads) x mean ``k_c^2`` over its keys."""
         window = min(self.window, q.shape[2])
-        observed = ctx.step.rotary.rotate(q[:, :, -window:], ctx.step.positions[-window:])
+        observed = ctx.rotary.rotate(q[:, :, -window:], ctx.positions[-window:])
         keys = ctx.layer.keys
         b, query_heads, _, d = observed.shape
         kv_heads = keys.shape[1]
@@ -101,7 +100,6 @@ class ThinK(QuantizeMethod):
     def convert(self, q: Tensor, ctx: LayerContext) -> None:
         """Prune the layer's key channels (``q`` ``[b, Hq, t, d]``, the prefill's last queries,
         unrotated), then end the prefill."""
-        check_compatible(Recipe(position=ctx.position, quantize=self))  # a Recipe built by hand
         layer = ctx.layer
         if layer.num_entries:
             d = q.shape[-1]

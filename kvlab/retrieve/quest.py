@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from kvlab.engine.attention import LayerContext
+from kvlab.engine.context import LayerContext
 from kvlab.engine.cache import LayerKV
 from kvlab.registry import Budget, param, register, resolve_budget
 from kvlab.retrieve.base import RetrieveMethod
@@ -143,8 +143,8 @@ class Quest(RetrieveMethod):
         pages = max(3, resolve_budget(self.budget, n) // self.page)
         if ctx.index < self.dense_layers or pages * self.page >= n:
             return None
-        q_pos = ctx.step.positions
-        chosen = self.scores(ctx.step.rotary.rotate(q, q_pos), layer).topk(pages, dim=-1).indices
+        q_pos = ctx.positions
+        chosen = self.scores(ctx.rotary.rotate(q, q_pos), layer).topk(pages, dim=-1).indices
         entries = (chosen[..., None] * self.page + torch.arange(self.page, device=q.device))
         entries = entries.flatten(-2)  # [b, Hq, pages * page]
         valid = entries < n

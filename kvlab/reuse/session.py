@@ -10,53 +10,84 @@ Li et al., "SCBench: A KV Cache-Centric Analysis of Long-Context Methods", arXiv
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
-from kvlab.engine.sampling import Sampling
-from kvlab.errors import InputError
-from kvlab.engine.prompt import QUESTION_SEPARATOR
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kvlab.engine.engine import Answer, Engine, Stats
-    from kvlab.recipe import Recipe
+from torch import Tensor
+
+from kvlab.engine.prompt import QUESTION_SEPARATOR, PromptFormat
+from kvlab.engine.results import Answer, Decoded, Stats, check_max_new_tokens, check_text
+from kvlab.engine.sampling import Sampling, TokenSampler
+from kvlab.engine.sequence import Sequence
+from kvlab.errors import InputError
+from kvlab.recipe import Recipe
 
 MODES = ("multi-request", "multi-turn")
+
+
+class SessionEngine(Protocol):
+    """What a session needs of an engine (:class:`kvlab.Engine` is one): the session is built
+    on the engine's public API only."""
+
+    device: Any
+    tokenizer: Any
+
+    @property
+    def prompt_format(self) -> PromptFormat: ...
+
+    def check_fits(self, recipe: Recipe, prompt_tokens: int, max_new_tokens: int, allow_overflow: bool) -> None: ...
+
+    def new_sequence(self, recipe: Recipe) -> Sequence: ...
+
+    def prefill(self, sequence: Sequence, ids: list[int], *, compress: bool) -> Tensor: ...
+
+    def decode(
+        self, sequence: Sequence, logits: Tensor, max_new_tokens: int, sampler: TokenSampler,
+        keep_logprobs: bool = False,
+    ) -> Decoded: ...
+
+    def teacher_force(self, sequence: Sequence, logits: Tensor, tokens: list[int]) -> Tensor: ...
 
 
 class Session:
     """A context prefilled (and compressed) once; :meth:`ask` answers questions against it."""
 
     def __init__(
-        self, engine: Engine, context: str, recipe: Recipe, mode: str = "multi-request",
+        self, engine: SessionEngine, context: str, recipe: Recipe, mode: str = "multi-request",
         allow_overflow: bool = False,
     ) -> None:
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise InputError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
-        if not context.strip():
-            raise InputError("the context is empty")
+        if not isinstance(recipe, Recipe):
+            raise InputError(f"recipe={recipe!r}: a Session takes a parsed kvlab.Recipe (Engine.session parses strings)")
+        check_text(context, "context")
         self.engine = engine
         self.mode = mode
         self.recipe = recipe
         self.allow_overflow = allow_overflow
-        self._format = engine._require_tokenizer()
+        self._format = engine.prompt_format
         self._context = context
         self._messages: list[dict[str, str]] = []
         self._consumed = self._format.context_head(context)
         self._pending: list[int] = []  # generated tokens not yet run through the model
         ids = self._format.encode(self._consumed, first=True)
-        self.cache = engine.new_cache(recipe)
-        engine.check_fits(recipe, len(ids) + 1, 1, allow_overflow)
+        engine.check_fits(recipe, len(ids), 0, allow_overflow)
+        self.sequence = engine.new_sequence(recipe)
         start = time.perf_counter()
-        engine.prefill(self.cache, ids, compress=True)
-        from kvlab.engine.engine import _Decoded
-
-        self.context_stats: Stats = engine.measure(
-            self.cache, len(ids), len(ids), _Decoded(), time.perf_counter() - start
+        engine.prefill(self.sequence, ids, compress=True)
+        self.context_stats: Stats = Stats.measure(
+            self.sequence, len(ids), len(ids), time.perf_counter() - start
         )
-        self._mark = self.cache.mark()
+        self._mark = self.sequence.mark()
         self._start = (self._consumed, list(self._messages), list(self._pending))
+
+    @property
+    def transcript(self) -> str:
+        """The rendered text the session's cache holds now: the context and, in multi-turn
+        mode, every earlier question and answer (chat template included)."""
+        return self._consumed
 
     def ask(
         self, question: str, answer_prefix: str = "", max_new_tokens: int = 64,
@@ -72,10 +103,10 @@ class Session:
         ``teacher_tokens`` — also score this answer token by token (``teacher_logprobs``);
         ``keep_logprobs`` — return the generated tokens' distributions (``logprobs``).
         """
-        from kvlab.engine.engine import Answer
-
-        if not question.strip():
-            raise InputError("the question is empty")
+        check_text(question, "question")
+        if not isinstance(answer_prefix, str):
+            raise InputError(f"answer_prefix={answer_prefix!r}: must be a string")
+        check_max_new_tokens(max_new_tokens)
         sampling = Sampling(temperature, top_p, seed)
         content = question if self._messages else self._context + QUESTION_SEPARATOR + question
         messages = [*self._messages, {"role": "user", "content": content}]
@@ -83,25 +114,25 @@ class Session:
         ids = self._pending + self._format.encode(
             self._format.remainder(full, self._consumed), first=False
         )
-        engine, cache = self.engine, self.cache
-        before = cache.get_seq_length()
-        engine.check_fits(self.recipe, before + len(ids) + max_new_tokens, max_new_tokens, self.allow_overflow)
+        engine, sequence = self.engine, self.sequence
+        before = sequence.seen
+        engine.check_fits(self.recipe, before + len(ids), max_new_tokens, self.allow_overflow)
         start = time.perf_counter()
-        logits = engine.prefill(cache, ids, compress=False)
+        logits = engine.prefill(sequence, ids, compress=False)
         prefill_s = time.perf_counter() - start
-        question_mark = cache.mark()
+        question_mark = sequence.mark()
         teacher = None
         if teacher_tokens:
-            teacher = engine.teacher_force(cache, logits, teacher_tokens)
-            cache.rollback(question_mark)
+            teacher = engine.teacher_force(sequence, logits, teacher_tokens)
+            sequence.rollback(question_mark)
         decoded = engine.decode(
-            cache, logits, max_new_tokens, sampling.sampler(engine.device), keep_logprobs
+            sequence, logits, max_new_tokens, sampling.sampler(engine.device), keep_logprobs
         )
         tokenizer = engine.tokenizer
         text = tokenizer.decode(decoded.tokens, skip_special_tokens=True)
-        stats = engine.measure(cache, before + len(ids), len(ids), decoded, prefill_s)
+        stats = Stats.measure(sequence, before + len(ids), len(ids), prefill_s, decoded)
         if self.mode == "multi-turn" and reference_answer is not None:
-            cache.rollback(question_mark)
+            sequence.rollback(question_mark)
             self._messages = [*messages, {"role": "assistant", "content": answer_prefix + reference_answer}]
             self._consumed, self._pending = full, []
         elif self.mode == "multi-turn":
@@ -109,7 +140,7 @@ class Session:
             self._consumed = full + tokenizer.decode(decoded.tokens, skip_special_tokens=False)
             self._pending = decoded.tokens[-1:]
         else:
-            cache.rollback(self._mark)
+            sequence.rollback(self._mark)
             self._consumed, self._messages, self._pending = (
                 self._start[0], list(self._start[1]), list(self._start[2])
             )

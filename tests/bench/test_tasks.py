@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from kvlab.bench.cases import Case
-from kvlab.bench.corpus import (
+from kvlab.corpus import (
     haystack_units,
     prose_text,
     prose_words,

@@ -6,14 +6,11 @@ import torch
 import kvlab
 from kvlab.compress.adakv import AdaKV
 from kvlab.compress.pyramidkv import pyramid_budgets
-from kvlab.engine.attention import LayerContext
-from kvlab.engine.cache import ForwardStep
 from kvlab.engine.ragged import RaggedLayerKV
 from kvlab.errors import RecipeError
-from kvlab.position.base import TRAINED_ROPE
 from tests.compress.test_snapkv import reference_scores
 from tests.conftest import prompt_ids, tiny_engine
-from tests.layers import rotary as random_rotary
+from tests.layers import layer_context, rotary as random_rotary
 
 
 def reference_keep(scores, choose, window, n, alpha):
@@ -41,16 +38,15 @@ def random_ragged(n=60, d=8, kv_heads=3, query_heads=6, seed=0, peaked=True):
     layer = RaggedLayerKV()
     layer.append(keys, torch.randn(1, kv_heads, n, d), torch.arange(n))
     rotary = random_rotary(d)
-    step = ForwardStep(torch.arange(n), rotary, rotate_keys=True, building=True, compress=True)
     q = torch.randn(1, query_heads, n, d)
     q[0, :2] = keys[0, 0, [5]].abs().mean() + q[0, :2]
-    return layer, step, rotary, q
+    return layer, rotary, q
 
 
 @pytest.mark.parametrize("alpha", [0.2, 0.0, 1.0])
 def test_keep_matches_the_reference(alpha):
-    layer, step, rotary, q = random_ragged()
-    ctx = LayerContext(0, 1, layer, step, TRAINED_ROPE, 8**-0.5)
+    layer, rotary, q = random_ragged()
+    ctx = layer_context(layer, torch.arange(layer.num_entries), rotary)
     keys_before, n = layer.keys.clone(), layer.num_entries
     scores = reference_scores(q, keys_before, rotary, window=6, kernel=3)
     expected = reference_keep(scores, choose=14, window=6, n=n, alpha=alpha)
@@ -68,8 +64,8 @@ def test_keep_matches_the_reference(alpha):
 def test_pyramid_scorer_uses_the_layer_budgets():
     sizes = []
     for index in range(4):
-        layer, step, _, q = random_ragged()
-        ctx = LayerContext(index, 4, layer, step, TRAINED_ROPE, 8**-0.5)
+        layer, rotary, q = random_ragged()
+        ctx = layer_context(layer, torch.arange(layer.num_entries), rotary, index, 4)
         AdaKV(budget=20, window=6, kernel=3, scorer="pyramidkv").compress(q, ctx)
         sizes.append(sum(layer.head_entries()))
     assert sizes == [3 * b for b in pyramid_budgets(20, 6, 60, 4, 20.0)]
@@ -80,7 +76,7 @@ def test_physical_bytes_equal_snapkv_at_the_same_budget():
     ids = prompt_ids(160)
     sizes = {}
     for recipe in ("full", "snapkv(budget=40, window=8)", "adakv(budget=40, window=8)"):
-        cache = engine.new_cache(recipe)
+        cache = engine.new_sequence(recipe)
         engine.prefill(cache, ids, compress=True)
         sizes[recipe] = cache.nbytes()
         if recipe.startswith("adakv"):
@@ -106,9 +102,9 @@ def test_generation_and_sessions_on_ragged_heads(tokenizer):
     engine = tiny_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048)
     context = "The code of the red door is 4417. " * 30
     session = engine.session(context, recipe="adakv(budget=0.3, window=8)", mode="multi-request")
-    entries = [layer.head_entries() for layer in session.cache.layers]
+    entries = [layer.head_entries() for layer in session.sequence.layers]
     first = session.ask("What is the code?", max_new_tokens=6)
-    assert [layer.head_entries() for layer in session.cache.layers] == entries
+    assert [layer.head_entries() for layer in session.sequence.layers] == entries
     assert session.ask("What is the code?", max_new_tokens=6).token_ids == first.token_ids
     assert first.stats.kv_bytes < 0.5 * engine.session(context).context_stats.kv_bytes
 

@@ -105,9 +105,9 @@ def test_draws_are_seeded():
 def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_cache("cam(budget=40, window=8, merge=8)")
+    cache = engine.new_sequence("cam(budget=40, window=8, merge=8)")
     engine.prefill(cache, ids, compress=True)
-    base = engine.new_cache("snapkv(budget=40, window=8)")
+    base = engine.new_sequence("snapkv(budget=40, window=8)")
     engine.prefill(base, ids, compress=True)
     assert torch.equal(cache.layers[0].positions, base.layers[0].positions)
     assert torch.equal(cache.layers[0].keys, base.layers[0].keys)  # layer 0 sees the same input

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from kvlab.engine.context import Phase
+
 import kvlab
 from kvlab.compress.decoding import all_but
 from tests.conftest import prompt_ids, tiny_engine
@@ -10,11 +12,11 @@ from tests.conftest import prompt_ids, tiny_engine
 
 def generate_watching_sizes(engine, recipe, ids, steps):
     """Greedy generation of ``steps`` tokens; the largest layer size seen after each step."""
-    cache = engine.new_cache(recipe)
+    cache = engine.new_sequence(recipe)
     logits = engine.prefill(cache, ids, compress=True)
     sizes = []
     for _ in range(steps):
-        logits = engine.forward(cache, [int(logits.argmax())], building=False)
+        logits = engine.forward(cache, [int(logits.argmax())], Phase.DECODE)
         sizes.append(max(layer.num_entries for layer in cache.layers))
     return cache, sizes
 
@@ -40,14 +42,14 @@ def test_per_step_tova_and_h2o_hold_the_cache_size():
 
 def test_h2o_per_step_drops_the_lowest_accumulated_score():
     engine = tiny_engine()
-    cache = engine.new_cache("h2o(budget=30, recent=0.2)")
+    cache = engine.new_sequence("h2o(budget=30, recent=0.2)")
     logits = engine.prefill(cache, prompt_ids(80), compress=True)
     layer = cache.layers[0]
     before_positions = layer.positions.clone()
     before_scores = layer.side["h2o.scores"].scores.clone()
     token = int(logits.argmax())
     # the new entry's keys and the query are needed for the reference: capture via a full forward
-    engine.forward(cache, [token], building=False)
+    engine.forward(cache, [token], Phase.DECODE)
     after = layer.positions
     assert after.shape[-1] == 30
     for head in range(2):

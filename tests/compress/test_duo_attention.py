@@ -141,8 +141,8 @@ def test_scores_are_kept_on_disk_and_reloaded(cache_dir, monkeypatch):
 def test_streaming_heads_keep_sinks_and_recent_entries_physically():
     engine = tiny_engine()
     method = DuoAttention(retrieval=0.25, **SMALL)  # one retrieval head of four: one mixed layer
-    full = engine.new_cache("full")
-    cache = engine.new_cache(Recipe(compress=method))
+    full = engine.new_sequence("full")
+    cache = engine.new_sequence(Recipe(compress=method))
     split = cache.prepared["compress"]
     ids = prompt_ids(150)
     engine.prefill(full, ids, compress=True)
@@ -179,8 +179,8 @@ def test_all_retrieval_is_full_and_all_streaming_is_streaming_llm(monkeypatch):
     whole = engine.generate_ids(ids, "duo_attention(retrieval=1.0)", max_new_tokens=10)
     assert whole.token_ids == full.token_ids and whole.stats.kv_bytes == full.stats.kv_bytes
 
-    streaming = engine.new_cache(f"duo_attention(retrieval=0.0, sink={SINK}, recent={RECENT})")
-    reference = engine.new_cache(f"streaming_llm(budget={WINDOW}, sink={SINK})")
+    streaming = engine.new_sequence(f"duo_attention(retrieval=0.0, sink={SINK}, recent={RECENT})")
+    reference = engine.new_sequence(f"streaming_llm(budget={WINDOW}, sink={SINK})")
     engine.prefill(streaming, ids, compress=True)
     engine.prefill(reference, ids, compress=True)
     for a, b in zip(streaming.layers, reference.layers):
@@ -201,10 +201,10 @@ def test_streaming_heads_stay_bounded_while_retrieval_heads_grow(monkeypatch, ev
 
     def recording(self, q, ctx):
         original(self, q, ctx)
-        history.append((int(ctx.step.positions[-1]), ctx.layer.head_entries()))
+        history.append((int(ctx.positions[-1]), ctx.layer.head_entries()))
 
     monkeypatch.setattr(DuoAttention, "after_decode_step", recording)
-    cache = engine.new_cache(recipe)
+    cache = engine.new_sequence(recipe)
     (retrieval,) = cache.prepared["compress"].retrieval
     assert sorted(retrieval) == [False, True]  # one head of each kind: a ragged layer
     r, s = retrieval.index(True), retrieval.index(False)
@@ -235,8 +235,8 @@ def test_a_multi_request_session_comes_back_to_the_context_cache(tokenizer, monk
         return [[(h.keys.clone(), h.values.clone(), h.key_positions().clone()) for h in layer.heads]
                 for layer in cache.layers]
 
-    before = state(session.cache)
-    assert any(not all(r) and any(r) for r in session.cache.prepared["compress"].retrieval)
+    before = state(session.sequence)
+    assert any(not all(r) and any(r) for r in session.sequence.prepared["compress"].retrieval)
     evictions = []
     original = RaggedLayerKV.select_per_head
     monkeypatch.setattr(
@@ -244,7 +244,7 @@ def test_a_multi_request_session_comes_back_to_the_context_cache(tokenizer, monk
     )
     first = session.ask("What is the code of the red door?", max_new_tokens=12)
     assert evictions  # streaming heads evicted while answering
-    after = state(session.cache)
+    after = state(session.sequence)
     for layer_before, layer_after in zip(before, after):
         for (k0, v0, p0), (k1, v1, p1) in zip(layer_before, layer_after):
             assert torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(p0, p1)
@@ -282,5 +282,5 @@ def test_a_probe_longer_than_the_model_was_trained_for_is_capped_or_refused():
     engine = tiny_engine()  # trained length 256
     assert DuoAttention(**{**SMALL, "probe_length": 4096}).identification(engine).length == 256
     with pytest.raises(kvlab.RecipeError, match="trained length 256"):
-        engine.new_cache("duo_attention")  # sink 128 + recent 256 do not fit 256 tokens
-    assert isinstance(engine.new_cache("duo_attention(retrieval=0.0)").prepared["compress"], HeadSplit)
+        engine.new_sequence("duo_attention")  # sink 128 + recent 256 do not fit 256 tokens
+    assert isinstance(engine.new_sequence("duo_attention(retrieval=0.0)").prepared["compress"], HeadSplit)

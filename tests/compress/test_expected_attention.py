@@ -74,7 +74,7 @@ def test_scores_are_the_attention_of_gaussian_future_queries():
     ctx, _ = random_layer(n=20, kv_heads=1, query_heads=1, seed=12)
     mix = torch.randn(8, 8) / 3
     q = (torch.randn(20000, 8) @ mix + torch.randn(8))[None, None]  # [1, 1, t, d]
-    ctx.step.positions = torch.arange(q.shape[2])
+    ctx.positions = torch.arange(q.shape[2])
     method = ExpectedAttention(budget=10, sink=0, future=1, value_norm=False)
     predicted = method.score(method.statistics(q, ctx), ctx, sink=0, query_heads=1)[0, 0]
     future_q = rotary(8).rotate(q, torch.full((q.shape[2],), 20))[0, 0]
@@ -88,7 +88,7 @@ def test_scores_are_the_attention_of_gaussian_future_queries():
 def test_sinks_are_kept_and_the_size_is_physical_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_cache("expected_attention(budget=40)")
+    cache = engine.new_sequence("expected_attention(budget=40)")
     engine.prefill(cache, ids, compress=True)
     for layer in cache.layers:
         assert layer.positions.shape == (1, 2, 40)
@@ -113,10 +113,10 @@ def test_statistics_cover_every_prefill_chunk():
     engine = tiny_engine()
     ids = prompt_ids(160)
     recipe = "expected_attention(budget=40)"
-    whole = engine.new_cache(recipe)
+    whole = engine.new_sequence(recipe)
     engine.prefill(whole, ids, compress=True)
     engine.prefill_chunk = 64
-    chunked = engine.new_cache(recipe)
+    chunked = engine.new_sequence(recipe)
     engine.prefill(chunked, ids, compress=True)
     for one, three in zip(whole.layers, chunked.layers):
         assert torch.equal(one.positions, three.positions)

@@ -56,14 +56,14 @@ def test_every_query_votes_not_only_the_last():
 def test_per_head_heavy_hitters_and_recent_tokens_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_cache("h2o(budget=40, recent=0.5)")
+    cache = engine.new_sequence("h2o(budget=40, recent=0.5)")
     engine.prefill(cache, ids, compress=True)
     for layer in cache.layers:
         assert layer.positions.shape == (1, 2, 40)
         for head in layer.positions[0].tolist():
             assert head[-20:] == list(range(140, 160))
     engine.prefill_chunk = 64  # three chunks: every chunk's queries vote, as in one chunk
-    chunked = engine.new_cache("h2o(budget=40, recent=0.5)")
+    chunked = engine.new_sequence("h2o(budget=40, recent=0.5)")
     engine.prefill(chunked, ids, compress=True)
     for one, three in zip(cache.layers, chunked.layers):
         assert torch.equal(one.positions, three.positions)

@@ -49,7 +49,7 @@ def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
     whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
-    cache = engine.new_cache("knorm(budget=40, skip_layers=0)")
+    cache = engine.new_sequence("knorm(budget=40, skip_layers=0)")
     engine.prefill(cache, ids, compress=True)
     assert all(layer.positions.shape == (1, 2, 40) for layer in cache.layers)
     small = engine.generate_ids(ids, "knorm(budget=40, skip_layers=0)", max_new_tokens=1).stats

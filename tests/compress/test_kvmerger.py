@@ -124,9 +124,9 @@ def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
     recipe = "kvmerger(budget=40, window=8, threshold=-1.0)"
-    cache = engine.new_cache(recipe)
+    cache = engine.new_sequence(recipe)
     engine.prefill(cache, ids, compress=True)
-    base = engine.new_cache("snapkv(budget=40, window=8, kernel=1)")
+    base = engine.new_sequence("snapkv(budget=40, window=8, kernel=1)")
     engine.prefill(base, ids, compress=True)
     for layer in cache.layers:
         assert layer.positions.shape == (1, 2, 40)  # the same count in every head

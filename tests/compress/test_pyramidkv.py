@@ -38,7 +38,7 @@ def test_each_layer_chooses_as_snapkv_with_its_budget():
 def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_cache("pyramidkv(budget=40, window=8)")
+    cache = engine.new_sequence("pyramidkv(budget=40, window=8)")
     engine.prefill(cache, ids, compress=True)
     # C=32, min=1.6, max=62.4 (< 152), L=2: layer 0 keeps 62 + 8, layer 1 keeps 2 + 8
     assert [layer.positions.shape for layer in cache.layers] == [(1, 2, 70), (1, 2, 10)]

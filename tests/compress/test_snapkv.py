@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.compress.snapkv import SnapKV
-from kvlab.engine.attention import LayerContext
-from kvlab.engine.cache import ForwardStep, LayerKV
-from tests.layers import rotary as random_rotary
-from kvlab.position.base import TRAINED_ROPE
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.context import Phase
+from tests.layers import layer_context, rotary as random_rotary
 from tests.conftest import prompt_ids, tiny_engine
 
 
@@ -48,8 +47,7 @@ def test_keep_matches_the_reference(pooling, reduce):
     layer = LayerKV()
     layer.append(torch.randn(1, 2, n, d), torch.randn(1, 2, n, d), torch.arange(n))
     rotary = random_rotary(d)
-    step = ForwardStep(torch.arange(n), rotary, rotate_keys=True, building=True, compress=True)
-    ctx = LayerContext(0, 1, layer, step, TRAINED_ROPE, d**-0.5)
+    ctx = layer_context(layer, torch.arange(n), rotary)
     q = torch.randn(1, 4, n, d)
     method = SnapKV(budget=20, window=6, kernel=3, pooling=pooling, gqa_reduce=reduce)
     expected = reference_keep(q, layer.keys, rotary, 20, 6, 3, pooling, reduce)
@@ -62,7 +60,7 @@ def test_keep_matches_the_reference(pooling, reduce):
 
 def test_per_head_budgets_and_window_in_the_engine():
     engine = tiny_engine()
-    cache = engine.new_cache("snapkv(budget=40, window=8)")
+    cache = engine.new_sequence("snapkv(budget=40, window=8)")
     engine.prefill(cache, prompt_ids(160), compress=True)
     differ = False
     for layer in cache.layers:
@@ -79,15 +77,15 @@ def test_equals_full_when_the_budget_covers_the_context():
     ids = prompt_ids(100)
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     assert engine.generate_ids(ids, "snapkv(budget=1.0)", max_new_tokens=8).token_ids == full.token_ids
-    squeezed = engine.prefill(engine.new_cache("snapkv(budget=20, window=4)"), ids, compress=True)
-    dense = engine.prefill(engine.new_cache("full"), ids, compress=True)
+    squeezed = engine.prefill(engine.new_sequence("snapkv(budget=20, window=4)"), ids, compress=True)
+    dense = engine.prefill(engine.new_sequence("full"), ids, compress=True)
     torch.testing.assert_close(squeezed, dense)  # compression happens after the prompt's logits
-    cache = engine.new_cache("snapkv(budget=20, window=4)")
+    cache = engine.new_sequence("snapkv(budget=20, window=4)")
     engine.prefill(cache, ids, compress=True)
-    after = engine.forward(cache, [5], building=False)
-    ref = engine.new_cache("full")
+    after = engine.forward(cache, [5], Phase.DECODE)
+    ref = engine.new_sequence("full")
     engine.prefill(ref, ids, compress=False)
-    assert not torch.allclose(after, engine.forward(ref, [5], building=False), atol=1e-4)
+    assert not torch.allclose(after, engine.forward(ref, [5], Phase.DECODE), atol=1e-4)
 
 
 def test_query_aware_when_the_question_is_in_the_prompt():
@@ -96,7 +94,7 @@ def test_query_aware_when_the_question_is_in_the_prompt():
     context = prompt_ids(150)
     kept = []
     for question in (prompt_ids(10, seed=5), prompt_ids(10, seed=6)):
-        cache = engine.new_cache("snapkv(budget=30, window=10)")
+        cache = engine.new_sequence("snapkv(budget=30, window=10)")
         engine.prefill(cache, context + question, compress=True)
         kept.append(cache.layers[1].positions[0, :, :20].tolist())
     assert kept[0] != kept[1]

@@ -7,7 +7,7 @@ from tests.conftest import prompt_ids, tiny_engine
 
 def test_keeps_exactly_sinks_and_recent_tokens():
     engine = tiny_engine()
-    cache = engine.new_cache("streaming_llm(budget=40, sink=4)")
+    cache = engine.new_sequence("streaming_llm(budget=40, sink=4)")
     engine.prefill(cache, prompt_ids(150), compress=True)
     expected = list(range(4)) + list(range(150 - 36, 150))
     for layer in cache.layers:
@@ -18,7 +18,7 @@ def test_keeps_exactly_sinks_and_recent_tokens():
 def test_kept_entries_are_the_full_caches_entries():
     engine = tiny_engine()
     ids = prompt_ids(150)
-    full, streamed = engine.new_cache("full"), engine.new_cache("streaming_llm(budget=40, sink=4)")
+    full, streamed = engine.new_sequence("full"), engine.new_sequence("streaming_llm(budget=40, sink=4)")
     engine.prefill(full, ids, compress=False)
     engine.prefill(streamed, ids, compress=True)
     keep = torch.tensor(list(range(4)) + list(range(114, 150)))

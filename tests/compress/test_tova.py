@@ -51,7 +51,7 @@ def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
     whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
-    cache = engine.new_cache("tova(budget=40)")
+    cache = engine.new_sequence("tova(budget=40)")
     engine.prefill(cache, ids, compress=True)
     assert all(layer.positions.shape == (40,) for layer in cache.layers)
     assert cache.layers[0].positions.tolist() != cache.layers[1].positions.tolist()

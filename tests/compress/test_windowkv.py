@@ -107,7 +107,7 @@ def test_only_the_first_layer_of_a_group_scores_in_the_engine(monkeypatch):
     monkeypatch.setattr(WindowKV, "window_scores", counting)
     engine = tiny_engine(num_hidden_layers=4)
     recipe = "windowkv(budget=40, suffix=8, shared_layers=2, beta=4)"
-    cache = engine.new_cache(recipe)
+    cache = engine.new_sequence(recipe)
     engine.prefill(cache, prompt_ids(160), compress=True)
     assert scored == [0, 2]
     # C = 32: last group C * 2 / 4 = 16 review entries, first 2C - 16 = 48; review 152 = 19 windows

@@ -2,7 +2,8 @@
 
 import torch
 
-from kvlab.engine.cache import KVCache, LayerKV
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.sequence import KVCache
 
 
 def filled_layer(n=10, heads=2, d=4):
@@ -60,10 +61,10 @@ def test_rollback_discards_appended_entries():
 def test_decoding_appends_in_place_with_a_small_counted_reserve():
     layer = filled_layer(n=64)
     layer.append(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), torch.tensor([64]))
-    storage = layer._key_storage
-    assert storage.shape[2] == 65 + 4  # reserve of n // 16 entries
+    storage = layer.keys.data_ptr()
+    assert layer.capacity == 65 + 4  # reserve of n // 16 entries
     assert layer.nbytes() == 2 * 2 * 69 * 4 * 4  # reserved entries are allocated memory
     for position in range(65, 69):
         layer.append(torch.full((1, 2, 1, 4), float(position)), torch.ones(1, 2, 1, 4), torch.tensor([position]))
-    assert layer._key_storage is storage  # no copy while the reserve lasts
+    assert layer.keys.data_ptr() == storage and layer.capacity == 69  # no copy while the reserve lasts
     assert layer.keys.shape[2] == 69 and float(layer.keys[0, 0, -1, 0]) == 68.0

@@ -26,7 +26,7 @@ def test_prefill_logits_equal_transformers(arch):
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0, -1]
     engine = tiny_engine(arch)
-    logits = engine.prefill(engine.new_cache("full"), ids, compress=False)
+    logits = engine.prefill(engine.new_sequence("full"), ids, compress=False)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -36,8 +36,8 @@ def test_chunked_prefill_equals_one_shot():
     one.prefill_chunk = 1000
     chunked = tiny_engine()
     chunked.prefill_chunk = 16
-    a = one.prefill(one.new_cache("full"), ids, compress=False)
-    b = chunked.prefill(chunked.new_cache("full"), ids, compress=False)
+    a = one.prefill(one.new_sequence("full"), ids, compress=False)
+    b = chunked.prefill(chunked.new_sequence("full"), ids, compress=False)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

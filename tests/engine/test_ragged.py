@@ -2,7 +2,7 @@
 
 import torch
 
-from kvlab.engine.attention import dense_attention
+from kvlab.engine.kernels import dense_attention
 from kvlab.engine.ragged import RaggedLayerKV, ragged_attention
 from kvlab.position.base import TRAINED_ROPE
 from tests.layers import rotary

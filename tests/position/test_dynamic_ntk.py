@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from kvlab.engine.context import Phase
+
 from kvlab.position.dynamic_ntk import DynamicNTK
 from tests.conftest import prompt_ids, tiny_engine, tiny_model
 
@@ -32,7 +34,7 @@ def test_prefill_past_the_window_equals_transformers_dynamic_rope():
         expected = reference(torch.tensor([ids])).logits[0, -1]
     engine = tiny_engine()
     engine.prefill_chunk = 1000
-    got = engine.prefill(engine.new_cache("dynamic_ntk(factor=2)"), ids, compress=False)
+    got = engine.prefill(engine.new_sequence("dynamic_ntk(factor=2)"), ids, compress=False)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -42,10 +44,10 @@ def test_rerotated_cache_stays_consistent_with_a_fresh_prefill():
     ids = prompt_ids(300)
     engine = tiny_engine()
     engine.prefill_chunk = 1000
-    fresh = engine.prefill(engine.new_cache("dynamic_ntk(factor=2)"), ids, compress=False)
+    fresh = engine.prefill(engine.new_sequence("dynamic_ntk(factor=2)"), ids, compress=False)
     for rerotate, consistent in ((True, True), (False, False)):
-        cache = engine.new_cache(f"dynamic_ntk(factor=2, rerotate_cache={rerotate})")
+        cache = engine.new_sequence(f"dynamic_ntk(factor=2, rerotate_cache={rerotate})")
         engine.prefill(cache, ids[:-40], compress=False)
         for token in ids[-40:]:
-            logits = engine.forward(cache, [token], building=False)
+            logits = engine.forward(cache, [token], Phase.DECODE)
         assert torch.allclose(logits, fresh, atol=1e-4) is consistent

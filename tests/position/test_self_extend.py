@@ -55,29 +55,29 @@ def test_group_size_one_equals_full_attention():
     full = engine.generate_ids(ids, "full", max_new_tokens=10)
     extended = engine.generate_ids(ids, "self_extend(group_size=1, window=16)", max_new_tokens=10)
     assert extended.token_ids == full.token_ids
-    a = engine.prefill(engine.new_cache("full"), ids, compress=False)
-    b = engine.prefill(engine.new_cache("self_extend(group_size=1, window=16)"), ids, compress=False)
+    a = engine.prefill(engine.new_sequence("full"), ids, compress=False)
+    b = engine.prefill(engine.new_sequence("self_extend(group_size=1, window=16)"), ids, compress=False)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_grouping_changes_only_far_attention():
     engine = tiny_engine()
     ids = prompt_ids(150)
-    full = engine.prefill(engine.new_cache("full"), ids, compress=False)
-    wide = engine.prefill(engine.new_cache("self_extend(group_size=4, window=200)"), ids, compress=False)
-    grouped = engine.prefill(engine.new_cache("self_extend(group_size=4, window=16)"), ids, compress=False)
+    full = engine.prefill(engine.new_sequence("full"), ids, compress=False)
+    wide = engine.prefill(engine.new_sequence("self_extend(group_size=4, window=200)"), ids, compress=False)
+    grouped = engine.prefill(engine.new_sequence("self_extend(group_size=4, window=16)"), ids, compress=False)
     torch.testing.assert_close(wide, full, atol=1e-4, rtol=1e-4)  # every key is a neighbour
     assert not torch.allclose(grouped, full, atol=1e-3)
 
 
 def test_keys_are_cached_before_rope_and_window_formula():
     engine = tiny_engine()
-    cache = engine.new_cache("self_extend(group_size=2, window=8)")
+    cache = engine.new_sequence("self_extend(group_size=2, window=8)")
     ids = prompt_ids(20)
     engine.prefill(cache, ids, compress=False)
-    plain = engine.new_cache("full")
+    plain = engine.new_sequence("full")
     engine.prefill(plain, ids, compress=False)
-    rotary = engine._rotary(plain, 20)
+    rotary = plain.rotary(engine.config, 20, engine.trained_length)
     torch.testing.assert_close(
         rotary.rotate(cache.layers[0].keys, torch.arange(20)), plain.layers[0].keys, atol=1e-5, rtol=1e-5
     )

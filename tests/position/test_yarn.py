@@ -46,6 +46,6 @@ def test_yarn_window_and_effect_on_outputs():
     assert Yarn(factor=4).context_window(8192) == 32768
     engine = tiny_engine()
     ids = prompt_ids(120)
-    full = engine.prefill(engine.new_cache("full"), ids, compress=False)
-    yarn = engine.prefill(engine.new_cache("yarn(factor=4)"), ids, compress=False)
+    full = engine.prefill(engine.new_sequence("full"), ids, compress=False)
+    yarn = engine.prefill(engine.new_sequence("yarn(factor=4)"), ids, compress=False)
     assert not torch.allclose(full, yarn, atol=1e-4)

@@ -2,10 +2,10 @@
 
 import torch
 
-from kvlab.engine.attention import LayerContext, dense_attention
-from kvlab.engine.cache import ForwardStep, LayerKV
-from tests.layers import rotary as random_rotary
-from kvlab.position.base import TRAINED_ROPE
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.context import Phase
+from kvlab.engine.kernels import dense_attention
+from tests.layers import layer_context, rotary as random_rotary
 from kvlab.prefill.ashape import AShape
 from tests.conftest import prompt_ids, tiny_engine
 
@@ -15,8 +15,8 @@ def context_for(n, heads=2, d=8, seed=0):
     layer = LayerKV()
     layer.append(torch.randn(1, heads, n, d), torch.randn(1, heads, n, d), torch.arange(n))
     rotary = random_rotary(d)
-    step = ForwardStep(positions=torch.arange(n), rotary=rotary, rotate_keys=True, building=True)
-    return LayerContext(0, 1, layer, step, TRAINED_ROPE, d**-0.5), torch.randn(1, 2 * heads, n, d)
+    ctx = layer_context(layer, torch.arange(n), rotary, phase=Phase.APPEND)
+    return ctx, torch.randn(1, 2 * heads, n, d)
 
 
 def test_equals_brute_force_sink_plus_window_mask():
@@ -25,7 +25,7 @@ def test_equals_brute_force_sink_plus_window_mask():
     got = method.attend(q, ctx)
     i, j = torch.arange(70)[:, None], torch.arange(70)[None, :]
     allowed = (j <= i) & ((i - j < 10) | (j < 3))
-    expected = dense_attention(ctx.step.rotary.rotate(q, torch.arange(70)), ctx.layer.keys, ctx.layer.values, ctx.scaling, allowed)
+    expected = dense_attention(ctx.rotary.rotate(q, torch.arange(70)), ctx.layer.keys, ctx.layer.values, ctx.scaling, allowed)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -35,8 +35,8 @@ def test_equals_dense_when_the_window_covers_the_input():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     wide = engine.generate_ids(ids, "ashape(sink=4, window=120, block=32)", max_new_tokens=8)
     assert wide.token_ids == full.token_ids
-    narrow = engine.prefill(engine.new_cache("ashape(sink=4, window=16, block=32)"), ids, compress=False)
-    dense = engine.prefill(engine.new_cache("full"), ids, compress=False)
+    narrow = engine.prefill(engine.new_sequence("ashape(sink=4, window=16, block=32)"), ids, compress=False)
+    dense = engine.prefill(engine.new_sequence("full"), ids, compress=False)
     assert not torch.allclose(narrow, dense, atol=1e-3)
 
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from kvlab.engine.context import Phase
+
 import kvlab
 from kvlab.engine.cache import LayerKV
 from kvlab.quantize.kivi import Kivi, KiviLayerKV
@@ -192,10 +194,10 @@ def test_kv_bytes_are_the_packed_size(engine):
 
 
 def test_residual_stays_bounded_over_a_long_generation(engine):
-    cache = engine.new_cache("kivi(bits=2)")
+    cache = engine.new_sequence("kivi(bits=2)")
     logits = engine.prefill(cache, prompt_ids(200), compress=True)
     for entries in range(201, 501):
-        logits = engine.forward(cache, [int(logits.argmax())], building=False)
+        logits = engine.forward(cache, [int(logits.argmax())], Phase.DECODE)
         for layer in cache.layers:
             fp_keys, fp_values = layer.full_precision_entries
             assert fp_keys == (entries - 1) % 128 + 1 <= 128  # whole blocks of 128 flushed
@@ -248,10 +250,10 @@ def test_multi_request_session_rolls_back_exactly(tokenizer):
         tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048
     )
     session = engine.session(CONTEXT, recipe="kivi(bits=2, group=8, residual=16)")
-    context_bytes = session.cache.nbytes()
+    context_bytes = session.sequence.nbytes()
     question = "What is the code of the red door?"
     first = session.ask(question, max_new_tokens=24)
-    assert session.cache.nbytes() == context_bytes
+    assert session.sequence.nbytes() == context_bytes
     teacher = session.ask(question, max_new_tokens=24, teacher_tokens=first.token_ids)
     again = session.ask(question, max_new_tokens=24)
     for other in (teacher, again):  # teacher forcing rolled back to the question's mark exactly

@@ -121,18 +121,18 @@ def test_attention_equals_attention_over_keys_with_dropped_channels_zeroed():
     rows = torch.arange(N - 6, N)
     got = attend(ctx, q[:, :, -6:], rows)
     expected = reference_attention(q[:, :, -6:], zeroed(keys, ctx.layer.channels), values,
-                                   rows.tolist(), ctx.step.rotary)
+                                   rows.tolist(), ctx.rotary)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    full = reference_attention(q[:, :, -6:], keys, values, rows.tolist(), ctx.step.rotary)
+    full = reference_attention(q[:, :, -6:], keys, values, rows.tolist(), ctx.rotary)
     assert (got - full).abs().max() > 1e-2  # pruning changed the attention
     # a decoded token's key stays full width
     token, query = torch.randn(1, KV_HEADS, 1, D), torch.randn(1, QUERY_HEADS, 1, D)
-    rotated = ctx.step.rotary.rotate(token, torch.tensor([N]))
+    rotated = ctx.rotary.rotate(token, torch.tensor([N]))
     ctx.layer.append(rotated, token, torch.tensor([N]))
     got = attend(ctx, query, torch.tensor([N]))
     expected = reference_attention(
         query, torch.cat([zeroed(keys, ctx.layer.channels), rotated], 2),
-        torch.cat([values, token], 2), [N], ctx.step.rotary,
+        torch.cat([values, token], 2), [N], ctx.rotary,
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -140,7 +140,7 @@ def test_attention_equals_attention_over_keys_with_dropped_channels_zeroed():
 def test_ratio_zero_is_the_full_cache():
     _, ctx, q, keys, values = think_layer(ratio=0.0)
     rows = torch.arange(N - 6, N)
-    full = reference_attention(q[:, :, -6:], keys, values, rows.tolist(), ctx.step.rotary)
+    full = reference_attention(q[:, :, -6:], keys, values, rows.tolist(), ctx.rotary)
     torch.testing.assert_close(attend(ctx, q[:, :, -6:], rows), full, rtol=1e-5, atol=1e-6)
     assert not ctx.layer.pruned and ctx.layer.nbytes() == 2 * KV_HEADS * N * D * 4
 
@@ -301,7 +301,7 @@ def test_multi_request_session_rolls_back_to_the_pruned_context(tokenizer, recip
         tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048
     )
     session = engine.session(CONTEXT, recipe=recipe)  # h2o also evicts while decoding
-    layers = session.cache.layers
+    layers = session.sequence.layers
     context = [(layer.keys, layer.values, layer.key_positions(), layer.nbytes(), layer.seen)
                for layer in layers]
     assert all(layer.pruned for layer in layers)

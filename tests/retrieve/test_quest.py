@@ -2,10 +2,10 @@
 
 import torch
 
-from kvlab.engine.attention import LayerContext, dense_attention
-from kvlab.engine.cache import ForwardStep, LayerKV
-from tests.layers import rotary as random_rotary
-from kvlab.position.base import TRAINED_ROPE
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.context import Phase
+from kvlab.engine.kernels import dense_attention
+from tests.layers import layer_context, rotary as random_rotary
 from kvlab.retrieve.quest import INDEX_KEY, Quest, page_min_max, page_scores
 from tests.conftest import prompt_ids, tiny_engine
 
@@ -15,8 +15,7 @@ def decode_context(n=100, d=8, seed=0):
     layer = LayerKV()
     layer.append(torch.randn(1, 2, n, d), torch.randn(1, 2, n, d), torch.arange(n))
     rotary = random_rotary(d)
-    step = ForwardStep(torch.tensor([n - 1]), rotary, rotate_keys=True)
-    return LayerContext(5, 8, layer, step, TRAINED_ROPE, d**-0.5)
+    return layer_context(layer, torch.tensor([n - 1]), rotary, 5, 8, phase=Phase.DECODE)
 
 
 def test_page_score_bounds_every_dot_product_in_the_page():
@@ -32,7 +31,7 @@ def test_page_score_bounds_every_dot_product_in_the_page():
 def test_selected_pages_contain_the_true_top_key():
     ctx = decode_context()
     q = torch.randn(1, 4, 1, 8)
-    qr = ctx.step.rotary.rotate(q, ctx.step.positions)
+    qr = ctx.rotary.rotate(q, ctx.positions)
     # plant, for query head 0, a key far more aligned than any other in page 3
     ctx.layer.keys[0, 0, 50] = qr[0, 0, 0] * 10
     method = Quest(budget=48, page=16)
@@ -47,7 +46,7 @@ def test_attention_is_exact_over_the_selected_pages():
     q = torch.randn(1, 4, 1, 8)
     method = Quest(budget=48, page=16)
     got = method.attend(q, ctx)
-    qr = ctx.step.rotary.rotate(q, ctx.step.positions)
+    qr = ctx.rotary.rotate(q, ctx.positions)
     mins, maxs = method.bounds(ctx.layer)
     pages = method.select_pages(qr, mins, maxs, 3)
     for h in range(4):

@@ -23,9 +23,9 @@ def test_first_answer_equals_a_single_prompt(engine):
 
 def test_multi_request_discards_each_question(engine):
     session = engine.session(CONTEXT, recipe="snapkv(budget=0.5)", mode="multi-request")
-    context_entries = session.cache.mean_entries()
+    context_entries = session.sequence.mean_entries()
     first = session.ask("What is the code?", max_new_tokens=6)
-    assert session.cache.mean_entries() == context_entries
+    assert session.sequence.mean_entries() == context_entries
     assert first.stats.kv_tokens > context_entries  # the question was there while answering
     again = session.ask("What is the code?", max_new_tokens=6)
     assert again.token_ids == first.token_ids
@@ -85,7 +85,7 @@ def test_multi_turn_with_reference_answers_keeps_the_gold_history(engine):
     gold = engine.session(CONTEXT, mode="multi-turn")
     gold.ask("What is the code?", max_new_tokens=4, reference_answer="4417.")
     second = gold.ask("Who keeps it?", max_new_tokens=4)
-    assert "4417." in gold._consumed and second.stats.prompt_tokens < gold.context_stats.prompt_tokens + 40
+    assert "4417." in gold.transcript and second.stats.prompt_tokens < gold.context_stats.prompt_tokens + 40
 
 
 def _layer_state(cache):
@@ -97,9 +97,9 @@ def _layer_state(cache):
 )
 def test_multi_request_restores_entries_evicted_while_decoding(engine, recipe):
     session = engine.session(CONTEXT, recipe=recipe, mode="multi-request")
-    before = _layer_state(session.cache)
+    before = _layer_state(session.sequence)
     first = session.ask("What is the code of the red door?", max_new_tokens=12)
-    after = _layer_state(session.cache)
+    after = _layer_state(session.sequence)
     for (k0, v0, p0), (k1, v1, p1) in zip(before, after):
         assert torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(p0, p1)
     again = session.ask("What is the code of the red door?", max_new_tokens=12)

@@ -16,7 +16,7 @@ import string
 from collections.abc import Iterator
 
 from kvlab.bench.cases import Case, Turn
-from kvlab.bench.corpus import vocabulary
+from kvlab.corpus import vocabulary
 from kvlab.bench.tasks.base import Request
 
 

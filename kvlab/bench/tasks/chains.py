@@ -9,7 +9,7 @@ multi-turn variant, arXiv:2412.10319, with one chain per turn).
 from __future__ import annotations
 
 from kvlab.bench.cases import Case, Turn
-from kvlab.bench.corpus import haystack_units, weave
+from kvlab.corpus import haystack_units, weave
 from kvlab.bench.tasks.base import Request, check_turns
 from kvlab.bench.tasks.words import random_names, random_numbers
 

@@ -12,7 +12,7 @@ depths.
 from __future__ import annotations
 
 from kvlab.bench.cases import Case, Turn
-from kvlab.bench.corpus import haystack_units, prose_text, sentence_starts, weave
+from kvlab.corpus import haystack_units, prose_text, sentence_starts, weave
 from kvlab.bench.tasks.base import Request, check_turns
 from kvlab.errors import InputError
 from kvlab.bench.tasks.words import random_keys, random_numbers

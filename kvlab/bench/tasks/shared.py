@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 
 from kvlab.bench.cases import Case, Turn
-from kvlab.bench.corpus import vocabulary
+from kvlab.corpus import vocabulary
 from kvlab.bench.fit import Fit
 from kvlab.bench.tasks.base import Request, check_turns
 from kvlab.bench.tasks.words import random_uuid

@@ -2,8 +2,8 @@
 
 RULER (arXiv:2404.06654) uses a *noise* haystack (five fixed sentences repeated) and an
 *essay* haystack (natural prose, needles inserted at sentence boundaries). kvlab ships its
-prose in ``kvlab/bench/data/prose.txt`` (chapters 1-29 of Jane Austen's *Pride and Prejudice*,
-1813, public domain; see ``data/README.md``). Haystacks are lists of *units*, each a sentence
+prose in ``kvlab/corpus/prose.txt`` (chapters 1-29 of Jane Austen's *Pride and Prejudice*,
+1813, public domain; see ``README.md`` beside it). Haystacks are lists of *units*, each a sentence
 with its trailing separator, so joining units always gives well-formed text; the prose
 haystack is measured in words, so it fits a token budget closely.
 """
@@ -29,7 +29,7 @@ _BOUNDARY = re.compile(r"[.!?][\"')]*\s+(?=[\"'(]?[A-Z])")
 @cache
 def prose_text() -> str:
     """The whole shipped prose corpus (paragraphs separated by blank lines)."""
-    return (resources.files("kvlab.bench") / "data" / "prose.txt").read_text(encoding="utf-8")
+    return (resources.files("kvlab.corpus") / "prose.txt").read_text(encoding="utf-8")
 
 
 def split_sentences(paragraph: str) -> list[str]:

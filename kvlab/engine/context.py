@@ -1,0 +1,91 @@
+"""What a method sees of one forward, in one layer: :class:`LayerContext` and the :class:`Phase`.
+
+The engine builds one :class:`~kvlab.engine.forward.ForwardContext` per model forward (the
+recipe, the new tokens' positions, the rotary frequencies, the phase, what the methods
+prepared); each attention layer hands the stage methods a :class:`LayerContext`, the view of
+that forward from one layer. Nothing per-forward is stored on the cache or the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from torch import Tensor
+
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.rotary import Rotary
+from kvlab.position.base import PositionMethod
+
+
+class Phase(Enum):
+    """What a forward is doing, in the KV cache's life.
+
+    - ``CONTEXT``: a chunk of a context prefill that ends in compression (the compress method
+      observes it);
+    - ``CONTEXT_END``: the last chunk of that prefill: observed, then the layer is compressed
+      and converted to the quantize method's format;
+    - ``APPEND``: prompt tokens appended to an already built cache (a question in a session),
+      never compressed;
+    - ``DECODE``: one generated (or teacher-forced) token.
+    """
+
+    CONTEXT = "context"
+    CONTEXT_END = "context-end"
+    APPEND = "append"
+    DECODE = "decode"
+
+    @property
+    def is_prefill(self) -> bool:
+        """Prompt tokens (where a sparse prefill method applies), not a decoding step."""
+        return self is not Phase.DECODE
+
+    @property
+    def observed(self) -> bool:
+        """A chunk of the context the compress method observes."""
+        return self in (Phase.CONTEXT, Phase.CONTEXT_END)
+
+    @property
+    def ends_context(self) -> bool:
+        """The end of the context prefill: compress and convert now."""
+        return self is Phase.CONTEXT_END
+
+
+@dataclass
+class LayerContext:
+    """Everything a method needs to act on one layer during one forward.
+
+    ``positions`` ``[t]`` are the positions of the forward's new tokens; ``rotary`` the RoPE
+    frequencies the position method chose for this length; ``prepared`` what each stage's
+    method computed once per model (:meth:`Method.prepare`), by stage; ``scratch`` is shared
+    by the layers of this forward and dropped with it (a method that decides in one layer for
+    the next keeps its choice there, e.g. WindowKV's groups).
+    """
+
+    index: int
+    num_layers: int
+    layer: LayerKV
+    positions: Tensor
+    rotary: Rotary
+    position: PositionMethod
+    scaling: float
+    phase: Phase = Phase.DECODE
+    prepared: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    def attend(
+        self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, values: Tensor,
+        allowed: Tensor | None = None,
+    ) -> Tensor:
+        """Exact attention of unrotated queries ``q`` ``[b, Hq, t, d]`` at ``q_pos`` over stored
+        keys at ``k_pos``, causal by position, restricted further by ``allowed``."""
+        return self.position.attend(q, q_pos, keys, k_pos, values, self.rotary, self.scaling, allowed)
+
+    def logits(self, q: Tensor, q_pos: Tensor) -> Tensor:
+        """fp32 causal logits ``[b, Hq, t, n]`` of unrotated queries over the whole layer."""
+        layer = self.layer
+        return self.position.logits(q, q_pos, layer.keys, layer.key_positions(), self.rotary, self.scaling)
+
+
+__all__ = ["LayerContext", "Phase"]

@@ -1,0 +1,60 @@
+"""The one per-forward object: :class:`ForwardContext`.
+
+The engine builds one for every model forward and hands it to the model as the ``kvlab``
+keyword argument, which transformers passes through to every attention call. It carries the
+recipe, the new tokens' positions, the RoPE frequencies, the :class:`Phase`, what the methods
+prepared, and a scratch space shared by the layers of this forward. The cache holds storage
+only; the engine holds nothing of one forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.context import LayerContext, Phase
+from kvlab.engine.rotary import Rotary
+from kvlab.engine.sequence import KVCache
+from kvlab.position.base import TRAINED_ROPE, PositionMethod
+from kvlab.recipe import Recipe
+
+
+@dataclass
+class ForwardContext:
+    """What one model forward does (see the module docstring). ``positions`` ``[t]``."""
+
+    recipe: Recipe
+    cache: KVCache
+    positions: Tensor
+    rotary: Rotary
+    phase: Phase
+    prepared: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def position(self) -> PositionMethod:
+        return self.recipe.position or TRAINED_ROPE
+
+    def store(self, index: int, keys: Tensor, values: Tensor) -> LayerKV:
+        """Append the forward's new (unrotated) keys and values ``[b, kv_heads, t, d]`` to layer
+        ``index``: keys rotated at their positions, unless the position method keeps them
+        before RoPE."""
+        if not self.position.stores_pre_rope:
+            keys = self.rotary.rotate(keys, self.positions)
+        layer = self.cache.layers[index]
+        layer.append(keys, values, self.positions)
+        return layer
+
+    def layer_context(self, index: int, scaling: float) -> LayerContext:
+        """The view of this forward from layer ``index``, as the stage methods see it."""
+        return LayerContext(
+            index=index, num_layers=len(self.cache.layers), layer=self.cache.layers[index],
+            positions=self.positions, rotary=self.rotary, position=self.position,
+            scaling=scaling, phase=self.phase, prepared=self.prepared, scratch=self.scratch,
+        )
+
+
+__all__ = ["ForwardContext", "Phase"]

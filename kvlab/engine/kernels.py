@@ -1,0 +1,74 @@
+"""Attention arithmetic shared by every stage: causal masks, dense attention, logits.
+
+Plain functions of tensors (no model, no cache, no recipe): the position stage computes
+attention with them, and the methods of the other stages score entries with them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_allowed(q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """Boolean mask, True where key position <= query position.
+
+    ``q_pos`` ``[t]``; ``k_pos`` ``[n]`` or ``[batch, heads, n]`` -> ``[t, n]`` or
+    ``[batch, heads, t, n]``.
+    """
+    return k_pos[..., None, :] <= q_pos[:, None]
+
+
+def causal_mask(
+    q_pos: Tensor, k_pos: Tensor, allowed: Tensor | None
+) -> tuple[Tensor | None, bool]:
+    """The mask for attention of queries at ``q_pos`` over keys at ``k_pos``: returns
+    ``(mask, is_causal)`` and avoids building a mask where none is needed."""
+    if q_pos.numel() == 1:  # a decoding step: every stored key is at or before the query
+        return allowed, False
+    if allowed is None:
+        if int(k_pos.max()) <= int(q_pos.min()):
+            return None, False
+        if k_pos.dim() == 1 and k_pos.shape == q_pos.shape and torch.equal(k_pos, q_pos):
+            return None, True
+    mask = causal_allowed(q_pos, k_pos)
+    if allowed is not None:
+        mask = mask & allowed
+    return mask, False
+
+
+def expand_heads(mask: Tensor, query_heads: int) -> Tensor:
+    """Broadcast a per-KV-head mask ``[b, kv_heads, t, n]`` to the query heads (GQA)."""
+    if mask.dim() == 4 and mask.shape[1] not in (1, query_heads):
+        mask = mask.repeat_interleave(query_heads // mask.shape[1], dim=1)
+    return mask
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, scaling: float, allowed: Tensor | None, is_causal: bool = False
+) -> Tensor:
+    """Exact softmax attention of rotated ``q`` ``[b, Hq, t, d]`` over rotated ``k``/``v``
+    ``[b, Hk, n, d]`` (``Hq`` a multiple of ``Hk``). ``allowed`` is a boolean mask or None."""
+    if allowed is not None:
+        allowed = expand_heads(allowed, q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, is_causal=is_causal, scale=scaling,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+def masked_logits(
+    q: Tensor, k: Tensor, scaling: float, allowed: Tensor | None
+) -> Tensor:
+    """fp32 logits ``[b, Hq, t, n]`` of rotated q and k, -inf where not allowed (GQA aware)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    if allowed is not None:
+        logits = logits.masked_fill(~expand_heads(allowed, q.shape[1]), float("-inf"))
+    return logits
+
+
+__all__ = ["causal_allowed", "causal_mask", "dense_attention", "expand_heads", "masked_logits"]
