@@ -79,15 +79,15 @@ def parse_recipe(text: str | Recipe | None) -> Recipe:
     if text is None or not text.strip() or text.strip() == "full":
         return Recipe()
     source = text.strip()
-    if len(source) > MAX_RECIPE_CHARS:
-        raise RecipeError(
-            f"recipe of {len(source)} characters: at most {MAX_RECIPE_CHARS} (one method per "
-            f"stage: {', '.join(STAGES)})"
-        )
     if source.count("+") >= MAX_TERMS:
         raise RecipeError(
             f"recipe {_short(source)!r} has {source.count('+') + 1} terms; a recipe holds at most "
             f"{MAX_TERMS} methods, one per stage ({', '.join(STAGES)})"
+        )
+    if len(source) > MAX_RECIPE_CHARS:
+        raise RecipeError(
+            f"recipe of {len(source)} characters: at most {MAX_RECIPE_CHARS} (one method per "
+            f"stage: {', '.join(STAGES)})"
         )
     try:
         tree = ast.parse(source, mode="eval")

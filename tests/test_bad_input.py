@@ -18,14 +18,59 @@ from typer.testing import CliRunner
 
 import kvlab
 from kvlab.cli import app
+from kvlab.errors import InputError, RecipeError
+from kvlab.recipe import Recipe, parse_recipe
 from tests.conftest import tiny_model
 
 runner = CliRunner()
+_MADE: dict[str, object] = {}
+
+
+def engine() -> kvlab.Engine:
+    """A tiny random model with the real tokenizer (256-token window), made once."""
+    if "engine" not in _MADE:
+        from transformers import AutoTokenizer
+
+        from kvlab.engine.loading import converted_gguf, default_gguf
+
+        tokenizer = AutoTokenizer.from_pretrained(converted_gguf(default_gguf()))
+        model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256)
+        _MADE["engine"] = kvlab.Engine(model, tokenizer, progress=False)
+    return _MADE["engine"]  # type: ignore[return-value]
+
+
+def session() -> kvlab.Session:
+    return engine().session("The code of the red door is 4417. " * 3)
+
+
+def method(name: str, **params):
+    from kvlab.registry import method_class
+
+    return method_class(name)(**params)
+
+
+MANY_TERMS = " + ".join(["snapkv"] * 1000)
 
 # -- recipes ---------------------------------------------------------------------------------
+ASK = ["ask", "--context-file", "{context}", "--question", "Q?", "--model", "{model}"]
 CLI_RECIPES: list[tuple[str, list[str], str]] = [
+    ("recipe-1000-terms", [*ASK, "--recipe", MANY_TERMS], "at most 5 methods"),
+    ("recipe-duplicate-parameter", [*ASK, "--recipe", "snapkv(budget=0.25, budget=0.5)"], "given twice"),
+    ("recipe-budget-1e23", [*ASK, "--recipe", f"snapkv(budget={10**23})"], "<= 16777216"),
 ]
 API_RECIPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
+    ("recipe-1000-terms", lambda: parse_recipe(MANY_TERMS), RecipeError, "at most 5 methods"),
+    ("recipe-too-long", lambda: parse_recipe("snapkv(window=" + "1" * 3000 + ")"), RecipeError, "at most 2000"),
+    ("recipe-duplicate-parameter", lambda: parse_recipe("snapkv(budget=0.25, budget=0.5)"), RecipeError, "'budget' is given twice"),
+    ("recipe-budget-1e23", lambda: parse_recipe(f"snapkv(budget={10**23})"), RecipeError, "<= 16777216"),
+    ("recipe-not-a-string", lambda: parse_recipe(123), RecipeError, "recipe=123"),
+    ("recipe-method-in-the-wrong-stage", lambda: Recipe(compress=method("yarn")), RecipeError, "takes a compress method"),
+    ("recipe-not-a-method", lambda: Recipe(retrieve="quest"), RecipeError, "takes a retrieve method"),
+    (
+        "recipe-built-incompatible",
+        lambda: Recipe(position=method("self_extend"), retrieve=method("quest")),
+        RecipeError, "keeps keys before RoPE",
+    ),
 ]
 
 # -- the results store and local data (--data, RULER, LongBench, SCBench) ----------------------
@@ -42,6 +87,32 @@ CLI_BENCH: list[tuple[str, list[str], str]] = [
 
 # -- the Python API's types --------------------------------------------------------------------
 API_TYPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
+    ("ask-question-none", lambda: session().ask(None), InputError, "question=None: must be a string"),
+    ("ask-question-bytes", lambda: session().ask(b"What?"), InputError, "question=b'What?': must be a string"),
+    ("ask-answer-prefix-int", lambda: session().ask("Q?", answer_prefix=3), InputError, "answer_prefix=3"),
+    ("ask-max-new-tokens-0", lambda: session().ask("Q?", max_new_tokens=0), InputError, "max_new_tokens=0"),
+    ("ask-max-new-tokens-str", lambda: session().ask("Q?", max_new_tokens="5"), InputError, "max_new_tokens='5'"),
+    ("generate-recipe-123", lambda: engine().generate("Hi", recipe=123), RecipeError, "recipe=123"),
+    ("generate-prompt-none", lambda: engine().generate(None), InputError, "prompt=None"),
+    ("generate-prompt-empty", lambda: engine().generate("  "), InputError, "the prompt is empty"),
+    ("generate-ids-not-ints", lambda: engine().generate_ids(["a"]), InputError, "token ids"),
+    ("session-context-bytes", lambda: engine().session(b"text"), InputError, "context=b'text'"),
+    ("session-recipe-123", lambda: engine().session("text", recipe=123), RecipeError, "recipe=123"),
+    ("session-mode-unknown", lambda: engine().session("text", mode="chat"), InputError, "multi-request, multi-turn"),
+    (
+        "overflow-names-the-given-max-new-tokens",
+        lambda: engine().generate_ids([1] * 250, max_new_tokens=64), InputError,
+        "250 prompt tokens + max_new_tokens 64 = 314 tokens exceed the 256-token window",
+    ),
+    (
+        "overflow-suggests-a-factor-yarn-has",
+        lambda: engine().generate_ids([1] * 600, max_new_tokens=4), InputError, "'yarn(factor=4)'",
+    ),
+    (
+        "overflow-beyond-every-position-method",
+        lambda: engine().generate_ids([1] * (256 * 64 + 1), max_new_tokens=4), InputError,
+        "no position method reaches 16389 tokens",
+    ),
 ]
 
 
