@@ -126,3 +126,36 @@ def test_stats_are_measured():
     assert stats.prompt_tokens == 40 and stats.prefilled_tokens == 40 and stats.new_tokens == 5
     assert stats.prefill_s > 0 and stats.decode_s > 0
     assert stats.as_dict()["decode_s_per_token"] == pytest.approx(stats.decode_s / 5)
+
+
+@pytest.mark.parametrize("recipe", ["full", "snapkv(budget=0.5) + kivi(bits=4)", "quest(budget=32, page=8)"])
+def test_a_normal_run_warns_nothing(recipe, tokenizer):
+    """No deprecation (transformers' past_key_values) or other warning on a normal run."""
+    import warnings
+
+    engine = kvlab.Engine(tiny_model(vocab_size=len(tokenizer)), tokenizer, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.generate("The code is 4417. " * 8 + "What is the code?", recipe=recipe, max_new_tokens=3)
+        session = engine.session("The code is 4417. " * 8, recipe=recipe, mode="multi-turn")
+        session.ask("What is the code?", max_new_tokens=3)
+
+
+def test_per_forward_state_is_not_left_on_the_cache_or_the_engine():
+    """The cache holds storage only; a forward's state travels in one ForwardContext."""
+    from kvlab.engine.forward import ForwardContext
+
+    engine = tiny_engine()
+    sequence = engine.new_sequence("snapkv(budget=0.5)")
+    before = (set(vars(sequence.cache)), set(vars(engine)))
+    engine.prefill(sequence, prompt_ids(40), compress=True)
+    assert (set(vars(sequence.cache)), set(vars(engine))) == before
+    assert not any(isinstance(v, ForwardContext) for v in (*vars(sequence).values(), *vars(engine).values()))
+
+
+def test_set_up_probes_are_not_counted_and_leave_the_engine_as_it_was():
+    engine = tiny_engine()
+    engine.progress = True
+    counters = vars(engine.counters).copy()
+    engine.probe(kvlab.parse_recipe("full"), prompt_ids(20))
+    assert vars(engine.counters) == counters and engine.progress is True
