@@ -72,7 +72,7 @@ def test_ask_table(model_dir, context_file):
         (["--model", "/no/such/model"], "not found"),
         (["--device", "tpu"], "device"),
         (["--dtype", "int3"], "dtype"),
-        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0"),
     ],
 )
 def test_ask_errors_are_clear(model_dir, context_file, extra, message):
