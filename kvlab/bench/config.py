@@ -144,7 +144,7 @@ class BenchConfig:
                 raise InputError(f"length {length!r}: must be a token count >= 64 (e.g. 1k, 4096)")
             if length > MAX_LENGTH:
                 raise InputError(
-                    f"length {length} ({format_length(length)}): above kvlab bench's cap of "
+                    f"length {describe_length(length)}: above kvlab bench's cap of "
                     f"{MAX_LENGTH} tokens ({format_length(MAX_LENGTH)}), even with allow_overflow"
                 )
         if self.samples < 1:
@@ -218,6 +218,12 @@ def parse_length(text: str) -> int:
 def format_length(tokens: int) -> str:
     """``4096`` -> ``4k``, ``1500`` -> ``1500`` (the inverse of :func:`parse_length`)."""
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def describe_length(tokens: int) -> str:
+    """``4096`` -> ``4096 (4k)``, ``1500`` -> ``1500``: a length as messages name it."""
+    short = format_length(tokens)
+    return str(tokens) if short == str(tokens) else f"{tokens} ({short})"
 
 
 def split_list(text: str, separator: str = ",") -> list[str]:

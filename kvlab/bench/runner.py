@@ -152,13 +152,13 @@ class BenchRunner:
                 raise InputError(self._overflow_message(length, short, windows))
 
     def _overflow_message(self, length: int, short: list[tuple[str, str]], windows: dict[str, int]) -> str:
-        from kvlab.bench.config import format_length
+        from kvlab.bench.config import describe_length
 
         named = ", ".join(
             f"'{label}' ({windows[c]} tokens{', the reference' if c == self.reference else ''})"
             for c, label in short
         )
-        text = f"length {length} ({format_length(length)}) exceeds the context window of " \
+        text = f"length {describe_length(length)} exceeds the context window of " \
                f"{self.engine.name} with recipe(s) {named}"
         if any(c == self.reference for c, _ in short):
             holder = next((label for c, label in self.recipes if windows[c] >= length), None)
