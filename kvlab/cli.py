@@ -181,7 +181,7 @@ def bench(
         err.print(str(exc), highlight=False)
         raise typer.Exit(code=130) from None
     except KeyboardInterrupt:
-        err.print("interrupted (nothing was stored yet)")
+        err.print("interrupted before the benchmark started; nothing new was stored")
         raise typer.Exit(code=130) from None
 
 
