@@ -63,6 +63,7 @@ def ask(
     """Answer questions about a context file with a recipe; print answers and measured stats."""
     import kvlab
 
+    _check_max_new_tokens(max_new_tokens)
     if not context_file.is_file():
         _fail(f"--context-file {str(context_file)!r} is not a readable file")
     try:
@@ -123,29 +124,44 @@ def _stats_table(context_stats: Any, answers: list[Any]) -> Table:
     return table
 
 
+def _bench_default(name: str) -> str:
+    """`` [default: ...]`` for the help of a ``kvlab bench`` option: the effective default,
+    from :class:`BenchConfig`'s fields (the options themselves default to None, so that a
+    config file's value is kept unless the flag is given)."""
+    from rich.markup import escape
+
+    from kvlab.bench.config import default_help
+
+    return escape(f" [default: {default_help(name)}]")
+
+
 @app.command()
 def bench(
-    recipes: Annotated[Optional[str], typer.Option(help="Recipes separated by ';' (full is always run first).")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names (see kvlab tasks).")] = None,
-    lengths: Annotated[Optional[str], typer.Option(help="Comma-separated context lengths, e.g. 1k,2k,4k.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="multi-turn or multi-request.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Cases per task and length.")] = None,
-    depths: Annotated[Optional[str], typer.Option(help="Needle depths for needle tasks, e.g. 0.1,0.5,0.9.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option(help="Local JSONL file as PATH:FORMAT (ruler, longbench, scbench); repeatable.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the generated cases.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Override each task's answer length.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Results directory (resumable).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file with the same settings.")] = None,
+    recipes: Annotated[Optional[str], typer.Option(help="Recipes separated by ';' (the reference is always run first)." + _bench_default("recipes"))] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names (see kvlab tasks)." + _bench_default("tasks"))] = None,
+    lengths: Annotated[Optional[str], typer.Option(help="Comma-separated context lengths, e.g. 1k,2k,4k (at most 1024k)." + _bench_default("lengths"))] = None,
+    mode: Annotated[Optional[str], typer.Option(help="multi-turn or multi-request." + _bench_default("mode"))] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Cases per task and length." + _bench_default("samples"))] = None,
+    depths: Annotated[Optional[str], typer.Option(help="Needle depths for needle tasks, e.g. 0.1,0.5,0.9." + _bench_default("depths"))] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Local JSONL file as PATH:FORMAT (ruler, longbench, scbench); repeatable." + _bench_default("data"))] = None,
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf." + _bench_default("model"))] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N." + _bench_default("device"))] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16." + _bench_default("dtype"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the generated cases." + _bench_default("seed"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Override each task's answer length (>= 1)." + _bench_default("max_new_tokens"))] = None,
+    out: Annotated[Optional[str], typer.Option(help="Results directory (resumable)." + _bench_default("out"))] = None,
+    reference: Annotated[Optional[str], typer.Option(help="Recipe the fidelity metrics compare against; runs first on every case." + _bench_default("reference"))] = None,
+    allow_overflow: Annotated[Optional[bool], typer.Option("--allow-overflow", help="Run recipes past the model's context window anyway." + _bench_default("allow_overflow"))] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file with the same settings (flags override it).")] = None,
     report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
 ) -> None:
     """Benchmark recipes on long-context tasks; with no arguments, the quick suite."""
     import kvlab
     from kvlab.bench.config import BenchConfig, load_config_file, parse_length, split_list
-    from kvlab.bench.runner import run_bench
+    from kvlab.bench.runner import BenchInterrupted, run_bench
 
+    if max_new_tokens is not None:
+        _check_max_new_tokens(max_new_tokens)
     try:
         settings = load_config_file(config) if config else {}
         flags = {
@@ -155,11 +171,18 @@ def bench(
             "mode": mode, "samples": samples, "data": data, "model": model, "device": device,
             "dtype": dtype, "seed": seed, "max_new_tokens": max_new_tokens, "out": out,
             "depths": [_float(x, "depth") for x in split_list(depths)] if depths else None,
+            "reference": reference, "allow_overflow": allow_overflow or None,  # keeps a file's true
         }
         settings.update({k: v for k, v in flags.items() if v is not None})
         run_bench(BenchConfig(**settings), console=err, report=report)
     except kvlab.KvlabError as exc:
         _fail(str(exc))
+    except BenchInterrupted as exc:
+        err.print(str(exc), highlight=False)
+        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:
+        err.print("interrupted before the benchmark started; nothing new was stored")
+        raise typer.Exit(code=130) from None
 
 
 @app.command()
@@ -192,6 +215,12 @@ def tasks() -> None:
     for task in TASKS.values():
         table.add_row(task.name, task.family, task.description)
     out.print(table)
+
+
+def _check_max_new_tokens(value: int) -> None:
+    """Checked at argument time, before any model loads."""
+    if value < 1:
+        _fail(f"--max-new-tokens {value}: must be an integer >= 1 (tokens generated per answer)")
 
 
 def _float(text: str, what: str) -> float:

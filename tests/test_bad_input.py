@@ -5,7 +5,9 @@ and no traceback. An API row is ``(id, call, error class, message)``: ``call()``
 that kvlab error with ``message`` in it. Rows are grouped by area; the matrix only grows.
 
 Placeholders in argv are filled by :func:`_fill`: ``{model}`` a tiny model directory,
-``{context}`` a small context file, ``{tmp}`` a fresh temporary directory.
+``{context}`` a small context file, ``{tmp}`` a fresh temporary directory. A row whose
+command needs a file prepared (a bad config, a corrupt store) names a function in
+``PREPARE`` (keyed by row id), called with ``tmp`` before the command.
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ def method(name: str, **params):
 
 MANY_TERMS = " + ".join(["snapkv"] * 1000)
 
+# row id -> prepares the row's files in ``tmp`` (the directory ``{tmp}`` names)
+PREPARE: dict[str, Callable[[Path], None]] = {}
+
+
+def _writes(name: str, content: str | bytes) -> Callable[[Path], None]:
+    """A PREPARE hook writing ``content`` to ``tmp / name``."""
+
+    def prepare(tmp: Path) -> None:
+        target = tmp / name
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return prepare
+
+
 # -- recipes ---------------------------------------------------------------------------------
 ASK = ["ask", "--context-file", "{context}", "--question", "Q?", "--model", "{model}"]
 CLI_RECIPES: list[tuple[str, list[str], str]] = [
@@ -83,7 +99,45 @@ CLI_MODELS: list[tuple[str, list[str], str]] = [
 
 # -- bench settings: flags and config files ----------------------------------------------------
 CLI_BENCH: list[tuple[str, list[str], str]] = [
+    ("bench-config-recipes-int", ["bench", "--config", "{tmp}/b.yaml"], "recipes=5: must be a list"),
+    ("bench-config-depths-str", ["bench", "--config", "{tmp}/b.yaml"], "item 'a' is not a number"),
+    ("bench-config-max-new-tokens-str", ["bench", "--config", "{tmp}/b.yaml"],
+     "max_new_tokens='5': must be an integer >= 1"),
+    ("bench-config-tasks-string", ["bench", "--config", "{tmp}/b.yaml"],
+     "tasks='niah_single': a single string, not a list"),
+    ("bench-config-lengths-string", ["bench", "--config", "{tmp}/b.yaml"], "lengths='1k,2k': a single string"),
+    ("bench-config-unknown-key", ["bench", "--config", "{tmp}/b.yaml"], "'recipe' (did you mean 'recipes'?)"),
+    ("bench-config-not-utf8", ["bench", "--config", "{tmp}/b.yaml"], "is not UTF-8 text"),
+    ("bench-config-not-mapping", ["bench", "--config", "{tmp}/b.yaml"], "not a mapping of settings"),
+    ("bench-config-toml-element", ["bench", "--config", "{tmp}/b.toml"], "item 1.5 is not an integer"),
+    ("bench-config-toml-syntax", ["bench", "--config", "{tmp}/b.toml"], "cannot parse config file"),
+    ("bench-config-overflow-str", ["bench", "--config", "{tmp}/b.yaml"], "allow_overflow='yes': must be true or false"),
+    ("bench-config-reference-bad", ["bench", "--config", "{tmp}/b.yaml"], "unknown method 'warp'"),
+    ("bench-max-new-tokens-0", ["bench", "--max-new-tokens", "0"], "--max-new-tokens 0: must be an integer >= 1"),
+    ("bench-max-new-tokens-negative", ["bench", "--max-new-tokens", "-3"], "--max-new-tokens -3"),
+    ("ask-max-new-tokens-0", ["ask", "--context-file", "{context}", "--question", "Q?", "--model", "{model}",
+                              "--max-new-tokens", "0"], "--max-new-tokens 0: must be an integer >= 1"),
+    ("bench-lengths-over-cap", ["bench", "--lengths", "1025k"], "above kvlab bench's cap of 1048576 tokens"),
+    ("bench-lengths-1000k", ["bench", "--model", "{model}", "--lengths", "1000k", "--out", "{tmp}/run"],
+     "length 1024000 (1000k) exceeds the context window"),
+    ("bench-past-window", ["bench", "--model", "{model}", "--recipes", "yarn(factor=2)", "--lengths", "3k",
+                           "--out", "{tmp}/run"], "--reference 'yarn(factor=2)'"),
+    ("bench-reference-unknown", ["bench", "--reference", "warp(factor=2)"], "unknown method 'warp'"),
 ]
+PREPARE.update({
+    "bench-config-recipes-int": _writes("b.yaml", "recipes: 5\n"),
+    "bench-config-depths-str": _writes("b.yaml", "depths: [\"a\"]\n"),
+    "bench-config-max-new-tokens-str": _writes("b.yaml", "max_new_tokens: \"5\"\n"),
+    "bench-config-tasks-string": _writes("b.yaml", "tasks: niah_single\n"),
+    "bench-config-lengths-string": _writes("b.yaml", "lengths: 1k,2k\n"),
+    "bench-config-unknown-key": _writes("b.yaml", "recipe: full\n"),
+    "bench-config-not-utf8": _writes("b.yaml", b"mode: multi-turn\nout: r\xe9sultats\n"),
+    "bench-config-not-mapping": _writes("b.yaml", "- full\n- snapkv(budget=0.5)\n"),
+    "bench-config-toml-element": _writes("b.toml", "lengths = [1024, 1.5]\n"),
+    "bench-config-toml-syntax": _writes("b.toml", "lengths = [1024\n"),
+    "bench-config-overflow-str": _writes("b.yaml", "allow_overflow: \"yes\"\n"),
+    "bench-config-reference-bad": _writes("b.yaml", "reference: warp(factor=2)\n"),
+})
 
 # -- the Python API's types --------------------------------------------------------------------
 API_TYPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
@@ -135,8 +189,10 @@ CLI_ROWS = CLI_RECIPES + CLI_STORE + CLI_MODELS + CLI_BENCH
 API_ROWS = API_RECIPES + API_TYPES
 
 
-@pytest.mark.parametrize("argv, message", [r[1:] for r in CLI_ROWS], ids=[r[0] for r in CLI_ROWS])
-def test_cli_bad_input_is_a_clear_error(argv, message, model_dir, tmp_path):
+@pytest.mark.parametrize("row_id, argv, message", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
+def test_cli_bad_input_is_a_clear_error(row_id, argv, message, model_dir, tmp_path):
+    if row_id in PREPARE:
+        PREPARE[row_id](tmp_path)
     result = runner.invoke(app, _fill(argv, model_dir, tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output

@@ -72,7 +72,7 @@ def test_ask_table(model_dir, context_file):
         (["--model", "/no/such/model"], "not found"),
         (["--device", "tpu"], "device"),
         (["--dtype", "int3"], "dtype"),
-        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0"),
     ],
 )
 def test_ask_errors_are_clear(model_dir, context_file, extra, message):
@@ -120,3 +120,102 @@ def test_bench_runs_and_reports(model_dir, tmp_path):
     assert again.exit_code == 0 and "report.html" in again.output
     table = runner.invoke(app, ["report", str(out), "--markdown"])
     assert table.exit_code == 0 and "| recipe |" in table.output and "| full |" in table.output
+
+
+def _no_model_load(monkeypatch):
+    import kvlab
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kvlab, "load", refuse)
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_max_new_tokens_is_checked_before_the_model_loads(context_file, monkeypatch, value):
+    _no_model_load(monkeypatch)
+    for args in (["ask", "--context-file", str(context_file), "--question", "Q?"], ["bench"]):
+        result = runner.invoke(app, [*args, "--max-new-tokens", value])
+        assert result.exit_code == 2, result.output
+        assert f"--max-new-tokens {value}: must be an integer >= 1" in result.output
+
+
+def test_lengths_above_the_cap_are_refused_before_the_model_loads(monkeypatch):
+    _no_model_load(monkeypatch)
+    result = runner.invoke(app, ["bench", "--lengths", "1k,2000k", "--allow-overflow"])
+    assert result.exit_code == 2 and "length 2048000 (2000k): above kvlab bench's cap" in result.output
+
+
+def test_bench_help_shows_every_default():
+    from kvlab.bench.config import QUICK_LENGTHS, QUICK_RECIPES, QUICK_TASKS, format_length
+
+    result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    for shown in (
+        ",".join(format_length(n) for n in QUICK_LENGTHS), "; ".join(QUICK_RECIPES), ",".join(QUICK_TASKS),
+        "multi-turn", "kvlab-results", "SmolLM2-135M-Instruct", "each task's own",
+    ):
+        assert f"[default: {shown}]" in text
+    assert "--reference" in text and "[default: full]" in text
+    assert "--allow-overflow" in text and "[default: no]" in text
+    # every option but --config shows its default: in its help, or typer's own [default: ...]
+    import typer
+
+    params = typer.main.get_command(app).commands["bench"].params
+    names = {p.name for p in params if "[default:" in (p.help or "") or p.default is not None}
+    assert names == {p.name for p in params} - {"config"}
+
+
+def test_bench_past_the_window_needs_a_reference_or_allow_overflow(model_dir, tmp_path):
+    args = ["bench", "--model", str(model_dir), "--recipes", "yarn(factor=2)", "--lengths", "3k",
+            "--tasks", "niah_single", "--max-new-tokens", "2", "--no-report"]
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2
+    assert "--reference 'yarn(factor=2)'" in refused.output and "--allow-overflow" in refused.output
+    chosen = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--reference", "yarn(factor=2)"])
+    assert chosen.exit_code == 0, chosen.output
+    assert "1 rows written" in chosen.output and "fidelity reference: yarn(factor=2)" in chosen.output
+
+
+def test_bench_reference_and_overflow_from_flags_and_config_files(tmp_path, monkeypatch):
+    import kvlab.bench.runner
+
+    seen = []
+    monkeypatch.setattr(kvlab.bench.runner, "run_bench", lambda config, **kw: seen.append(config))
+    config = tmp_path / "bench.yaml"
+    config.write_text("allow_overflow: true\nreference: yarn(factor=2)\n")
+    for args in (["--config", str(config)], ["--reference", "yarn(factor=2)", "--allow-overflow"]):
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code == 0, result.output
+        assert seen[-1].allow_overflow is True and seen[-1].reference == "yarn(factor=2)"
+    assert runner.invoke(app, ["bench", "--config", str(config), "--reference", "full"]).exit_code == 0
+    assert seen[-1].allow_overflow is True and seen[-1].reference == "full"  # the flag wins
+    assert runner.invoke(app, ["bench"]).exit_code == 0
+    assert seen[-1].allow_overflow is False and seen[-1].reference == "full"
+
+
+def test_bench_interrupted_says_what_is_kept(model_dir, tmp_path, monkeypatch):
+    from kvlab.bench.runner import BenchRunner
+
+    out = tmp_path / "run"
+    args = ["bench", "--model", str(model_dir), "--tasks", "niah_single", "--lengths", "300",
+            "--recipes", "streaming_llm(budget=0.5)", "--max-new-tokens", "2", "--no-report",
+            "--out", str(out)]
+    original = BenchRunner._run_pair
+    calls = {"n": 0}
+
+    def interrupted_second(self, *pair):
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C while the second pair runs
+            raise KeyboardInterrupt
+        return original(self, *pair)
+
+    monkeypatch.setattr(BenchRunner, "_run_pair", interrupted_second)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: 1 (case, recipe) pairs kept in {out}; rerun the same command to resume" in result.output
+    assert "Traceback" not in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "resuming: 1 (case, recipe) pairs" in again.output and "1 rows written" in again.output

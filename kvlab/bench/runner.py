@@ -1,9 +1,11 @@
 """The benchmark runner: recipes x cases x turns, in one of SCBench's shared-context modes.
 
-For each case the ``full`` recipe runs first; its answers are the reference of the fidelity
-metrics of the other recipes on the same case: token agreement (fraction of positions where a
-recipe's greedy answer equals full's) and the mean KL(full || recipe) of the next-token
-distributions along full's answer, teacher-forced through the recipe's own cache. In
+For each case the reference recipe (``full`` unless ``reference`` says otherwise) runs first;
+its answers are the reference of the fidelity metrics of the other recipes on the same case:
+token agreement (fraction of positions where a recipe's greedy answer equals the reference's)
+and the mean KL(reference || recipe) of the next-token distributions along the reference's
+answer, teacher-forced through the recipe's own cache. Lengths that a recipe's context window
+cannot hold are refused before any case is built, unless ``allow_overflow`` is set. In
 multi-turn mode the history keeps the gold answer of each turn (SCBench), so every recipe sees
 the same conversation. Rows of each finished (case, recipe) pair go to the results store at
 once: an interrupted run resumes where it stopped.
@@ -12,6 +14,7 @@ once: an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +33,24 @@ from kvlab.bench.loaders import load_jsonl
 from kvlab.bench.metrics import score
 from kvlab.bench.store import PairKey, ResultStore
 from kvlab.bench.tasks import TASKS
+from kvlab.errors import InputError, KvlabError, RecipeError
 from kvlab.recipe import parse_recipe
 
 FULL = "full"
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """A benchmark stopped by Ctrl-C (SIGINT); ``kept`` finished (case, recipe) pairs of its
+    settings are in the results store of ``directory`` (None: they could not be counted)."""
+
+    def __init__(self, kept: int | None, directory: Path) -> None:
+        self.kept, self.directory = kept, directory
+        pairs = "the finished (case, recipe) pairs" if kept is None else f"{kept} (case, recipe) pairs"
+        self.message = f"interrupted: {pairs} kept in {directory}; rerun the same command to resume"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class PeakMemory:
@@ -107,18 +125,60 @@ class BenchRunner:
         self.config = config
         self.console = console or Console(stderr=True)
         self.engine = engine or kvlab.load(config.model, config.device, config.dtype, progress=False)
+        self.reference = config.reference_recipe()
         self.recipes = self._recipes()
+        self.check_lengths()
         self.store = ResultStore(config.out)
         self.settings_id = config.settings_id(self.engine.name, str(self.engine.device))
 
     def _recipes(self) -> list[tuple[str, str]]:
-        """(canonical, label) pairs, ``full`` first and once."""
-        pairs: list[tuple[str, str]] = [(FULL, FULL)]
+        """(canonical, label) pairs, the reference first and once."""
+        pairs: list[tuple[str, str]] = [(self.reference, self.config.reference)]
         for label in self.config.recipes:
             canonical = str(parse_recipe(label))
             if canonical not in [c for c, _ in pairs]:
                 pairs.append((canonical, label))
         return pairs
+
+    def check_lengths(self) -> None:
+        """Refuse, before any case is built, a length that some recipe's context window on
+        this model cannot hold (unless ``allow_overflow``; lengths are capped in the config)."""
+        if self.config.allow_overflow:
+            return
+        windows = {c: self.engine.context_window(parse_recipe(c)) for c, _ in self.recipes}
+        for length in sorted(set(self.config.lengths)):
+            short = [(c, label) for c, label in self.recipes if windows[c] < length]
+            if short:
+                raise InputError(self._overflow_message(length, short, windows))
+
+    def _overflow_message(self, length: int, short: list[tuple[str, str]], windows: dict[str, int]) -> str:
+        from kvlab.bench.config import describe_length
+
+        named = ", ".join(
+            f"'{label}' ({windows[c]} tokens{', the reference' if c == self.reference else ''})"
+            for c, label in short
+        )
+        text = f"length {describe_length(length)} exceeds the context window of " \
+               f"{self.engine.name} with recipe(s) {named}"
+        if any(c == self.reference for c, _ in short):
+            holder = next((label for c, label in self.recipes if windows[c] >= length), None)
+            if holder is None:
+                trained = self.engine.context_window(parse_recipe(FULL))
+                factor = 2 ** math.ceil(math.log2(length / trained))
+                holder = f"yarn(factor={factor})"
+                try:
+                    parse_recipe(holder)
+                except RecipeError:  # beyond yarn's largest factor
+                    holder = None
+            example = f", e.g. --reference '{holder}'" if holder else \
+                " (none of the listed recipes holds it, nor yarn at its largest factor)"
+            text += ("; the reference recipe runs on every case: choose one that holds the length "
+                     f"with --reference RECIPE (config key 'reference'){example}")
+        else:
+            text += "; drop that length or recipe, or add a position method to the recipe " \
+                    "(e.g. 'yarn(factor=2) + ...')"
+        return text + "; or pass --allow-overflow (config key 'allow_overflow') to run past the " \
+                      "window and measure what happens"
 
     def pending(self, cases: list[tuple[str, Case]]) -> list[tuple[str, Case, list[tuple[str, str]]]]:
         done = self.store.finished(self.settings_id)
@@ -162,32 +222,43 @@ class BenchRunner:
         reference: _Reference | None = None
         for canonical, label in self.recipes:
             needed = (canonical, label) in missing
-            if canonical != FULL and not needed:
+            is_reference = canonical == self.reference
+            if not is_reference and not needed:
                 continue
-            if canonical == FULL or needed:
+            if is_reference or needed:
                 progress.update(bar, description=f"{case.task} {case.target_tokens} tok · {label}")
-                rows, run_reference = self._run_pair(family, case, canonical, label, reference)
-                if canonical == FULL:
+                try:
+                    rows, run_reference = self._run_pair(family, case, canonical, label, reference)
+                except KvlabError as exc:
+                    raise type(exc)(f"case {case.id}, recipe '{label}': {exc}{self._hint(exc)}") from None
+                if is_reference:
                     reference = run_reference
                 if needed:
                     yield canonical, label, rows
 
+    def _hint(self, exc: KvlabError) -> str:
+        if self.config.allow_overflow or "window" not in str(exc):
+            return ""
+        return (" (kvlab bench: --reference RECIPE chooses the reference recipe, default full; "
+                "--allow-overflow runs past the window)")
+
     def _run_pair(self, family: str, case: Case, canonical: str, label: str,
                   reference: _Reference | None) -> tuple[list[dict[str, Any]], _Reference]:
         engine, config = self.engine, self.config
-        is_full = canonical == FULL
+        is_reference = canonical == self.reference
         rows: list[dict[str, Any]] = []
         own = _Reference([], [])
         with PeakMemory() as memory:
-            session = engine.session(case.context, recipe=canonical, mode=config.mode)
+            session = engine.session(case.context, recipe=canonical, mode=config.mode,
+                                     allow_overflow=config.allow_overflow)
             context = session.context_stats
             for t, turn in enumerate(case.turns):
                 max_new = config.max_new_tokens or turn.max_new_tokens
-                teacher = reference.tokens[t] if (reference is not None and not is_full) else None
+                teacher = reference.tokens[t] if (reference is not None and not is_reference) else None
                 answer = session.ask(
                     turn.question, answer_prefix=turn.answer_prefix, max_new_tokens=max_new,
                     reference_answer=turn.answers[0] if config.mode == "multi-turn" else None,
-                    teacher_tokens=teacher, keep_logprobs=is_full,
+                    teacher_tokens=teacher, keep_logprobs=is_reference,
                 )
                 own.tokens.append(answer.token_ids)
                 if answer.logprobs is not None:
@@ -212,6 +283,7 @@ class BenchRunner:
                     "context_prefill_s": context.prefill_s, "prefill_s": stats.prefill_s,
                     "decode_s": stats.decode_s, "decode_s_per_token": stats.decode_s_per_token,
                     "peak_rss_bytes": None, "device": str(engine.device),
+                    "reference": self.reference,  # the fidelity reference (a store column to come)
                 })
         for row in rows:
             row["peak_rss_bytes"] = memory.peak
@@ -223,17 +295,31 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
     console = console or Console(stderr=True)
     runner = BenchRunner(config, engine, console)
-    written = runner.run()
-    console.print(f"{written} rows written to {runner.store.path}")
-    rows = runner.store.rows()
-    from kvlab.bench.summary import summary_table
+    try:
+        written = runner.run()
+        console.print(f"{written} rows written to {runner.store.path}")
+        console.print(f"fidelity reference: {config.reference}", highlight=False)
+        rows = runner.store.rows()
+        from kvlab.bench.summary import summary_table
 
-    terminal = Console()
-    (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
-    runner.store.close()
-    if report:
-        from kvlab.bench.report import build_report
+        terminal = Console()
+        (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
+        runner.store.close()
+        if report:
+            from kvlab.bench.report import build_report
 
-        path = build_report(config.out)
-        console.print(f"report: {path}")
+            path = build_report(config.out)
+            console.print(f"report: {path}")
+    except KeyboardInterrupt:
+        runner.store.close()  # an unfinished pair's transaction is rolled back, never kept
+        raise BenchInterrupted(kept_pairs(config.out, runner.settings_id), Path(config.out)) from None
     return Path(config.out)
+
+
+def kept_pairs(directory: str | Path, settings_id: str) -> int | None:
+    """Finished (case, recipe) pairs of ``settings_id`` in the store (None: unreadable)."""
+    try:
+        with ResultStore(directory) as store:
+            return len(store.finished(settings_id))
+    except Exception:  # noqa: BLE001 - the count is a courtesy; the interrupt is what matters
+        return None

@@ -118,3 +118,80 @@ def test_lengths_and_config_files(tmp_path):
     bad.write_text("recipe: full\n")
     with pytest.raises(kvlab.InputError, match="unknown key.*recipe"):
         load_config_file(bad)
+
+
+def test_fidelity_is_measured_against_the_chosen_reference(engine, tmp_path):
+    # streaming_llm is the reference: it runs first, full is compared against it
+    chosen = BenchRunner(config(tmp_path, tasks=["niah_single"], recipes=["full"],
+                                reference="streaming_llm(budget=0.25)"), engine)
+    assert [label for _, label in chosen.recipes] == ["streaming_llm(budget=0.25)", "full"]
+    chosen.run()
+    rows = {r["recipe"]: r for r in chosen.store.rows()}
+    chosen.store.close()
+    reference = next(r for r in rows if r.startswith("streaming_llm"))
+    assert rows[reference]["token_agreement"] is None and rows[reference]["kl"] is None
+    assert rows["full"]["token_agreement"] is not None and rows["full"]["kl"] > 1e-4
+    # the default reference (full) on the same cases: streaming is the one compared
+    default = BenchRunner(config(tmp_path, tasks=["niah_single"], recipes=["streaming_llm(budget=0.25)"]), engine)
+    assert default.settings_id != chosen.settings_id  # never mixed with the other reference's rows
+    default.run()
+    by_reference = {(r["settings_id"], r["recipe"]): r for r in default.store.rows()}
+    default.store.close()
+    assert by_reference[(default.settings_id, "full")]["kl"] is None
+    streaming = by_reference[(default.settings_id, reference)]
+    # token agreement is symmetric when both answers have the same length
+    assert streaming["token_agreement"] == pytest.approx(rows["full"]["token_agreement"])
+
+
+@pytest.fixture(scope="module")
+def short_engine(tok):
+    return tiny_engine(tokenizer=tok, vocab_size=len(tok), max_position_embeddings=512)
+
+
+def test_lengths_past_a_window_are_refused_before_cases_are_built(short_engine, tmp_path, monkeypatch):
+    import kvlab.bench.runner as runner_module
+
+    def no_cases(*args):
+        raise AssertionError("cases were built")
+
+    monkeypatch.setattr(runner_module, "build_cases", no_cases)
+    with pytest.raises(kvlab.InputError) as caught:
+        BenchRunner(config(tmp_path, recipes=["yarn(factor=2)"], lengths=[256, 1024]), short_engine)
+    message = str(caught.value)
+    assert "length 1024 (1k)" in message and "'full' (512 tokens, the reference)" in message
+    assert "--reference 'yarn(factor=2)'" in message and "--allow-overflow" in message
+    assert not (tmp_path / "run").exists()  # nothing written for a refused run
+    with pytest.raises(kvlab.InputError, match=r"'snapkv\(budget=0.5\)' \(512 tokens\); drop that length"):
+        BenchRunner(config(tmp_path, recipes=["snapkv(budget=0.5)"], reference="yarn(factor=2)",
+                           lengths=[700]), short_engine)
+    with pytest.raises(kvlab.InputError, match="nor yarn at its largest factor"):
+        BenchRunner(config(tmp_path, lengths=[1000 * 1024]), short_engine)
+    with pytest.raises(kvlab.InputError, match=r"--reference 'yarn\(factor=4\)'"):  # none listed holds it
+        BenchRunner(config(tmp_path, lengths=[1500]), short_engine)
+
+
+def test_past_the_window_with_a_long_reference_or_allow_overflow(short_engine, tmp_path):
+    yarn = BenchRunner(config(tmp_path, tasks=["niah_single"], recipes=["yarn(factor=2)"], lengths=[700],
+                              reference="yarn(factor=2)", max_new_tokens=2), short_engine)
+    assert yarn.run() == 1
+    (row,) = yarn.store.rows()
+    yarn.store.close()
+    assert row["recipe"].startswith("yarn") and row["context_tokens"] > 512 and row["kl"] is None
+    overflow = BenchRunner(config(tmp_path, tasks=["niah_single"], recipes=["snapkv(budget=0.5)"],
+                                  lengths=[700], allow_overflow=True, max_new_tokens=2,
+                                  out=str(tmp_path / "overflow")), short_engine)
+    assert overflow.run() == 2
+    overflow.store.close()
+
+
+def test_an_overflow_during_the_run_names_the_case_and_the_bench_options(short_engine, tmp_path):
+    # the context fits the window, the question and answer do not: the engine's check, with
+    # the case, the recipe and kvlab bench's own options added
+    runner = BenchRunner(config(tmp_path, tasks=["niah_single"], recipes=["full"], lengths=[500],
+                                max_new_tokens=16), short_engine)
+    with pytest.raises(kvlab.InputError) as caught:
+        runner.run()
+    runner.store.close()
+    message = str(caught.value)
+    assert message.startswith("case niah_single-500-") and "recipe 'full'" in message
+    assert "--reference RECIPE" in message and "--allow-overflow" in message
