@@ -76,3 +76,24 @@ def test_methods_lists_every_stage_with_papers_and_defaults():
                 assert p.help, (name, p.name)
     snap = {p.name: p.default for p in infos["snapkv"].params}
     assert snap["window"] == 32 and snap["kernel"] == 5
+
+
+def test_a_recipe_string_is_parsed_once_per_call_path(monkeypatch, tmp_path, tokenizer):
+    """CLI -> engine -> session, and bench config -> runner -> session: one parse per string."""
+    import kvlab.recipe as recipes
+    from kvlab.bench.config import BenchConfig
+    from kvlab.bench.runner import BenchRunner
+    from tests.conftest import tiny_model
+
+    parsed: list[str] = []
+    build = recipes._build
+    monkeypatch.setattr(recipes, "_build", lambda term, source: parsed.append(source) or build(term, source))
+    engine = kvlab.Engine(tiny_model(vocab_size=len(tokenizer), max_position_embeddings=2048), tokenizer, progress=False)
+    recipe = kvlab.parse_recipe("snapkv(budget=0.5)")
+    engine.session("The code is 4417. " * 10, recipe=recipe).ask("Code?", max_new_tokens=2)
+    assert parsed == ["snapkv(budget=0.5)"]
+    parsed.clear()
+    config = BenchConfig(recipes=["snapkv(budget=0.5)"], tasks=["niah_single"], lengths=[300],
+                         max_new_tokens=2, out=str(tmp_path / "out"))
+    BenchRunner(config, engine).run()
+    assert parsed == ["snapkv(budget=0.5)"]

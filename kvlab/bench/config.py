@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.errors import InputError, RecipeError
+from kvlab.recipe import Recipe, parse_recipe
 
 MODES = ("multi-turn", "multi-request")
 QUICK_RECIPES = ("full", "snapkv(budget=0.25)", "streaming_llm(budget=0.25)", "quest(budget=0.25)")
@@ -121,7 +122,6 @@ class BenchConfig:
     def validate(self) -> None:
         from kvlab.bench.loaders import FORMATS
         from kvlab.bench.tasks import TASKS
-        from kvlab.recipe import parse_recipe
 
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
@@ -129,9 +129,11 @@ class BenchConfig:
             raise InputError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
         if not self.recipes:
             raise InputError("no recipes given")
+        self.parsed: dict[str, Recipe] = {}
+        """Each recipe string of the settings, parsed once (here), by its text."""
         for name, recipe in [*(("recipes", r) for r in self.recipes), ("reference", self.reference)]:
             try:
-                parse_recipe(recipe)
+                self.parsed[recipe] = parse_recipe(recipe)
             except RecipeError as exc:  # name the setting and the recipe, then the bad part
                 raise RecipeError(f"{name}: recipe {recipe!r}: {exc}") from None
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -163,9 +165,7 @@ class BenchConfig:
 
     def reference_recipe(self) -> str:
         """The reference recipe, canonical."""
-        from kvlab.recipe import parse_recipe
-
-        return str(parse_recipe(self.reference))
+        return str(self.parsed[self.reference])
 
     def settings_id(self, model_name: str, device: str) -> str:
         """Identifies what changes results besides the case and the recipe. The reference

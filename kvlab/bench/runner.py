@@ -34,7 +34,7 @@ from kvlab.bench.metrics import score
 from kvlab.bench.store import PairKey, ResultStore
 from kvlab.bench.tasks import TASKS
 from kvlab.errors import InputError, KvlabError, RecipeError
-from kvlab.recipe import parse_recipe
+from kvlab.recipe import Recipe, parse_recipe
 
 FULL = "full"
 
@@ -133,10 +133,13 @@ class BenchRunner:
 
     def _recipes(self) -> list[tuple[str, str]]:
         """(canonical, label) pairs, the reference first and once."""
+        parsed = self.config.parsed  # each recipe string parsed once, by the config
+        self.parsed: dict[str, Recipe] = {self.reference: parsed[self.config.reference]}
         pairs: list[tuple[str, str]] = [(self.reference, self.config.reference)]
         for label in self.config.recipes:
-            canonical = str(parse_recipe(label))
-            if canonical not in [c for c, _ in pairs]:
+            canonical = str(parsed[label])
+            if canonical not in self.parsed:
+                self.parsed[canonical] = parsed[label]
                 pairs.append((canonical, label))
         return pairs
 
@@ -145,7 +148,7 @@ class BenchRunner:
         this model cannot hold (unless ``allow_overflow``; lengths are capped in the config)."""
         if self.config.allow_overflow:
             return
-        windows = {c: self.engine.context_window(parse_recipe(c)) for c, _ in self.recipes}
+        windows = {c: self.engine.context_window(self.parsed[c]) for c, _ in self.recipes}
         for length in sorted(set(self.config.lengths)):
             short = [(c, label) for c, label in self.recipes if windows[c] < length]
             if short:
@@ -163,7 +166,7 @@ class BenchRunner:
         if any(c == self.reference for c, _ in short):
             holder = next((label for c, label in self.recipes if windows[c] >= length), None)
             if holder is None:
-                trained = self.engine.context_window(parse_recipe(FULL))
+                trained = self.engine.context_window(Recipe())
                 factor = 2 ** math.ceil(math.log2(length / trained))
                 holder = f"yarn(factor={factor})"
                 try:
@@ -249,7 +252,7 @@ class BenchRunner:
         rows: list[dict[str, Any]] = []
         own = _Reference([], [])
         with PeakMemory() as memory:
-            session = engine.session(case.context, recipe=canonical, mode=config.mode,
+            session = engine.session(case.context, recipe=self.parsed[canonical], mode=config.mode,
                                      allow_overflow=config.allow_overflow)
             context = session.context_stats
             for t, turn in enumerate(case.turns):
