@@ -30,7 +30,8 @@ class BenchConfig:
     mode: str = "multi-turn"
     samples: int = 1
     depths: list[float] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)  # local JSONL files, "path:format"
+    data: list[str] = field(default_factory=list)  # local JSONL files, "path:format[:length]"
+    raw_prompt: bool = False  # send RULER --data records as RULER does (no chat template)
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -42,7 +43,7 @@ class BenchConfig:
         self.validate()
 
     def validate(self) -> None:
-        from kvlab.bench.loaders import FORMATS
+        from kvlab.bench.loaders import parse_data_item
         from kvlab.bench.tasks import TASKS
 
         if self.mode not in MODES:
@@ -64,12 +65,17 @@ class BenchConfig:
         for depth in self.depths:
             if not 0.0 <= depth <= 1.0:
                 raise InputError(f"depth {depth!r}: must be in [0, 1]")
+        formats = set()
         for item in self.data:
-            path, _, fmt = item.rpartition(":")
-            if not path or fmt not in FORMATS:
-                raise InputError(f"data {item!r}: write PATH:FORMAT with FORMAT one of {', '.join(FORMATS)}")
+            path, fmt, _ = parse_data_item(item)
+            formats.add(fmt)
             if not Path(path).is_file():
                 raise InputError(f"data file {path!r} not found")
+        if self.raw_prompt and "ruler" not in formats:
+            raise InputError(
+                "raw_prompt (--raw-prompt) sends RULER records as RULER does (input + "
+                "answer_prefix, no chat template); give a RULER file: --data PATH:ruler"
+            )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
 

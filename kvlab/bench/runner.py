@@ -26,10 +26,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import kvlab
 from kvlab.bench.cases import Case
 from kvlab.bench.config import BenchConfig
-from kvlab.bench.loaders import load_jsonl
+from kvlab.bench.loaders import load_jsonl, parse_data_item
 from kvlab.bench.metrics import score
+from kvlab.bench.raw_prompt import RawPromptSession
 from kvlab.bench.store import PairKey, ResultStore
 from kvlab.bench.tasks import TASKS
+from kvlab.errors import InputError
 from kvlab.recipe import parse_recipe
 
 FULL = "full"
@@ -93,10 +95,30 @@ def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
             for index in range(config.samples):
                 for depth in depths:
                     cases.append((task.family, task.generate(tokenizer, length, config.seed, index, depth)))
+    files: dict[tuple[Path, int | None], str] = {}
     for item in config.data:
-        path, _, fmt = item.rpartition(":")
-        cases.extend(("file", case) for case in load_jsonl(path, fmt))
+        path, fmt, length = parse_data_item(item)
+        key = (Path(path).resolve(), length)
+        if key in files:
+            raise InputError(f"data file {path!r} is given twice ({files[key]!r} and {item!r}); "
+                             "give each file once")
+        files[key] = item
+        raw = config.raw_prompt and fmt == "ruler"
+        cases.extend(("file", case) for case in load_jsonl(path, fmt, length=length, raw_prompt=raw))
+    _check_unique(cases)
     return cases
+
+
+def _check_unique(cases: list[tuple[str, Case]]) -> None:
+    """Refuse two cases with one id: the store would hold only one of them."""
+    seen: set[str] = set()
+    for _, case in cases:
+        if case.id in seen:
+            raise InputError(
+                f"case {case.id!r} would run twice: a task, length, depth or data file is "
+                "listed twice; list each once"
+            )
+        seen.add(case.id)
 
 
 class BenchRunner:
@@ -106,9 +128,13 @@ class BenchRunner:
                  console: Console | None = None) -> None:
         self.config = config
         self.console = console or Console(stderr=True)
-        self.engine = engine or kvlab.load(config.model, config.device, config.dtype, progress=False)
+        self.store = ResultStore(config.out)  # first: a locked or corrupt store fails fast
+        try:
+            self.engine = engine or kvlab.load(config.model, config.device, config.dtype, progress=False)
+        except BaseException:
+            self.store.close()
+            raise
         self.recipes = self._recipes()
-        self.store = ResultStore(config.out)
         self.settings_id = config.settings_id(self.engine.name, str(self.engine.device))
 
     def _recipes(self) -> list[tuple[str, str]]:
@@ -179,7 +205,10 @@ class BenchRunner:
         rows: list[dict[str, Any]] = []
         own = _Reference([], [])
         with PeakMemory() as memory:
-            session = engine.session(case.context, recipe=canonical, mode=config.mode)
+            if case.prompt == "raw":
+                session: Any = RawPromptSession(engine, case.context, canonical)
+            else:
+                session = engine.session(case.context, recipe=canonical, mode=config.mode)
             context = session.context_stats
             for t, turn in enumerate(case.turns):
                 max_new = config.max_new_tokens or turn.max_new_tokens
@@ -199,6 +228,7 @@ class BenchRunner:
                 stats = answer.stats
                 rows.append({
                     "settings_id": self.settings_id, "model": engine.name, "mode": config.mode,
+                    "prompt": case.prompt,
                     "task": case.task, "family": family, "case_id": case.id,
                     "target_tokens": case.target_tokens, "depth": case.depth,
                     "recipe": canonical, "recipe_label": label, "turn": t,
@@ -223,14 +253,17 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
     console = console or Console(stderr=True)
     runner = BenchRunner(config, engine, console)
-    written = runner.run()
-    console.print(f"{written} rows written to {runner.store.path}")
-    rows = runner.store.rows()
+    try:
+        written = runner.run()
+        console.print(f"{written} rows written to {runner.store.path} "
+                      f"({runner.store.count()} rows stored)")
+        rows = runner.store.rows()
+    finally:
+        runner.store.close()
     from kvlab.bench.summary import summary_table
 
     terminal = Console()
     (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
-    runner.store.close()
     if report:
         from kvlab.bench.report import build_report
 
