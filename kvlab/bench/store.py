@@ -202,7 +202,8 @@ class ResultStore:
                 self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind} DEFAULT {default}")
         if read_only:
             self._defaults = {n: d.strip("'") for n, d in _ADDED.items() if n not in present}
-        self._db.execute("SELECT count(*) FROM results").fetchone()  # reads the table's blocks
+        # read every stored value once, so a truncated or damaged file is found here
+        self._db.execute("SELECT max(length(CAST(COLUMNS(*) AS VARCHAR))) FROM results").fetchall()
 
     def _run(self, sql: str, params: list[Any] | None = None) -> duckdb.DuckDBPyConnection:
         try:
