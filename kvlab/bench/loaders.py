@@ -258,7 +258,10 @@ def parse_data_item(item: str) -> tuple[str, str, int | None]:
     if len(parts) == 3 and parts[1] in FORMATS:
         if parts[1] != "ruler":
             raise InputError(f"data {item!r}: only ruler files take a :LENGTH (PATH:ruler:4k)")
-        return parts[0], parts[1], parse_length(parts[2])
+        try:
+            return parts[0], parts[1], parse_length(parts[2])
+        except InputError as exc:
+            raise InputError(f"data {item!r}: {exc}") from None
     path, _, fmt = item.rpartition(":")
     if not path or fmt not in FORMATS:
         raise InputError(

@@ -86,7 +86,9 @@ class _Reference:
 
 
 def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
-    """(family, case) for every task x length x sample (x depth), then the data files."""
+    """(family, case) for every task x length x sample (x depth), then the data files (read
+    first, so a bad file fails before any case is generated)."""
+    loaded = _load_data(config)
     cases: list[tuple[str, Case]] = []
     for task_name in config.tasks:
         task = TASKS[task_name]
@@ -95,6 +97,14 @@ def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
             for index in range(config.samples):
                 for depth in depths:
                     cases.append((task.family, task.generate(tokenizer, length, config.seed, index, depth)))
+    cases.extend(loaded)
+    _check_unique(cases)
+    return cases
+
+
+def _load_data(config: BenchConfig) -> list[tuple[str, Case]]:
+    """The cases of the ``--data`` files; a file given twice is refused."""
+    cases: list[tuple[str, Case]] = []
     files: dict[tuple[Path, int | None], str] = {}
     for item in config.data:
         path, fmt, length = parse_data_item(item)
@@ -105,7 +115,6 @@ def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
         files[key] = item
         raw = config.raw_prompt and fmt == "ruler"
         cases.extend(("file", case) for case in load_jsonl(path, fmt, length=length, raw_prompt=raw))
-    _check_unique(cases)
     return cases
 
 

@@ -184,7 +184,10 @@ class ResultStore:
         ).fetchall()}
         if not present:
             if read_only:
-                raise StoreError(f"{self.path} is a DuckDB file but holds no kvlab results table")
+                raise StoreError(
+                    f"{self.path} is a DuckDB file but holds no kvlab results table (not "
+                    "written by kvlab bench?); point kvlab report at a kvlab bench --out directory"
+                )
             columns = ", ".join(f"{name} {kind}" for name, kind, _ in COLUMNS)
             self._db.execute(
                 f"CREATE TABLE results ({columns}, PRIMARY KEY ({', '.join(_KEY)}))"
