@@ -71,6 +71,8 @@ class BenchConfig:
             formats.add(fmt)
             if not Path(path).is_file():
                 raise InputError(f"data file {path!r} not found")
+        if not isinstance(self.raw_prompt, bool):
+            raise InputError(f"raw_prompt={self.raw_prompt!r}: must be true or false")
         if self.raw_prompt and "ruler" not in formats:
             raise InputError(
                 "raw_prompt (--raw-prompt) sends RULER records as RULER does (input + "

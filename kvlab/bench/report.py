@@ -140,7 +140,7 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime) -> s
 
 
 PROMPT_FORMS = {
-    "chat": "the model's chat template",
+    "chat": "the model's chat template (plain text for a model without one)",
     "raw": "raw, as RULER sends it (input + answer prefix, no chat template)",
 }
 

@@ -136,11 +136,12 @@ NEEDLE = ("Some special magic numbers are hidden within the following text.\n"
 PREFIX = " The special magic number for {key} mentioned in the provided text is"
 
 
-def _ruler_file(path, values, key="calm-otter", index=0):
+def _ruler_file(path, values, key="calm-otter", index=0, **fields):
     """A RULER niah file; every record has the same `index` (as RULER's generator can)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [{"index": index, "input": NEEDLE.format(key=key, value=v), "outputs": [v],
-                "length": 90, "answer_prefix": PREFIX.format(key=key)} for v in values]
+                "length": 90, "answer_prefix": PREFIX.format(key=key), **fields}
+               for v in values]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -213,8 +214,9 @@ def test_raw_prompt_feeds_rulers_exact_ids(engine, tok, tmp_path):
 
 
 def test_bench_raw_prompt_rows_and_report(engine, tmp_path):
+    # RULER's niah fields: input + answer tokens (128 to generate), the needle's token offset
     path = _ruler_file(tmp_path / "4096" / "data" / "niah_single_1" / "validation.jsonl",
-                       ["7654321"])
+                       ["7654321"], length=80 + 128, token_position_answer=20)
     raw = BenchRunner(_data_config(tmp_path, [path], raw_prompt=True), engine)
     assert raw.run() == 2
     raw.store.close()
@@ -226,7 +228,9 @@ def test_bench_raw_prompt_rows_and_report(engine, tmp_path):
     forms = {r["prompt"]: r for r in rows if r["recipe"] == "full"}
     assert set(forms) == {"raw", "chat"}
     assert forms["raw"]["context_tokens"] < forms["chat"]["context_tokens"]  # no template
+    assert {(r["target_tokens"], r["depth"]) for r in rows} == {(4096, 0.25)}
     page = build_report(tmp_path / "run").read_text(encoding="utf-8")
     assert "raw, as RULER sends it" in page and "the model&#x27;s chat template" in page
+    assert 'alt="needle heat maps"' in page  # RULER's niah rows have a depth
     with pytest.raises(kvlab.InputError, match="give a RULER file"):
         config(tmp_path, raw_prompt=True)
