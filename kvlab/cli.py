@@ -143,7 +143,8 @@ def bench(
     mode: Annotated[Optional[str], typer.Option(help="multi-turn or multi-request." + _bench_default("mode"))] = None,
     samples: Annotated[Optional[int], typer.Option(help="Cases per task and length." + _bench_default("samples"))] = None,
     depths: Annotated[Optional[str], typer.Option(help="Needle depths for needle tasks, e.g. 0.1,0.5,0.9." + _bench_default("depths"))] = None,
-    data: Annotated[Optional[list[str]], typer.Option(help="Local JSONL file as PATH:FORMAT (ruler, longbench, scbench); repeatable." + _bench_default("data"))] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Local JSONL file as PATH:FORMAT (ruler, longbench, scbench), a RULER file optionally PATH:ruler:LENGTH; repeatable." + _bench_default("data"))] = None,
+    raw_prompt: Annotated[Optional[bool], typer.Option("--raw-prompt", help="Send RULER --data records as RULER does: input + answer prefix, no chat template." + _bench_default("raw_prompt"))] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf." + _bench_default("model"))] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N." + _bench_default("device"))] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16." + _bench_default("dtype"))] = None,
@@ -168,7 +169,8 @@ def bench(
             "recipes": split_list(recipes, ";") if recipes else None,
             "tasks": split_list(tasks) if tasks else None,
             "lengths": [parse_length(x) for x in split_list(lengths)] if lengths else None,
-            "mode": mode, "samples": samples, "data": data, "model": model, "device": device,
+            "mode": mode, "samples": samples, "data": data, "raw_prompt": raw_prompt,
+            "model": model, "device": device,
             "dtype": dtype, "seed": seed, "max_new_tokens": max_new_tokens, "out": out,
             "depths": [_float(x, "depth") for x in split_list(depths)] if depths else None,
             "reference": reference, "allow_overflow": allow_overflow or None,  # keeps a file's true
@@ -196,12 +198,17 @@ def report(
     from kvlab.bench.store import DB_NAME, ResultStore
     from kvlab.bench.summary import summary_markdown
 
+    import kvlab
+
     if not (directory / DB_NAME).is_file():
         _fail(f"{str(directory)!r} holds no {DB_NAME}; run kvlab bench --out {directory} first")
-    out.print(f"report: {build_report(directory, output)}")
-    if markdown:
-        with ResultStore(directory) as store:
-            print(summary_markdown(store.rows()), end="")
+    try:
+        out.print(f"report: {build_report(directory, output)}")
+        if markdown:
+            with ResultStore(directory, read_only=True) as store:
+                print(summary_markdown(store.rows()), end="")
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
 
 
 @app.command()

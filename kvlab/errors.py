@@ -22,3 +22,8 @@ class ModelError(KvlabError):
 
 class InputError(KvlabError, ValueError):
     """A prompt, context or generation setting is invalid (too long, empty, out of range)."""
+
+
+class StoreError(KvlabError):
+    """A results store cannot be opened, read or written (held by another process, corrupt,
+    on a read-only directory); the message names the file and what to do."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+PROMPT_FORMS = ("chat", "raw")
+
 
 @dataclass
 class Turn:
@@ -41,7 +43,10 @@ class Case:
     ``id`` is stable (``{task}-{target_tokens}-{seed}-{index}`` for generated cases, with
     ``-d{depth}`` when a depth was requested); ``depth`` is the fraction of the context at which
     the asked needle sits, where that is meaningful; ``meta`` holds task-specific details
-    (needle positions, parameters, the source record's fields for loaded cases).
+    (needle positions, parameters, the source record's fields for loaded cases). ``prompt``
+    is how the runner sends it: ``chat`` (the model's chat template, the default) or ``raw``
+    (``context + question + answer_prefix`` exactly, as RULER sends its records; see
+    :mod:`kvlab.bench.raw_prompt`).
     """
 
     id: str
@@ -51,6 +56,11 @@ class Case:
     target_tokens: int
     depth: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt: str = "chat"
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_FORMS:
+            raise ValueError(f"prompt={self.prompt!r}: must be one of {', '.join(PROMPT_FORMS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``Case.from_dict(case.to_dict()) == case``)."""
@@ -67,4 +77,5 @@ class Case:
             target_tokens=int(data.get("target_tokens", 0)),
             depth=None if depth is None else float(depth),
             meta=dict(data.get("meta") or {}),
+            prompt=str(data.get("prompt", "chat")),
         )

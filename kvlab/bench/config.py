@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.lengths import describe_length, format_length, parse_length
 from kvlab.errors import InputError, RecipeError
 from kvlab.recipe import Recipe, parse_recipe
 
@@ -48,6 +49,7 @@ _SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
     "out": ((str,), "a directory path"),
     "reference": ((str,), "a recipe string, e.g. 'full' or 'yarn(factor=2)'"),
     "allow_overflow": ((bool,), "true or false"),
+    "raw_prompt": ((bool,), "true or false"),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false"}
 
@@ -106,7 +108,8 @@ class BenchConfig:
     mode: str = "multi-turn"
     samples: int = 1
     depths: list[float] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)  # local JSONL files, "path:format"
+    data: list[str] = field(default_factory=list)  # local JSONL files, "path:format[:length]"
+    raw_prompt: bool = False  # send RULER --data records as RULER does (no chat template)
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -120,7 +123,7 @@ class BenchConfig:
         self.validate()
 
     def validate(self) -> None:
-        from kvlab.bench.loaders import FORMATS
+        from kvlab.bench.loaders import parse_data_item
         from kvlab.bench.tasks import TASKS
 
         for f in fields(self):
@@ -154,12 +157,19 @@ class BenchConfig:
         for depth in self.depths:
             if not 0.0 <= depth <= 1.0:
                 raise InputError(f"depth {depth!r}: must be in [0, 1]")
+        formats = set()
         for item in self.data:
-            path, _, fmt = item.rpartition(":")
-            if not path or fmt not in FORMATS:
-                raise InputError(f"data {item!r}: write PATH:FORMAT with FORMAT one of {', '.join(FORMATS)}")
+            path, fmt, _ = parse_data_item(item)
+            formats.add(fmt)
             if not Path(path).is_file():
                 raise InputError(f"data file {path!r} not found")
+        if not isinstance(self.raw_prompt, bool):
+            raise InputError(f"raw_prompt={self.raw_prompt!r}: must be true or false")
+        if self.raw_prompt and "ruler" not in formats:
+            raise InputError(
+                "raw_prompt (--raw-prompt) sends RULER records as RULER does (input + "
+                "answer_prefix, no chat template); give a RULER file: --data PATH:ruler"
+            )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens={self.max_new_tokens}: must be an integer >= 1")
 
@@ -204,26 +214,6 @@ def default_help(name: str) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value)) if value else "none"
     return str(value)
-
-
-def parse_length(text: str) -> int:
-    """``4k`` -> 4096, ``128k`` -> 131072, ``1500`` -> 1500."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
-    if not match:
-        raise InputError(f"length {text!r}: write a token count such as 1500, 1k or 4k")
-    value = int(match.group(1))
-    return value * 1024 if match.group(2) else value
-
-
-def format_length(tokens: int) -> str:
-    """``4096`` -> ``4k``, ``1500`` -> ``1500`` (the inverse of :func:`parse_length`)."""
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
-
-
-def describe_length(tokens: int) -> str:
-    """``4096`` -> ``4096 (4k)``, ``1500`` -> ``1500``: a length as messages name it."""
-    short = format_length(tokens)
-    return str(tokens) if short == str(tokens) else f"{tokens} ({short})"
 
 
 def split_list(text: str, separator: str = ",") -> list[str]:

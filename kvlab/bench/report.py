@@ -1,9 +1,11 @@
 """A one-file HTML report of a benchmark directory: tables and plots of the measured results.
 
-:func:`build_report` reads ``DIR/results.duckdb`` and writes ``DIR/report.html``: a single
+:func:`build_report` reads ``DIR/results.duckdb`` (opened read-only, so archived results on
+read-only media render with ``--output``) and writes ``DIR/report.html``: a single
 self-contained page (PNG plots embedded as base64, inline CSS, no JavaScript) with
 
-- a header (models, devices, modes, tasks, lengths, rows, when the report was generated);
+- a header (models, devices, modes, tasks, lengths, the prompt form: chat template or raw,
+  rows, when the report was generated);
 - the summary table of :func:`kvlab.bench.summary.summarize`;
 - accuracy vs KV memory, with the Pareto frontier (per context length when there are several);
 - accuracy per turn, for cases with more than one turn;
@@ -62,13 +64,20 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
     db = directory / DB_NAME
     if not db.exists():
         raise InputError(f"no results store {db}: run `kvlab bench` into {directory} first")
-    with ResultStore(directory) as store:
+    with ResultStore(directory, read_only=True) as store:  # never writes: archives render
         rows = store.rows()
     if not rows:
         raise InputError(f"{db} holds no results yet: nothing to report")
     output = Path(output) if output is not None else directory / REPORT_NAME
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_report(rows, source=str(db)), encoding="utf-8")
+    page = render_report(rows, source=str(db))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the report {output} ({exc.strerror}); write it elsewhere with "
+            "--output FILE (the results were only read)"
+        ) from None
     return output
 
 
@@ -116,6 +125,7 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime) -> s
           if any(ctx.labels[r] != r for r in ctx.recipes) else []),
         ("tasks", join(f"{t} ({f})" for t, f in tasks)),
         ("context lengths (tokens)", join(tokens(n) for n in ctx.lengths)),
+        ("prompt", prompt_forms(rows)),
         ("results", f"{len(rows):,} rows, {cases:,} cases"),
     ]
     if written:
@@ -127,6 +137,24 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime) -> s
     dl = "\n".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
     nav = " · ".join(f'<a href="#{k}">{escape(v)}</a>' for k, v in SECTIONS.items())
     return f"<header><h1>kvlab benchmark report</h1>\n<dl>{dl}</dl>\n<nav>{nav}</nav></header>"
+
+
+PROMPT_FORMS = {
+    "chat": "the model's chat template (plain text for a model without one)",
+    "raw": "raw, as RULER sends it (input + answer prefix, no chat template)",
+}
+
+
+def prompt_forms(rows: Rows) -> str:
+    """Which prompt form the rows' cases were sent in, with the tasks of each when mixed."""
+    forms = first_seen([{"prompt": r.get("prompt") or "chat"} for r in rows], "prompt")
+    if len(forms) == 1:
+        return PROMPT_FORMS.get(forms[0], forms[0])
+    parts = []
+    for form in forms:
+        tasks = dict.fromkeys(r["task"] for r in rows if (r.get("prompt") or "chat") == form)
+        parts.append(f"{PROMPT_FORMS.get(form, form)} for {', '.join(tasks)}")
+    return "; ".join(parts)
 
 
 _CSS = """

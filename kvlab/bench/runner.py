@@ -29,8 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import kvlab
 from kvlab.bench.cases import Case
 from kvlab.bench.config import BenchConfig
-from kvlab.bench.loaders import load_jsonl
+from kvlab.bench.loaders import load_jsonl, parse_data_item
 from kvlab.bench.metrics import score
+from kvlab.bench.raw_prompt import RawPromptSession
 from kvlab.bench.store import PairKey, ResultStore
 from kvlab.bench.tasks import TASKS
 from kvlab.errors import InputError, KvlabError, RecipeError
@@ -102,7 +103,9 @@ class _Reference:
 
 
 def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
-    """(family, case) for every task x length x sample (x depth), then the data files."""
+    """(family, case) for every task x length x sample (x depth), then the data files (read
+    first, so a bad file fails before any case is generated)."""
+    loaded = _load_data(config)
     cases: list[tuple[str, Case]] = []
     for task_name in config.tasks:
         task = TASKS[task_name]
@@ -111,10 +114,37 @@ def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
             for index in range(config.samples):
                 for depth in depths:
                     cases.append((task.family, task.generate(tokenizer, length, config.seed, index, depth)))
-    for item in config.data:
-        path, _, fmt = item.rpartition(":")
-        cases.extend(("file", case) for case in load_jsonl(path, fmt))
+    cases.extend(loaded)
+    _check_unique(cases)
     return cases
+
+
+def _load_data(config: BenchConfig) -> list[tuple[str, Case]]:
+    """The cases of the ``--data`` files; a file given twice is refused."""
+    cases: list[tuple[str, Case]] = []
+    files: dict[tuple[Path, int | None], str] = {}
+    for item in config.data:
+        path, fmt, length = parse_data_item(item)
+        key = (Path(path).resolve(), length)
+        if key in files:
+            raise InputError(f"data file {path!r} is given twice ({files[key]!r} and {item!r}); "
+                             "give each file once")
+        files[key] = item
+        raw = config.raw_prompt and fmt == "ruler"
+        cases.extend(("file", case) for case in load_jsonl(path, fmt, length=length, raw_prompt=raw))
+    return cases
+
+
+def _check_unique(cases: list[tuple[str, Case]]) -> None:
+    """Refuse two cases with one id: the store would hold only one of them."""
+    seen: set[str] = set()
+    for _, case in cases:
+        if case.id in seen:
+            raise InputError(
+                f"case {case.id!r} would run twice: a task, length, depth or data file is "
+                "listed twice; list each once"
+            )
+        seen.add(case.id)
 
 
 class BenchRunner:
@@ -127,7 +157,7 @@ class BenchRunner:
         self.engine = engine or kvlab.load(config.model, config.device, config.dtype, progress=False)
         self.reference = config.reference_recipe()
         self.recipes = self._recipes()
-        self.check_lengths()
+        self.check_lengths()  # before the store is opened: a refused run writes nothing
         self.store = ResultStore(config.out)
         self.settings_id = config.settings_id(self.engine.name, str(self.engine.device))
 
@@ -252,8 +282,11 @@ class BenchRunner:
         rows: list[dict[str, Any]] = []
         own = _Reference([], [])
         with PeakMemory() as memory:
-            session = engine.session(case.context, recipe=self.parsed[canonical], mode=config.mode,
-                                     allow_overflow=config.allow_overflow)
+            if case.prompt == "raw":
+                session: Any = RawPromptSession(engine, case.context, self.parsed[canonical])
+            else:
+                session = engine.session(case.context, recipe=self.parsed[canonical], mode=config.mode,
+                                         allow_overflow=config.allow_overflow)
             context = session.context_stats
             for t, turn in enumerate(case.turns):
                 max_new = config.max_new_tokens or turn.max_new_tokens
@@ -273,6 +306,7 @@ class BenchRunner:
                 stats = answer.stats
                 rows.append({
                     "settings_id": self.settings_id, "model": engine.name, "mode": config.mode,
+                    "prompt": case.prompt,
                     "task": case.task, "family": family, "case_id": case.id,
                     "target_tokens": case.target_tokens, "depth": case.depth,
                     "recipe": canonical, "recipe_label": label, "turn": t,
@@ -299,23 +333,26 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     console = console or Console(stderr=True)
     runner = BenchRunner(config, engine, console)
     try:
-        written = runner.run()
-        console.print(f"{written} rows written to {runner.store.path}")
+        try:
+            written = runner.run()
+        except KeyboardInterrupt:
+            runner.store.close()  # an unfinished pair's transaction is rolled back, never kept
+            raise BenchInterrupted(kept_pairs(config.out, runner.settings_id), Path(config.out)) from None
+        console.print(f"{written} rows written to {runner.store.path} "
+                      f"({runner.store.count()} rows stored)")
         console.print(f"fidelity reference: {config.reference}", highlight=False)
         rows = runner.store.rows()
-        from kvlab.bench.summary import summary_table
-
-        terminal = Console()
-        (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
+    finally:
         runner.store.close()
-        if report:
-            from kvlab.bench.report import build_report
+    from kvlab.bench.summary import summary_table
 
-            path = build_report(config.out)
-            console.print(f"report: {path}")
-    except KeyboardInterrupt:
-        runner.store.close()  # an unfinished pair's transaction is rolled back, never kept
-        raise BenchInterrupted(kept_pairs(config.out, runner.settings_id), Path(config.out)) from None
+    terminal = Console()
+    (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
+    if report:
+        from kvlab.bench.report import build_report
+
+        path = build_report(config.out)
+        console.print(f"report: {path}")
     return Path(config.out)
 
 

@@ -5,15 +5,26 @@ one transaction when the pair finishes, so an interrupted run loses only the pai
 a rerun skips every finished pair. ``settings_id`` identifies everything that changes results
 besides the case and the recipe (model, mode, generation length, ...): different settings are
 different rows, never overwrites.
+
+Rows are only ever added: a row whose (settings, case, recipe, turn) key is already stored is
+refused with a :class:`~kvlab.errors.StoreError`, never replaced (a rerun skips finished pairs
+before it runs them, see :meth:`ResultStore.finished`). Every failure to open, read or write
+the file (another process holds it, it is corrupt or truncated, the directory is read-only)
+is a :class:`~kvlab.errors.StoreError` that names the file and says what to do; a file kvlab
+cannot read is left untouched. ``kvlab report`` opens the store read-only
+(``ResultStore(dir, read_only=True)``), so archived results on read-only media render.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from kvlab.errors import StoreError
 
 DB_NAME = "results.duckdb"
 
@@ -21,6 +32,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("settings_id", "VARCHAR", "hash of the settings that change results (model, mode, ...)"),
     ("model", "VARCHAR", "model name"),
     ("mode", "VARCHAR", "single, multi-request or multi-turn"),
+    ("prompt", "VARCHAR", "prompt form: chat (the model's chat template) or raw (the data file's text as is)"),
     ("task", "VARCHAR", "task name"),
     ("family", "VARCHAR", "ruler, scbench or file"),
     ("case_id", "VARCHAR", "stable case id"),
@@ -53,6 +65,12 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
 
+INSERTED = tuple(name for name in COLUMN_NAMES if name != "created_at")
+# columns added after the first release: a store written before lacks them (filled on open)
+_ADDED = {"prompt": "'chat'"}
+_KEY = ("settings_id", "case_id", "recipe", "turn")
+
+
 @dataclass(frozen=True)
 class PairKey:
     settings_id: str
@@ -60,58 +78,213 @@ class PairKey:
     recipe: str
 
 
-class ResultStore:
-    """The ``results`` table of a benchmark directory."""
+def _lock_holder(message: str) -> str:
+    """'PID 123, /usr/bin/python3' out of DuckDB's lock message (or 'another process')."""
+    match = re.search(r"held in (.+?) \(PID (\d+)\)", message)
+    return f"PID {match.group(2)}, {match.group(1)}" if match else "another process"
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / DB_NAME
-        self._db = duckdb.connect(str(self.path))
-        columns = ", ".join(f"{name} {kind}" for name, kind, _ in COLUMNS)
-        self._db.execute(
-            f"CREATE TABLE IF NOT EXISTS results ({columns}, "
-            "PRIMARY KEY (settings_id, case_id, recipe, turn))"
+
+def store_error(path: Path, exc: Exception, *, read_only: bool) -> StoreError:
+    """A clear :class:`StoreError` for a DuckDB (or OS) failure on the store at ``path``."""
+    message = str(exc)
+    where = str(path.parent)
+    if "Conflicting lock" in message or "Could not set lock" in message:
+        holder = _lock_holder(message)
+        if read_only:
+            return StoreError(
+                f"cannot read the results store {path}: another process ({holder}) has it open "
+                "for writing, probably a kvlab bench still running on this directory, and DuckDB "
+                "lets no other process read a file while it is being written; wait for that "
+                f"run to finish, then run `kvlab report {where}` again"
+            )
+        return StoreError(
+            f"cannot open the results store {path}: another process ({holder}) holds its lock, "
+            "probably another kvlab bench or kvlab report on the same directory; wait for it "
+            "to finish, or pick another --out"
         )
+    corrupt = ("not a valid DuckDB database", "Could not read enough bytes", "Corrupt",
+               "checksum", "Serialization", "INTERNAL Error")
+    if any(c.lower() in message.lower() for c in corrupt) or isinstance(
+        exc, duckdb.SerializationException | duckdb.InternalException
+    ):
+        return StoreError(
+            f"the results store {path} is corrupt or truncated ({message.strip()}); kvlab left "
+            "it untouched: move it away (or restore a copy) to start a new store there, or "
+            "pick another --out"
+        )
+    if any(c in message for c in ("Read-only file system", "Permission denied",
+                                  "Operation not permitted")) or isinstance(exc, PermissionError):
+        return StoreError(
+            f"cannot write the results store {path}: the directory {where} is not writable "
+            f"({message.strip()}); pick a writable --out (to render stored results from "
+            "read-only media, `kvlab report DIR --output FILE` only reads them)"
+        )
+    if "different configuration" in message:
+        return StoreError(
+            f"the results store {path} is already open in this process with other settings "
+            "(read-only vs read-write); close it first"
+        )
+    return StoreError(f"cannot use the results store {path}: {message.strip()}")
+
+
+class ResultStore:
+    """The ``results`` table of a benchmark directory.
+
+    ``read_only=True`` opens an existing store without ever writing to it (``kvlab report``);
+    the default creates the directory and the table when missing. Failures raise
+    :class:`~kvlab.errors.StoreError` (see :func:`store_error`).
+    """
+
+    def __init__(self, directory: str | Path, *, read_only: bool = False) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise StoreError(
+                    f"no results store {self.path}: run `kvlab bench --out {self.directory}` first"
+                )
+        else:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise StoreError(
+                    f"--out {str(self.directory)!r} is a file, not a directory; pick a directory "
+                    "for the results"
+                )
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the results directory {self.directory} ({exc.strerror}); "
+                    "pick a writable --out"
+                ) from None
+        if not read_only and self.path.exists():
+            self._open(read_only=True)  # check an existing file before anything may write to it
+            self._db.close()
+        self._open(read_only=read_only)
+
+    def _open(self, *, read_only: bool) -> None:
+        try:
+            self._db = duckdb.connect(str(self.path), read_only=read_only)
+        except (duckdb.Error, OSError) as exc:
+            raise store_error(self.path, exc, read_only=self.read_only) from None
+        try:
+            self._prepare(read_only)
+        except StoreError:
+            self._db.close()
+            raise
+        except (duckdb.Error, OSError) as exc:
+            self._db.close()
+            raise store_error(self.path, exc, read_only=self.read_only) from None
+
+    def _prepare(self, read_only: bool) -> None:
+        """Check (read-only) or create the table; add columns that an older store lacks."""
+        self._defaults: dict[str, str] = {}
+        present = {name for (name,) in self._db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'results'"
+        ).fetchall()}
+        if not present:
+            if read_only:
+                raise StoreError(
+                    f"{self.path} is a DuckDB file but holds no kvlab results table (not "
+                    "written by kvlab bench?); point kvlab report at a kvlab bench --out directory"
+                )
+            columns = ", ".join(f"{name} {kind}" for name, kind, _ in COLUMNS)
+            self._db.execute(
+                f"CREATE TABLE results ({columns}, PRIMARY KEY ({', '.join(_KEY)}))"
+            )
+            return
+        missing = [c for c in COLUMN_NAMES if c not in present and c not in _ADDED]
+        if missing:
+            raise StoreError(
+                f"{self.path} holds a results table without the columns {', '.join(missing)} "
+                "(not written by kvlab bench?); it was left untouched: pick another --out"
+            )
+        for name, default in _ADDED.items():
+            if name not in present and not read_only:
+                kind = next(k for n, k, _ in COLUMNS if n == name)
+                self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind} DEFAULT {default}")
+        if read_only:
+            self._defaults = {n: d.strip("'") for n, d in _ADDED.items() if n not in present}
+        # read every stored value once, so a truncated or damaged file is found here
+        self._db.execute("SELECT max(length(CAST(COLUMNS(*) AS VARCHAR))) FROM results").fetchall()
+
+    def _run(self, sql: str, params: list[Any] | None = None) -> duckdb.DuckDBPyConnection:
+        try:
+            return self._db.execute(sql, params or [])
+        except (duckdb.Error, OSError) as exc:
+            raise store_error(self.path, exc, read_only=self.read_only) from None
 
     def finished(self, settings_id: str) -> set[PairKey]:
         """The (case, recipe) pairs of ``settings_id`` already stored."""
-        rows = self._db.execute(
+        rows = self._run(
             "SELECT DISTINCT case_id, recipe FROM results WHERE settings_id = ?", [settings_id]
         ).fetchall()
         return {PairKey(settings_id, case, recipe) for case, recipe in rows}
 
     def add(self, rows: list[dict[str, Any]]) -> None:
-        """Write the rows of one finished (case, recipe) pair, atomically."""
+        """Write the rows of one finished (case, recipe) pair, atomically.
+
+        Never replaces a row: a row whose key (settings, case, recipe, turn) is already stored,
+        or repeated within ``rows``, raises :class:`StoreError` and nothing is written."""
         if not rows:
             return
-        missing = [c for c in COLUMN_NAMES if c != "created_at" and c not in rows[0]]
+        if self.read_only:
+            raise StoreError(f"the results store {self.path} was opened read-only")
+        missing = [c for c in INSERTED if c not in rows[0]]
         if missing:
             raise ValueError(f"result rows lack columns: {', '.join(missing)}")
-        placeholders = ", ".join("?" for _ in COLUMN_NAMES[:-1])
-        names = ", ".join(COLUMN_NAMES[:-1])
-        self._db.execute("BEGIN TRANSACTION")
+        keys = [tuple(row[k] for k in _KEY) for row in rows]
+        if len(set(keys)) != len(keys):
+            raise StoreError(f"rows to write repeat a (settings, case, recipe, turn) key: {keys}")
+        first = keys[0]
+        stored = self._run(
+            "SELECT turn FROM results WHERE settings_id = ? AND case_id = ? AND recipe = ?",
+            list(first[:3]),
+        ).fetchall()
+        if stored:
+            raise StoreError(
+                f"{self.path} already holds case {first[1]!r} with recipe {first[2]!r} "
+                f"(settings {first[0]}); kvlab never replaces a stored row: two cases with one "
+                "id, or a pair run twice, is a bug to report"
+            )
+        placeholders = ", ".join("?" for _ in INSERTED)
+        self._run("BEGIN TRANSACTION")
         try:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO results ({names}, created_at) VALUES ({placeholders}, now())",
-                [[row[c] for c in COLUMN_NAMES[:-1]] for row in rows],
+                f"INSERT INTO results ({', '.join(INSERTED)}, created_at) "
+                f"VALUES ({placeholders}, now())",
+                [[row[c] for c in INSERTED] for row in rows],
             )
             self._db.execute("COMMIT")
-        except Exception:
+        except (duckdb.Error, OSError) as exc:
+            self._db.execute("ROLLBACK")
+            if isinstance(exc, duckdb.ConstraintException):
+                raise StoreError(
+                    f"{self.path} already holds a row of case {first[1]!r} with recipe "
+                    f"{first[2]!r}; kvlab never replaces a stored row"
+                ) from None
+            raise store_error(self.path, exc, read_only=False) from None
+        except BaseException:
             self._db.execute("ROLLBACK")
             raise
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        """Rows of a SQL query over the ``results`` table, as dicts."""
-        cursor = self._db.execute(sql, params or [])
+        """Rows of a SQL query over the ``results`` table, as dicts (columns an older store
+        lacks are filled with their default)."""
+        cursor = self._run(sql, params)
         names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor.fetchall()]
+        rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        if self._defaults and "case_id" in names:
+            for row in rows:
+                for name, value in self._defaults.items():
+                    row.setdefault(name, value)
+        return rows
 
     def rows(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM results ORDER BY task, target_tokens, case_id, recipe, turn")
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
+        return int(self._run("SELECT count(*) FROM results").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()

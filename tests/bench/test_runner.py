@@ -1,11 +1,19 @@
 """The benchmark runner on a tiny model: rows, fidelity, resume, settings, errors."""
 
+import io
+import json
+
 import pytest
 import torch
+from rich.console import Console
 
 import kvlab
 from kvlab.bench.config import BenchConfig, load_config_file, parse_length
-from kvlab.bench.runner import BenchRunner, mean_kl, token_agreement
+from kvlab.bench.loaders import load_jsonl
+from kvlab.bench.raw_prompt import RawPromptSession
+from kvlab.bench.report import build_report
+from kvlab.bench.runner import BenchRunner, build_cases, mean_kl, run_bench, token_agreement
+from kvlab.bench.store import ResultStore
 from tests.conftest import tiny_engine
 
 
@@ -195,3 +203,109 @@ def test_an_overflow_during_the_run_names_the_case_and_the_bench_options(short_e
     message = str(caught.value)
     assert message.startswith("case niah_single-500-") and "recipe 'full'" in message
     assert "--reference RECIPE" in message and "--allow-overflow" in message
+# -- --data files: every record is a case, no row replaced, resume by case -------------------
+NEEDLE = ("Some special magic numbers are hidden within the following text.\n"
+          "The grass is green. The sky is blue. One of the special magic numbers for {key} is: "
+          "{value}.\nThe sun is yellow. Here we go.\n"
+          "What is the special magic number for {key} mentioned in the provided text?")
+PREFIX = " The special magic number for {key} mentioned in the provided text is"
+
+
+def _ruler_file(path, values, key="calm-otter", index=0, **fields):
+    """A RULER niah file; every record has the same `index` (as RULER's generator can)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"index": index, "input": NEEDLE.format(key=key, value=v), "outputs": [v],
+                "length": 90, "answer_prefix": PREFIX.format(key=key), **fields}
+               for v in values]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _data_config(tmp_path, files, **overrides):
+    return config(tmp_path, tasks=[], data=[f"{f}:ruler" for f in files],
+                  recipes=["streaming_llm(budget=0.5)"], **overrides)
+
+
+def test_same_named_files_and_repeated_indices_all_load_whole(engine, tmp_path):
+    short = _ruler_file(tmp_path / "2048" / "data" / "niah_single_1" / "validation.jsonl",
+                        ["1111111", "2222222"])
+    long = _ruler_file(tmp_path / "4096" / "data" / "niah_single_1" / "validation.jsonl",
+                       ["3333333", "4444444"])
+    log = io.StringIO()
+    run_bench(_data_config(tmp_path, [short, long]), engine, Console(file=log, width=200),
+              report=False)
+    with ResultStore(tmp_path / "run", read_only=True) as store:
+        rows = store.rows()
+    assert "8 rows written" in log.getvalue()  # 4 cases x (full + streaming_llm), 1 turn
+    assert len(rows) == 8 and len({r["case_id"] for r in rows}) == 4
+    gold = {(r["target_tokens"], r["gold"]) for r in rows}
+    assert gold == {(2048, '["1111111"]'), (2048, '["2222222"]'),
+                    (4096, '["3333333"]'), (4096, '["4444444"]')}
+    # a rerun with one of the files resumes it (its own rows), runs nothing
+    again = BenchRunner(_data_config(tmp_path, [long]), engine)
+    assert again.pending(build_cases(again.config, engine.tokenizer)) == []
+    assert again.run() == 0 and again.store.count() == 8
+    again.store.close()
+    # a third file of the same name elsewhere is new: only its pairs run
+    other = _ruler_file(tmp_path / "copy" / "2048" / "data" / "niah_single_1" /
+                        "validation.jsonl", ["1111111"])
+    third = BenchRunner(_data_config(tmp_path, [short, long, other]), engine)
+    assert third.run() == 2 and third.store.count() == 10
+    third.store.close()
+
+
+def test_rows_written_equals_rows_stored(engine, tmp_path):
+    log = io.StringIO()
+    run_bench(config(tmp_path, tasks=["niah_single"], recipes=["streaming_llm(budget=0.5)"]),
+              engine, Console(file=log, width=200), report=False)
+    with ResultStore(tmp_path / "run", read_only=True) as store:
+        stored = store.count()
+    assert stored == 2 and f"{stored} rows written" in log.getvalue()
+
+
+def test_a_case_listed_twice_is_refused(engine, tmp_path):
+    path = _ruler_file(tmp_path / "niah.jsonl", ["1234567"])
+    with pytest.raises(kvlab.InputError, match="given twice"):
+        build_cases(_data_config(tmp_path, [path, tmp_path / "." / "niah.jsonl"]), engine.tokenizer)
+    with pytest.raises(kvlab.InputError, match="would run twice"):
+        build_cases(config(tmp_path, tasks=["niah_single", "niah_single"]), engine.tokenizer)
+
+
+# -- RULER's prompt, exactly ------------------------------------------------------------------
+def test_raw_prompt_feeds_rulers_exact_ids(engine, tok, tmp_path):
+    path = _ruler_file(tmp_path / "4096" / "data" / "niah_single_1" / "validation.jsonl",
+                       ["7654321"])
+    (case,) = load_jsonl(path, "ruler", raw_prompt=True)
+    (turn,) = case.turns
+    record = json.loads(path.read_text())
+    prompt = record["input"] + record["answer_prefix"]  # what RULER's call_api.py sends
+    ruler_ids = tok(prompt)["input_ids"]
+    before = engine.counters.prefilled_tokens
+    session = RawPromptSession(engine, case.context, "full")
+    answer = session.ask(turn.question, answer_prefix=turn.answer_prefix, max_new_tokens=4)
+    assert engine.counters.prefilled_tokens - before == len(ruler_ids)
+    assert answer.stats.prompt_tokens == len(ruler_ids)
+    assert answer.token_ids == engine.generate_ids(ruler_ids, "full", max_new_tokens=4).token_ids
+
+
+def test_bench_raw_prompt_rows_and_report(engine, tmp_path):
+    # RULER's niah fields: input + answer tokens (128 to generate), the needle's token offset
+    path = _ruler_file(tmp_path / "4096" / "data" / "niah_single_1" / "validation.jsonl",
+                       ["7654321"], length=80 + 128, token_position_answer=20)
+    raw = BenchRunner(_data_config(tmp_path, [path], raw_prompt=True), engine)
+    assert raw.run() == 2
+    raw.store.close()
+    chat = BenchRunner(_data_config(tmp_path, [path]), engine)
+    assert chat.run() == 2  # the chat-template twin is another case
+    chat.store.close()
+    with ResultStore(tmp_path / "run", read_only=True) as store:
+        rows = store.rows()
+    forms = {r["prompt"]: r for r in rows if r["recipe"] == "full"}
+    assert set(forms) == {"raw", "chat"}
+    assert forms["raw"]["context_tokens"] < forms["chat"]["context_tokens"]  # no template
+    assert {(r["target_tokens"], r["depth"]) for r in rows} == {(4096, 0.25)}
+    page = build_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "raw, as RULER sends it" in page and "the model&#x27;s chat template" in page
+    assert 'alt="needle heat maps"' in page  # RULER's niah rows have a depth
+    with pytest.raises(kvlab.InputError, match="give a RULER file"):
+        config(tmp_path, raw_prompt=True)
