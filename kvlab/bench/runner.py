@@ -320,7 +320,7 @@ class BenchRunner:
                     "context_prefill_s": context.prefill_s, "prefill_s": stats.prefill_s,
                     "decode_s": stats.decode_s, "decode_s_per_token": stats.decode_s_per_token,
                     "peak_rss_bytes": None, "device": str(engine.device),
-                    "reference": self.reference,  # the fidelity reference (a store column to come)
+                    "reference": self.reference,
                 })
         for row in rows:
             row["peak_rss_bytes"] = memory.peak

@@ -46,8 +46,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prediction", "VARCHAR", "generated answer"),
     ("metric", "VARCHAR", "metric name"),
     ("score", "DOUBLE", "accuracy in [0, 1] by the task's metric"),
-    ("token_agreement", "DOUBLE", "fraction of answer tokens equal to the full recipe's (NULL for full)"),
-    ("kl", "DOUBLE", "mean KL(full || recipe) of next-token distributions over the full answer, nats"),
+    ("reference", "VARCHAR", "the fidelity reference recipe (canonical; full by default)"),
+    ("token_agreement", "DOUBLE", "fraction of answer tokens equal to the reference recipe's (NULL for the reference)"),
+    ("kl", "DOUBLE", "mean KL(reference || recipe) of next-token distributions over the reference's answer, nats"),
     ("context_tokens", "INTEGER", "tokens of the shared context"),
     ("prompt_tokens", "INTEGER", "tokens before this turn's answer"),
     ("new_tokens", "INTEGER", "generated tokens"),
@@ -67,7 +68,7 @@ COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
 INSERTED = tuple(name for name in COLUMN_NAMES if name != "created_at")
 # columns added after the first release: a store written before lacks them (filled on open)
-_ADDED = {"prompt": "'chat'"}
+_ADDED = {"prompt": "'chat'", "reference": "'full'"}
 _KEY = ("settings_id", "case_id", "recipe", "turn")
 
 

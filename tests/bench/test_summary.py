@@ -48,7 +48,7 @@ def synthetic_pairs(model: str = "SmolLM2-135M-Instruct") -> list[list[dict[str,
             for turn in range(turns):
                 kv = int(length * 1024 * ratio)
                 rows.append({
-                    "settings_id": "abc123", "model": model, "mode": "multi-turn", "prompt": "chat",
+                    "settings_id": "abc123", "model": model, "mode": "multi-turn", "prompt": "chat", "reference": "full",
                     "task": task, "family": family, "case_id": case_id,
                     "target_tokens": length, "depth": depth, "recipe": recipe,
                     "recipe_label": label, "turn": turn, "question": "What is the key?",
