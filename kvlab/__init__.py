@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvlab never downloads: fail fast instead
+os.environ["HF_HUB_OFFLINE"] = "1"  # kvlab never downloads, whatever the environment says:
+os.environ["TRANSFORMERS_OFFLINE"] = "1"  # a missing file fails fast instead
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from kvlab import compress, position, prefill, quantize, retrieve  # noqa: E402  (registers the methods)

@@ -10,6 +10,11 @@ Placeholders in argv are filled by :func:`_fill`: ``{model}`` a tiny model direc
 
 from __future__ import annotations
 
+import functools
+import random
+import shutil
+import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +23,14 @@ from typer.testing import CliRunner
 
 import kvlab
 from kvlab.cli import app
+from kvlab.engine.loading import converted_gguf, default_gguf
 from tests.conftest import tiny_model
 
 runner = CliRunner()
+
+# Rows whose files must exist before the command runs: row id -> a function writing them into
+# ``tmp`` (the row's ``{tmp}``), called before the command.
+PREPARE: dict[str, Callable[[Path], None]] = {}
 
 # -- recipes ---------------------------------------------------------------------------------
 CLI_RECIPES: list[tuple[str, list[str], str]] = [
@@ -33,7 +43,93 @@ CLI_STORE: list[tuple[str, list[str], str]] = [
 ]
 
 # -- model files and loading ------------------------------------------------------------------
+def _ask_model(path: str) -> list[str]:
+    return ["ask", "--context-file", "{context}", "--question", "Q", "--model", path]
+
+
+def _gguf_prefix(n_bytes: int) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        with default_gguf().open("rb") as source:
+            (tmp / "bad.gguf").write_bytes(source.read(n_bytes))
+    return write
+
+
+def _model_dir(damage: Callable[[Path], None]) -> Callable[[Path], None]:
+    """A tiny model saved with save_pretrained, the default tokenizer's files, then ``damage``."""
+    def write(tmp: Path) -> None:
+        directory = tmp / "bad-model"
+        tiny_model().save_pretrained(directory)
+        tokenizer_dir = converted_gguf(default_gguf(), progress=False)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, directory / name)
+        damage(directory)
+    return write
+
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+PREPARE.update({
+    "model-gguf-random": lambda tmp: (tmp / "bad.gguf").write_bytes(random.Random(0).randbytes(4096)),
+    "model-gguf-empty": lambda tmp: (tmp / "bad.gguf").write_bytes(b""),
+    "model-gguf-header-only": lambda tmp: (tmp / "bad.gguf").write_bytes(
+        b"GGUF" + struct.pack("<IQQ", 3, 272, 33)  # version 3, 272 tensors, 33 metadata entries
+    ),
+    "model-gguf-truncated-metadata": _gguf_prefix(2**20),
+    "model-gguf-truncated": _gguf_prefix(8 * 2**20),
+    "model-safetensors-random": _model_dir(
+        lambda d: (d / "model.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    ),
+    "model-safetensors-empty": _model_dir(lambda d: (d / "model.safetensors").write_bytes(b"")),
+    "model-safetensors-truncated": _model_dir(lambda d: _truncate(d / "model.safetensors", 0.5)),
+    "model-safetensors-header-cut": _model_dir(lambda d: _truncate(d / "model.safetensors", 0.001)),
+    "model-config-only": lambda tmp: (
+        (tmp / "bad-model").mkdir(), (tmp / "bad-model" / "config.json").write_text(tiny_model().config.to_json_string())
+    ),
+    "model-no-weights": _model_dir(lambda d: (d / "model.safetensors").unlink()),
+    "model-no-tokenizer": _model_dir(
+        lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")]
+    ),
+    "model-config-not-json": _model_dir(lambda d: (d / "config.json").write_text("{not json")),
+    "model-no-config": _model_dir(lambda d: (d / "config.json").unlink()),
+})
+
 CLI_MODELS: list[tuple[str, list[str], str]] = [
+    ("model-gguf-random", _ask_model("{tmp}/bad.gguf"), "bad.gguf is not a GGUF file: it does not start with the GGUF magic"),
+    ("model-gguf-empty", _ask_model("{tmp}/bad.gguf"), "bad.gguf is empty (0 bytes)"),
+    ("model-gguf-header-only", _ask_model("{tmp}/bad.gguf"), "bad.gguf is truncated: it ends at byte 24, inside metadata entry 1 of 33"),
+    ("model-gguf-truncated-metadata", _ask_model("{tmp}/bad.gguf"), "bad.gguf is truncated: it ends at byte 1,048,576, inside metadata entry"),
+    ("model-gguf-truncated", _ask_model("{tmp}/bad.gguf"), "bad.gguf is truncated: it is 8,388,608 bytes but its 272 tensors need 98,362,432"),
+    ("model-gguf-missing", _ask_model("{tmp}/missing.gguf"), "not found: give a local transformers model directory"),
+    ("model-repo-id", _ask_model("HuggingFaceTB/SmolLM2-135M-Instruct"), "kvlab never downloads models"),
+    ("model-not-gguf-file", _ask_model("{context}"), "is a file but not a .gguf"),
+    ("model-safetensors-random", _ask_model("{tmp}/bad-model"), "model.safetensors is not a safetensors file"),
+    ("model-safetensors-empty", _ask_model("{tmp}/bad-model"), "model.safetensors is empty (0 bytes)"),
+    ("model-safetensors-truncated", _ask_model("{tmp}/bad-model"), "model.safetensors is truncated: it is"),
+    ("model-safetensors-header-cut", _ask_model("{tmp}/bad-model"), "but its header alone needs"),
+    ("model-config-only", _ask_model("{tmp}/bad-model"), "it has config.json but no tokenizer files (looked for tokenizer.json, tokenizer.model, vocab.json, vocab.txt, *.tiktoken) and no weights (looked for model.safetensors,"),
+    ("model-no-weights", _ask_model("{tmp}/bad-model"), "it has config.json but no weights (looked for model.safetensors,"),
+    ("model-no-tokenizer", _ask_model("{tmp}/bad-model"), "it has config.json but no tokenizer files (looked for tokenizer.json,"),
+    ("model-config-not-json", _ask_model("{tmp}/bad-model"), "config.json is not a readable JSON file"),
+    ("model-no-config", _ask_model("{tmp}/bad-model"), "has no config.json"),
+]
+
+
+def _load_prepared(row_id: str, argv: list[str]) -> None:
+    """``kvlab.load`` on a CLI_MODELS row's ``--model``, its files written into a fresh tmp."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if row_id in PREPARE:
+            PREPARE[row_id](Path(tmp))
+        context = Path(tmp) / "context.txt"
+        context.write_text("context")
+        kvlab.load(argv[argv.index("--model") + 1].format(tmp=tmp, context=context), progress=False)
+
+
+API_MODELS: list[tuple[str, Callable[..., object], type[Exception], str]] = [
+    (f"load-{row_id}", functools.partial(_load_prepared, row_id, argv), kvlab.ModelError, message)
+    for row_id, argv, message in CLI_MODELS
 ]
 
 # -- bench settings: flags and config files ----------------------------------------------------
@@ -61,11 +157,13 @@ def _fill(argv: list[str], model: Path, tmp: Path) -> list[str]:
 
 
 CLI_ROWS = CLI_RECIPES + CLI_STORE + CLI_MODELS + CLI_BENCH
-API_ROWS = API_RECIPES + API_TYPES
+API_ROWS = API_RECIPES + API_MODELS + API_TYPES
 
 
 @pytest.mark.parametrize("argv, message", [r[1:] for r in CLI_ROWS], ids=[r[0] for r in CLI_ROWS])
-def test_cli_bad_input_is_a_clear_error(argv, message, model_dir, tmp_path):
+def test_cli_bad_input_is_a_clear_error(argv, message, model_dir, tmp_path, request):
+    if request.node.callspec.id in PREPARE:
+        PREPARE[request.node.callspec.id](tmp_path)
     result = runner.invoke(app, _fill(argv, model_dir, tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output
