@@ -199,14 +199,18 @@ def _check_gguf_layout(path: Path, size: int, reader: _Reader) -> None:
             name = reader.take(reader.unpack("Q")).decode("utf-8", "replace")
             n_dims = reader.unpack("I")
             if n_dims > 8:
-                raise ModelError(f"{path} is corrupt: tensor {name!r} has {n_dims} dimensions; {AGAIN}")
+                raise ModelError(
+                    f"{path} is corrupt: tensor {name!r} has {n_dims} dimensions; {AGAIN}"
+                )
             dims = reader.unpack(f"{n_dims}Q") if n_dims else ()
             dims = dims if isinstance(dims, tuple) else (dims,)
             kind, offset = reader.unpack("IQ")
             try:
                 block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
             except (ValueError, KeyError):
-                raise ModelError(f"{path} is corrupt: tensor {name!r} has unknown type {kind}; {AGAIN}") from None
+                raise ModelError(
+                    f"{path} is corrupt: tensor {name!r} has unknown type {kind}; {AGAIN}"
+                ) from None
             elements = 1
             for dim in dims:
                 elements *= dim
@@ -216,7 +220,9 @@ def _check_gguf_layout(path: Path, size: int, reader: _Reader) -> None:
             f"{path} is truncated: it ends at byte {size:,}, inside {where}; {AGAIN}"
         ) from None
     if alignment == 0 or alignment & (alignment - 1):
-        raise ModelError(f"{path} is corrupt: its alignment {alignment} is not a power of two; {AGAIN}")
+        raise ModelError(
+            f"{path} is corrupt: its alignment {alignment} is not a power of two; {AGAIN}"
+        )
     start = -(-reader.pos // alignment) * alignment
     if start + end > size:
         raise ModelError(
@@ -238,13 +244,17 @@ def check_safetensors(path: Path) -> None:
     with path.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ModelError(f"{path} is truncated: it is {size} bytes, shorter than a safetensors header; {AGAIN}")
+            raise ModelError(
+                f"{path} is truncated: it is {size} bytes, shorter than a safetensors header; "
+                + AGAIN
+            )
         length = int.from_bytes(prefix, "little")
         if length > 100 * 2**20:  # the safetensors format's own limit
             raise ModelError(not_safetensors)
         if 8 + length > size:
             raise ModelError(
-                f"{path} is truncated: it is {size:,} bytes but its header alone needs {8 + length:,}; {AGAIN}"
+                f"{path} is truncated: it is {size:,} bytes but its header alone needs "
+                f"{8 + length:,}; {AGAIN}"
             )
         try:
             header = json.loads(handle.read(length))
@@ -254,14 +264,15 @@ def check_safetensors(path: Path) -> None:
         raise ModelError(not_safetensors)
     try:
         end = max(
-            (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+            (int(entry["data_offsets"][1]) for k, entry in header.items() if k != "__metadata__"),
             default=0,
         )
     except (KeyError, IndexError, TypeError, ValueError):
         raise ModelError(not_safetensors) from None
     if 8 + length + end > size:
         raise ModelError(
-            f"{path} is truncated: it is {size:,} bytes but its tensors need {8 + length + end:,}; {AGAIN}"
+            f"{path} is truncated: it is {size:,} bytes but its tensors need "
+            f"{8 + length + end:,}; {AGAIN}"
         )
 
 
@@ -289,7 +300,9 @@ def check_model_dir(path: Path) -> None:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-            raise ModelError(f"{index} is not a valid safetensors index (JSON with a weight_map)") from None
+            raise ModelError(
+                f"{index} is not a valid safetensors index (JSON with a weight_map)"
+            ) from None
         absent = [name for name in names if not (path / name).is_file()]
         if absent:
             raise ModelError(f"{index} lists weight files that are missing: {', '.join(absent)}")
@@ -414,7 +427,9 @@ def converted_gguf(gguf: Path, progress: bool = True) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         except OSError as exc:
-            raise ModelError(f"cannot write the converted model into {target.parent}: {exc}") from exc
+            raise ModelError(
+                f"cannot write the converted model into {target.parent}: {exc}"
+            ) from exc
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -429,7 +444,9 @@ def converted_gguf(gguf: Path, progress: bool = True) -> Path:
                 raise
             if (target / "config.json").is_file():  # another process converted it meanwhile
                 return target
-            raise ModelError(f"cannot write the converted model into {target.parent}: {exc}") from exc
+            raise ModelError(
+                f"cannot write the converted model into {target.parent}: {exc}"
+            ) from exc
     return target
 
 
@@ -449,15 +466,17 @@ def load_pretrained(
         name = "SmolLM2-135M-Instruct"
     else:
         source = Path(model).expanduser()
-        if source.is_file() and source.suffix == ".gguf":
+        if source.is_file() and source.suffix.lower() == ".gguf":
             path, name = converted_gguf(source, progress=progress), source.stem
         elif source.is_dir() and (source / "config.json").is_file():
             check_model_dir(source)
             path, name = source, source.name
         elif source.is_dir():
+            ggufs = sorted(p.name for p in source.glob("*.gguf"))
+            hint = f" (it holds {', '.join(ggufs)}: pass that file)" if ggufs else ""
             raise ModelError(
-                f"model directory {str(model)!r} has no config.json: give a transformers model "
-                "directory (saved with save_pretrained) or a .gguf file"
+                f"model directory {str(model)!r} has no config.json{hint}: give a transformers "
+                "model directory (saved with save_pretrained) or a .gguf file"
             )
         elif source.is_file():
             raise ModelError(
@@ -479,5 +498,7 @@ def load_pretrained(
         try:
             loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(
+                f"cannot load the model in {path}: {type(exc).__name__}: {exc}"
+            ) from exc
     return loaded.to(device), tokenizer, name
