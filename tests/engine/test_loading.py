@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _byte_tokens() -> list[str]:
     """GPT-2's byte-level alphabet: the 256 one-byte tokens, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
@@ -64,8 +65,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_token_merges(["Ġ t", "h e"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+           "model.norm.weight": "output_norm.weight"}
     for name, tensor in model.state_dict().items():
         if name in top:
             gguf_name = top[name]
@@ -95,7 +96,9 @@ def _file(path: Path, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("full_hash_limit", [loading.FULL_HASH_LIMIT, 2**20], ids=["whole", "sampled"])
+@pytest.mark.parametrize(
+    "full_hash_limit", [loading.FULL_HASH_LIMIT, 2**20], ids=["whole", "sampled"]
+)
 def test_identical_files_share_one_cache_entry_and_different_ones_do_not(
     tmp_path, cache, monkeypatch, full_hash_limit
 ):
@@ -207,7 +210,8 @@ def model_dir(tmp_path, tokenizer):
 
 
 def test_kvlab_stays_offline_whatever_the_environment_says(tmp_path):
-    """HF_HUB_OFFLINE=0 does not let kvlab reach the network: offline is forced, nothing connects."""
+    """HF_HUB_OFFLINE=0 does not let kvlab reach the network: offline is forced, and nothing
+    connects while it refuses a config-only directory and a Hub repository id."""
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_text(tiny_model().config.to_json_string())
     script = textwrap.dedent(
@@ -228,7 +232,8 @@ def test_kvlab_stays_offline_whatever_the_environment_says(tmp_path):
                 print("ModelError", exc)
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "config-only"), "HuggingFaceTB/SmolLM2-135M"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,

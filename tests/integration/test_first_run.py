@@ -64,8 +64,8 @@ def test_loading_the_default_model_raises_no_warning():
 def test_kvlab_ask_on_the_default_model_prints_no_warning(tmp_path):
     (tmp_path / "context.txt").write_text(CONTEXT)
     result = _python(
-        ["-m", "kvlab.cli", "ask", "--context-file", "context.txt", "--question", "What is the code?",
-         "--max-new-tokens", "4"],
+        ["-m", "kvlab.cli", "ask", "--context-file", "context.txt", "--question",
+         "What is the code?", "--max-new-tokens", "4"],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr
