@@ -14,7 +14,8 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvlab never downloads: fail fast instead
+os.environ["HF_HUB_OFFLINE"] = "1"  # kvlab never downloads, whatever the environment says:
+os.environ["TRANSFORMERS_OFFLINE"] = "1"  # a missing file fails fast instead
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from kvlab.errors import InputError, KvlabError, ModelError, RecipeError  # noqa: E402
@@ -75,7 +76,9 @@ def load(
     from kvlab.engine.loading import load_pretrained, resolve_device, resolve_dtype
 
     resolved_device = resolve_device(device)
-    loaded, tokenizer, name = load_pretrained(model, resolved_device, resolve_dtype(dtype, resolved_device))
+    loaded, tokenizer, name = load_pretrained(
+        model, resolved_device, resolve_dtype(dtype, resolved_device), progress=progress
+    )
     return Engine(loaded, tokenizer, name=name, progress=progress)
 
 
