@@ -219,3 +219,24 @@ def test_bench_interrupted_says_what_is_kept(model_dir, tmp_path, monkeypatch):
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "resuming: 1 (case, recipe) pairs" in again.output and "1 rows written" in again.output
+
+
+@pytest.mark.parametrize(
+    "argv, absent",
+    [(["--help"], {"torch", "transformers"}), (["bench", "--help"], {"torch", "transformers"}),
+     (["methods"], {"transformers"}), (["tasks"], {"torch", "transformers"})],
+)
+def test_the_cli_starts_without_heavy_imports(argv, absent):
+    """`kvlab --help` answers at once: what it does not need, it does not import (a module
+    count, not a timing, so it cannot flake on a loaded machine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom kvlab.cli import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {sorted(absent)!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:]

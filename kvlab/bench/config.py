@@ -15,11 +15,13 @@ import re
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvlab.bench.lengths import describe_length, format_length, parse_length
 from kvlab.errors import InputError, RecipeError
-from kvlab.recipe import Recipe, parse_recipe
+
+if TYPE_CHECKING:
+    from kvlab.recipe import Recipe
 
 MODES = ("multi-turn", "multi-request")
 QUICK_RECIPES = ("full", "snapkv(budget=0.25)", "streaming_llm(budget=0.25)", "quest(budget=0.25)")
@@ -125,6 +127,7 @@ class BenchConfig:
     def validate(self) -> None:
         from kvlab.bench.loaders import parse_data_item
         from kvlab.bench.tasks import TASKS
+        from kvlab.recipe import parse_recipe  # PyTorch: not imported for `kvlab bench --help`
 
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
