@@ -14,9 +14,27 @@ from kvlab.errors import InputError
 from kvlab.recipe import parse_recipe
 
 MODES = ("multi-turn", "multi-request")
-QUICK_RECIPES = ("full", "snapkv(budget=0.25)", "streaming_llm(budget=0.25)", "quest(budget=0.25)")
-QUICK_TASKS = ("niah_single", "math_find")
-QUICK_LENGTHS = (1024, 2048)
+# The quick suite (``kvlab bench`` with no arguments): a question the default model
+# (SmolLM2-135M-Instruct) answers with the full cache at this length (one needle in noise, at
+# three depths), asked of the methods that differ most, each at 1/2, 1/4 and 1/8 of the cache
+# (DuoAttention: that share of retrieval heads, streaming heads holding 16 sinks + 64 recent
+# entries so that the cache shrinks at 1k tokens; KIVI: 4 and 2 bits instead of a budget;
+# Quest: keeps the whole cache and reads 1/4 of it per step). 13 recipes x 3 cases = 39
+# (case, recipe) pairs; timings in benchmarks/README.md.
+QUICK_RECIPES = (
+    "full",
+    "snapkv(budget=0.5)", "snapkv(budget=0.25)", "snapkv(budget=0.125)",
+    "keydiff(budget=0.5)", "keydiff(budget=0.25)", "keydiff(budget=0.125)",
+    "duo_attention(retrieval=0.5, sink=16, recent=64)",
+    "duo_attention(retrieval=0.25, sink=16, recent=64)",
+    "duo_attention(retrieval=0.125, sink=16, recent=64)",
+    "kivi(bits=4)", "kivi(bits=2)",
+    "quest(budget=0.25)",
+)
+QUICK_TASKS = ("niah_single",)
+QUICK_LENGTHS = (1024,)
+QUICK_DEPTHS = (0.2, 0.5, 0.8)
+QUICK_MODE = "multi-turn"
 
 
 @dataclass
@@ -27,9 +45,11 @@ class BenchConfig:
     recipes: list[str] = field(default_factory=lambda: list(QUICK_RECIPES))
     tasks: list[str] = field(default_factory=lambda: list(QUICK_TASKS))
     lengths: list[int] = field(default_factory=lambda: list(QUICK_LENGTHS))
-    mode: str = "multi-turn"
+    mode: str = QUICK_MODE
     samples: int = 1
-    depths: list[float] = field(default_factory=list)
+    # None: the quick suite's depths when the tasks are the quick suite's, else none (each
+    # needle case then draws its own depth from the seed)
+    depths: list[float] | None = None
     data: list[str] = field(default_factory=list)  # local JSONL files, "path:format"
     model: str | None = None
     device: str = "auto"
@@ -39,6 +59,8 @@ class BenchConfig:
     out: str = "kvlab-results"
 
     def __post_init__(self) -> None:
+        if self.depths is None:
+            self.depths = list(QUICK_DEPTHS) if list(self.tasks) == list(QUICK_TASKS) else []
         self.validate()
 
     def validate(self) -> None:

@@ -11,8 +11,11 @@ once: an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,16 @@ from typing import Any
 import psutil
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Column
+from rich.text import Text
 
 import kvlab
 from kvlab.bench.cases import Case
@@ -99,6 +111,39 @@ def build_cases(config: BenchConfig, tokenizer: Any) -> list[tuple[str, Case]]:
     return cases
 
 
+class AverageRemainingColumn(ProgressColumn):
+    """Time left at the mean pace since the start (elapsed / completed x remaining). rich's
+    own estimate only uses the last 30 s, so with pairs longer than that it stays unknown."""
+
+    def render(self, task: Any) -> Text:
+        if task.total is None or not task.completed or task.elapsed is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        left = task.elapsed / task.completed * max(0.0, task.total - task.completed)
+        return Text(f"ETA {dt.timedelta(seconds=round(left))}", style="progress.remaining")
+
+
+def bench_progress(console: Console) -> Progress:
+    """The bench's progress bar: what runs now, (case, recipe) pairs done of all, time spent,
+    time left."""
+    description = Column(no_wrap=True, overflow="ellipsis", min_width=12)  # one line, cut
+    return Progress(TextColumn("{task.description}", table_column=description),
+                    BarColumn(bar_width=16),
+                    MofNCompleteColumn(), TimeElapsedColumn(), AverageRemainingColumn(),
+                    console=console, transient=False)
+
+
+def pair_line(done: int, total: int, case_id: str, label: str, rows: list[dict[str, Any]],
+              seconds: float | None) -> str:
+    """One line per finished (case, recipe) pair: recipe, case, accuracy over its turns, KV
+    memory at the last answer's end, wall time of the pair."""
+    scored = [r["score"] for r in rows if r.get("score") is not None]
+    accuracy = f"{sum(scored) / len(scored):.0%}" if scored else "-"
+    kv = rows[-1].get("kv_bytes") if rows else None
+    memory = "-" if kv is None else f"{kv / 2**20:.1f} MiB"
+    took = "-" if seconds is None else f"{seconds:.1f} s"
+    return (f"[{done}/{total}] {label} | {case_id} | acc {accuracy} | KV {memory} | {took}")
+
+
 class BenchRunner:
     """Runs a :class:`BenchConfig` on one engine into one results directory."""
 
@@ -110,6 +155,8 @@ class BenchRunner:
         self.recipes = self._recipes()
         self.store = ResultStore(config.out)
         self.settings_id = config.settings_id(self.engine.name, str(self.engine.device))
+        self.progress: Progress | None = None  # the last run's progress display
+        self.last_pair_s: float | None = None  # wall time of the last (case, recipe) pair
 
     def _recipes(self) -> list[tuple[str, str]]:
         """(canonical, label) pairs, ``full`` first and once."""
@@ -138,10 +185,9 @@ class BenchRunner:
         if skipped:
             self.console.print(f"resuming: {skipped} (case, recipe) pairs already in {self.store.path}")
         written = 0
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            bar = progress.add_task("bench", total=pairs)
+        with bench_progress(self.console) as progress:
+            self.progress = progress
+            bar = progress.add_task("bench", total=pairs)  # known up front: the ETA works
             done = 0
             for family, case, missing in todo:
                 for canonical, label, rows in self._run_case(family, case, missing, progress, bar):
@@ -149,12 +195,8 @@ class BenchRunner:
                     written += len(rows)
                     done += 1
                     progress.advance(bar)
-                    if not self.console.is_terminal:  # logs get one line per finished pair
-                        accuracy = sum(r["score"] for r in rows) / len(rows)
-                        self.console.print(
-                            f"[{done}/{pairs}] {case.id} {label}: accuracy {accuracy:.0%}, "
-                            f"KV {rows[-1]['kv_bytes'] / 2**20:.2f} MiB"
-                        )
+                    progress.console.print(pair_line(done, pairs, case.id, label, rows,
+                                                     self.last_pair_s), highlight=False)
         return written
 
     def _run_case(self, family: str, case: Case, missing: list[tuple[str, str]],
@@ -174,6 +216,7 @@ class BenchRunner:
 
     def _run_pair(self, family: str, case: Case, canonical: str, label: str,
                   reference: _Reference | None) -> tuple[list[dict[str, Any]], _Reference]:
+        started = time.perf_counter()
         engine, config = self.engine, self.config
         is_full = canonical == FULL
         rows: list[dict[str, Any]] = []
@@ -215,7 +258,21 @@ class BenchRunner:
                 })
         for row in rows:
             row["peak_rss_bytes"] = memory.peak
+        self.last_pair_s = time.perf_counter() - started
         return rows, own
+
+
+def _record(runner: BenchRunner, **extra: Any) -> None:
+    """The run's settings, model, dtype, device and threads into the directory's run.json
+    (the report's run details)."""
+    from kvlab.bench.report import record_run
+
+    engine = runner.engine
+    dtype = next(engine.model.parameters()).dtype
+    details = {**runner.config.as_dict(), "model": engine.name, "device": str(engine.device),
+               "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+               **extra}
+    record_run(runner.config.out, runner.settings_id, details)
 
 
 def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
@@ -223,13 +280,19 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
     console = console or Console(stderr=True)
     runner = BenchRunner(config, engine, console)
+    started = time.time()
+    _record(runner, started=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
     written = runner.run()
+    _record(runner, finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            wall_s=round(time.time() - started, 1), load_average=list(os.getloadavg()))
     console.print(f"{written} rows written to {runner.store.path}")
     rows = runner.store.rows()
     from kvlab.bench.summary import summary_table
 
     terminal = Console()
-    (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
+    if not terminal.is_terminal:
+        terminal = Console(width=160)
+    terminal.print(summary_table(rows, width=terminal.width))
     runner.store.close()
     if report:
         from kvlab.bench.report import build_report
