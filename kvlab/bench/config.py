@@ -16,15 +16,17 @@ from kvlab.recipe import parse_recipe
 MODES = ("multi-turn", "multi-request")
 # The quick suite (``kvlab bench`` with no arguments): a question the default model
 # (SmolLM2-135M-Instruct) answers with the full cache at this length (one needle in noise, at
-# three depths), asked of the methods that differ most, each at 1/2, 1/4 and 1/8 of the cache
-# (DuoAttention: that share of retrieval heads, streaming heads holding 16 sinks + 64 recent
-# entries so that the cache shrinks at 1k tokens; KIVI: 4 and 2 bits instead of a budget;
-# Quest: keeps the whole cache and reads 1/4 of it per step). 13 recipes x 3 cases = 39
-# (case, recipe) pairs; timings in benchmarks/README.md.
+# two depths), asked of the methods that differ most, each at 1/2, 1/4 and 1/8 of the cache
+# (KeyDiff, which keeps the needle there, on to 1/16 and 1/32, where it loses it; DuoAttention:
+# that share of retrieval heads, streaming heads holding 16 sinks + 64 recent entries so that
+# the cache shrinks at 1k tokens; KIVI: 4 and 2 bits instead of a budget; Quest: keeps the
+# whole cache and reads 1/4 of it per step). 15 recipes x 2 cases = 30 (case, recipe) pairs;
+# timings in benchmarks/README.md.
 QUICK_RECIPES = (
     "full",
     "snapkv(budget=0.5)", "snapkv(budget=0.25)", "snapkv(budget=0.125)",
     "keydiff(budget=0.5)", "keydiff(budget=0.25)", "keydiff(budget=0.125)",
+    "keydiff(budget=0.0625)", "keydiff(budget=0.03125)",
     "duo_attention(retrieval=0.5, sink=16, recent=64)",
     "duo_attention(retrieval=0.25, sink=16, recent=64)",
     "duo_attention(retrieval=0.125, sink=16, recent=64)",
@@ -33,7 +35,7 @@ QUICK_RECIPES = (
 )
 QUICK_TASKS = ("niah_single",)
 QUICK_LENGTHS = (1024,)
-QUICK_DEPTHS = (0.2, 0.5, 0.8)
+QUICK_DEPTHS = (0.25, 0.75)
 QUICK_MODE = "multi-turn"
 
 

@@ -125,23 +125,30 @@ class AverageRemainingColumn(ProgressColumn):
 def bench_progress(console: Console) -> Progress:
     """The bench's progress bar: what runs now, (case, recipe) pairs done of all, time spent,
     time left."""
-    description = Column(no_wrap=True, overflow="ellipsis", min_width=12)  # one line, cut
+    # the description (what runs now) is cut to what the other columns (~46 characters)
+    # leave, so the counts, the elapsed time and the ETA always stay on one line
+    description = Column(no_wrap=True, overflow="ellipsis", min_width=12,
+                         max_width=max(12, console.width - 46))
     return Progress(TextColumn("{task.description}", table_column=description),
-                    BarColumn(bar_width=16),
-                    MofNCompleteColumn(), TimeElapsedColumn(), AverageRemainingColumn(),
+                    BarColumn(bar_width=12), MofNCompleteColumn(), TimeElapsedColumn(),
+                    AverageRemainingColumn(table_column=Column(no_wrap=True, min_width=11)),
                     console=console, transient=False)
 
 
 def pair_line(done: int, total: int, case_id: str, label: str, rows: list[dict[str, Any]],
-              seconds: float | None) -> str:
+              seconds: float | None, width: int = 80) -> str:
     """One line per finished (case, recipe) pair: recipe, case, accuracy over its turns, KV
-    memory at the last answer's end, wall time of the pair."""
+    memory at the last answer's end, wall time of the pair; the measurements go on a second,
+    indented line when the whole does not fit in ``width`` characters."""
     scored = [r["score"] for r in rows if r.get("score") is not None]
     accuracy = f"{sum(scored) / len(scored):.0%}" if scored else "-"
     kv = rows[-1].get("kv_bytes") if rows else None
     memory = "-" if kv is None else f"{kv / 2**20:.1f} MiB"
     took = "-" if seconds is None else f"{seconds:.1f} s"
-    return (f"[{done}/{total}] {label} | {case_id} | acc {accuracy} | KV {memory} | {took}")
+    head = f"[{done}/{total}] {label}"
+    tail = f"{case_id} | acc {accuracy} | KV {memory} | {took}"
+    line = f"{head} | {tail}"
+    return line if len(line) <= width else f"{head}\n    {tail}"
 
 
 class BenchRunner:
@@ -196,7 +203,8 @@ class BenchRunner:
                     done += 1
                     progress.advance(bar)
                     progress.console.print(pair_line(done, pairs, case.id, label, rows,
-                                                     self.last_pair_s), highlight=False)
+                                                     self.last_pair_s, self.console.width),
+                                           highlight=False)
         return written
 
     def _run_case(self, family: str, case: Case, missing: list[tuple[str, str]],
@@ -275,13 +283,31 @@ def _record(runner: BenchRunner, **extra: Any) -> None:
     record_run(runner.config.out, runner.settings_id, details)
 
 
+def threads_for_load(console: Console) -> None:
+    """One torch thread when the machine is busier than its cores (1-minute load average >=
+    CPU count) and the user chose no thread count (``OMP_NUM_THREADS``): torch's threads then
+    wait on each other. Measured on the shared 2-core machine at load ~8: 6.4 s per (case,
+    recipe) pair with one thread against 30 s with two. Said on the console, recorded in
+    run.json."""
+    threads = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS") or threads <= 1:
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cores:
+        torch.set_num_threads(1)
+        console.print(f"machine busy (load average {load:.1f} on {cores} cores): torch runs 1 "
+                      f"thread instead of {threads} (set OMP_NUM_THREADS to choose)")
+
+
 def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
               console: Console | None = None, report: bool = True) -> Path:
     """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
     console = console or Console(stderr=True)
-    runner = BenchRunner(config, engine, console)
     started = time.time()
-    _record(runner, started=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+    threads_for_load(console)
+    runner = BenchRunner(config, engine, console)
+    _record(runner, started=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            load_average_start=list(os.getloadavg()))
     written = runner.run()
     _record(runner, finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             wall_s=round(time.time() - started, 1), load_average=list(os.getloadavg()))

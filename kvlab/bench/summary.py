@@ -48,11 +48,18 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def recipe_order(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """Recipes in order of first appearance, ``full`` first when present."""
-    seen: dict[str, None] = {}
+    """Recipes in the order they were run (earliest ``created_at`` of their rows, when the rows
+    carry one; else first appearance), ``full`` first when present."""
+    seen: dict[str, Any] = {}
     for row in rows:
-        seen.setdefault(row["recipe"], None)
+        created = row.get("created_at")
+        if row["recipe"] not in seen:
+            seen[row["recipe"]] = created
+        elif created is not None and (seen[row["recipe"]] is None or created < seen[row["recipe"]]):
+            seen[row["recipe"]] = created
     order = list(seen)
+    if all(v is not None for v in seen.values()):
+        order.sort(key=lambda r: seen[r])  # stable: ties keep first appearance
     if FULL in seen:
         order.remove(FULL)
         order.insert(0, FULL)

@@ -130,7 +130,7 @@ def cases_section(ctx: ReportContext) -> str:
     parts = []
     for title, rows in ctx.scoped():
         blocks = []
-        for recipe in ctx.recipes_in(rows):
+        for k, recipe in enumerate(ctx.recipes_in(rows)):
             mine = sorted((r for r in rows if r["recipe"] == recipe),
                           key=lambda r: (str(r["task"]), r["target_tokens"] or 0,
                                          r["depth"] if r["depth"] is not None else -1,
@@ -161,11 +161,12 @@ def cases_section(ctx: ReportContext) -> str:
             summary = (f'<summary><span class="swatch" style="background:{ctx.colours[recipe]}">'
                        f"</span>{escape(ctx.labels[recipe])}: {right} of {len(scored)} answers "
                        f"fully right</summary>")
-            blocks.append(f'<details class="cases">{summary}<table class="cases"><thead>{head}'
+            opened = " open" if k == 0 else ""  # the first shows what the tables hold
+            blocks.append(f'<details class="cases"{opened}>{summary}<table class="cases"><thead>{head}'
                           f"</thead><tbody>{''.join(body)}</tbody></table>{more}</details>")
         parts.append(subheading(title) + "".join(blocks))
     return ("\n".join(parts)
-            + note("Click a recipe to open its answers. Gold: the accepted answers (any one, or "
+            + note("Click a recipe to open or close its answers. Gold: the accepted answers (any one, or "
                    "all for multi-value tasks, as the metric says); score: the task's metric, "
                    "1 = right."))
 
@@ -180,7 +181,9 @@ RUN_FIELDS = (
     ("prompt_form", "prompt form"), ("allow_overflow", "allow overflow"),
     ("recipes", "recipes"), ("versions", "versions"), ("machine", "machine"),
     ("torch_threads", "torch threads"), ("started", "started"), ("finished", "finished"),
-    ("wall_s", "wall time"), ("load_average", "load average (1, 5, 15 min)"),
+    ("wall_s", "wall time (model load and every pair)"),
+    ("load_average_start", "load average at start (1, 5, 15 min)"),
+    ("load_average", "load average at end (1, 5, 15 min)"),
 )
 
 
@@ -196,7 +199,7 @@ def _run_value(key: str, value: Any) -> str:
         return ", ".join(tokens(int(v)) for v in value)
     if key == "depths":
         return ", ".join(f"{float(v) * 100:g} %" for v in value)
-    if key == "load_average":
+    if key in ("load_average", "load_average_start"):
         return ", ".join(f"{float(v):.2f}" for v in value)
     if key == "recipes":
         return "; ".join(str(v) for v in value)

@@ -212,14 +212,14 @@ def test_page_has_run_details_versions_and_intervals(quick_page):
     assert 'id="run"' in quick_page and 'id="cases"' in quick_page
     for text in ("<dt>dtype</dt><dd>float32</dd>", "<dt>seed</dt><dd>0</dd>",
                  f"torch {torch.__version__}", f"transformers {transformers.__version__}",
-                 "kvlab 0.1.0", "4 min 43 s", "3.20, 4.10, 5.00", "chat template"):
+                 "kvlab 0.1.0", "4 min 43 s", "3.20, 4.10, 5.00", "load average at end", "chat template"):
         assert text in quick_page, text
     assert ">95% CI (%)</th>" in quick_page  # the summary's interval column
     assert 'n=3</span>' in quick_page  # n in the per-task cells
 
 
 def test_page_lists_every_answer_next_to_gold_escaped(quick_page):
-    assert quick_page.count('<details class="cases">') == len(QUICK_LIKE)
+    assert quick_page.count('<details class="cases"') == len(QUICK_LIKE)
     assert "&lt;b&gt;1000&lt;/b&gt; &amp; more" in quick_page  # a prediction, escaped
     assert "<b>1000</b>" not in quick_page
     assert "What is the special magic number for &lt;key&gt;?" in quick_page
