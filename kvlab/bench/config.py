@@ -45,12 +45,12 @@ class BenchConfig:
     reference of the fidelity metrics (token agreement and KL)."""
 
     recipes: list[str] = field(default_factory=lambda: list(QUICK_RECIPES))
-    tasks: list[str] = field(default_factory=lambda: list(QUICK_TASKS))
+    tasks: list[str] | None = None  # None: the quick suite's tasks (and needle depths)
     lengths: list[int] = field(default_factory=lambda: list(QUICK_LENGTHS))
     mode: str = QUICK_MODE
     samples: int = 1
-    # None: the quick suite's depths when the tasks are the quick suite's, else none (each
-    # needle case then draws its own depth from the seed)
+    # None: the quick suite's depths when the tasks are left to the quick suite, else none
+    # (each needle case then draws its own depth from the seed)
     depths: list[float] | None = None
     data: list[str] = field(default_factory=list)  # local JSONL files, "path:format"
     model: str | None = None
@@ -61,8 +61,11 @@ class BenchConfig:
     out: str = "kvlab-results"
 
     def __post_init__(self) -> None:
+        quick_tasks = self.tasks is None
+        if quick_tasks:
+            self.tasks = list(QUICK_TASKS)
         if self.depths is None:
-            self.depths = list(QUICK_DEPTHS) if list(self.tasks) == list(QUICK_TASKS) else []
+            self.depths = list(QUICK_DEPTHS) if quick_tasks else []
         self.validate()
 
     def validate(self) -> None:

@@ -45,6 +45,8 @@ from kvlab.bench.tasks import TASKS
 from kvlab.recipe import parse_recipe
 
 FULL = "full"
+PREFERRED_THREADS = torch.get_num_threads()
+"""torch's thread count when kvlab.bench.runner was imported (the bench's idle choice)."""
 
 
 class PeakMemory:
@@ -205,6 +207,7 @@ class BenchRunner:
                     progress.console.print(pair_line(done, pairs, case.id, label, rows,
                                                      self.last_pair_s, self.console.width),
                                            highlight=False)
+                    threads_for_load(progress.console, PREFERRED_THREADS)  # the next pair's
         return written
 
     def _run_case(self, family: str, case: Case, missing: list[tuple[str, str]],
@@ -283,20 +286,22 @@ def _record(runner: BenchRunner, **extra: Any) -> None:
     record_run(runner.config.out, runner.settings_id, details)
 
 
-def threads_for_load(console: Console) -> None:
-    """One torch thread when the machine is busier than its cores (1-minute load average >=
-    CPU count) and the user chose no thread count (``OMP_NUM_THREADS``): torch's threads then
-    wait on each other. Measured on the shared 2-core machine at load ~8: 6.4 s per (case,
-    recipe) pair with one thread against 30 s with two. Said on the console, recorded in
-    run.json."""
-    threads = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS") or threads <= 1:
+def threads_for_load(console: Console, preferred: int) -> None:
+    """Torch threads for the next (case, recipe) pair: one while the machine is busier than
+    its cores (1-minute load average >= CPU count), else ``preferred`` (torch's own choice at
+    the start), unless the user chose (``OMP_NUM_THREADS``). Measured on the shared 2-core
+    machine at load ~8: 6.4 s per pair with one thread against 30 s with two threads waiting
+    on each other. Each change is said on the console; run.json records the threads."""
+    if os.environ.get("OMP_NUM_THREADS") or preferred <= 1:
         return
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load >= cores:
-        torch.set_num_threads(1)
+    want = 1 if load >= cores else preferred
+    if want != torch.get_num_threads():
+        torch.set_num_threads(want)
         console.print(f"machine busy (load average {load:.1f} on {cores} cores): torch runs 1 "
-                      f"thread instead of {threads} (set OMP_NUM_THREADS to choose)")
+                      "thread (set OMP_NUM_THREADS to choose)" if want == 1 else
+                      f"load average down to {load:.1f} on {cores} cores: torch runs {want} "
+                      "threads again", highlight=False)
 
 
 def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
@@ -304,7 +309,7 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
     console = console or Console(stderr=True)
     started = time.time()
-    threads_for_load(console)
+    threads_for_load(console, PREFERRED_THREADS)
     runner = BenchRunner(config, engine, console)
     _record(runner, started=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             load_average_start=list(os.getloadavg()))

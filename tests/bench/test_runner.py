@@ -174,23 +174,26 @@ def test_a_busy_machine_runs_one_torch_thread(monkeypatch):
     from kvlab.bench import runner
 
     console = Console(record=True, width=80)
-    before = torch.get_num_threads()
+    threads = {"n": 2}
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(runner.torch, "get_num_threads", lambda: 2)
-    chosen = []
-    monkeypatch.setattr(runner.torch, "set_num_threads", chosen.append)
-    monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-    runner.threads_for_load(console)
-    assert chosen == []  # idle: torch keeps its threads
-    monkeypatch.setattr(runner.os, "getloadavg", lambda: (7.5, 6.0, 5.0))
-    runner.threads_for_load(console)
-    assert chosen == [1]
-    assert "load average 7.5 on 2 cores" in console.export_text()
+    monkeypatch.setattr(runner.torch, "get_num_threads", lambda: threads["n"])
+    monkeypatch.setattr(runner.torch, "set_num_threads", lambda n: threads.update(n=n))
+    load = {"now": 1.0}
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (load["now"], 1.0, 1.0))
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2 and console.export_text() == ""  # idle: torch keeps its threads
+    load["now"] = 7.5
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 1
+    assert "load average 7.5 on 2 cores): torch runs 1 thread" in console.export_text()
+    load["now"] = 1.5  # the other jobs ended: back to torch's choice
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2 and "down to 1.5 on 2 cores: torch runs 2 threads" in console.export_text()
+    load["now"] = 7.5
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    runner.threads_for_load(console)
-    assert chosen == [1]  # the user's choice wins
-    assert torch.get_num_threads() == 2 and before >= 1
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2  # the user's choice wins
 
 
 def test_the_example_config_file_is_valid():
@@ -209,7 +212,7 @@ def test_the_quick_suite_defaults():
     quick = BenchConfig()
     assert quick.recipes == list(QUICK_RECIPES) and quick.tasks == list(QUICK_TASKS)
     assert quick.depths == list(QUICK_DEPTHS)  # the quick suite's needles sit at fixed depths
-    assert BenchConfig(tasks=["kv_retrieval"]).depths == []  # other tasks: no default depths
+    assert BenchConfig(tasks=["niah_single"]).depths == []  # tasks chosen: no default depths
     # a budget sweep of each compress method: 1/2, 1/4 and 1/8 of the cache
     for method in ("snapkv", "keydiff"):
         assert [r for r in QUICK_RECIPES if r.startswith(method)][:3] == [
