@@ -41,6 +41,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _power_label(value: float, ratio: bool) -> str:
+    """A power of two as a tick: 1/8, 1/2, 1, 2 (ratios), or 0.5, 8, 64 (MiB)."""
+    if ratio and value < 1:
+        return f"1/{round(1 / value)}"
+    return f"{value:g}"
+
+
 DODGE_PT = 9.0
 """Horizontal distance (points) between markers that would sit on the same spot."""
 
@@ -82,14 +89,15 @@ def pareto_figure(ctx: ReportContext, rows: Rows) -> tuple[Figure, set[str]]:
     panels = pareto_panels(rows)
     use_ratio = any(r["recipe"] == FULL for r in rows)
     key = "kv_ratio" if use_ratio else "kv_mib"
-    xlabel = ("KV memory relative to full (x, 1 = full)" if use_ratio
-              else "KV memory at answer end (MiB)")
+    xlabel = ("KV memory relative to full (x, 1 = full; log scale)" if use_ratio
+              else "KV memory at answer end (MiB, log scale)")
     recipes = ctx.recipes_in(rows)
     ncols = min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     legend_rows = sum(legend_label(ctx.labels[r]).count("\n") + 1 for r in recipes) + 2
     height = max(4.3 * nrows, 0.2 * legend_rows + 0.8)
-    fig = Figure(figsize=(6.0 * ncols + 3.4, height), layout="constrained")
+    fig = Figure(figsize=((7.5 if ncols == 1 else 6.0 * ncols) + 3.4, height),
+                 layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     missing: set[str] = set()
     handles: dict[str, Any] = {}
@@ -97,7 +105,9 @@ def pareto_figure(ctx: ReportContext, rows: Rows) -> tuple[Figure, set[str]]:
         summaries = summarize(panel_rows)
         pts = [s for s in summaries if s[key] is not None and s["accuracy"] is not None]
         missing |= {s["recipe"] for s in summaries if s[key] is None}
-        xmax = max([s[key] for s in pts] + [1.0 if use_ratio else 0.0]) * 1.1 or 1.0
+        # memory on a log2 scale: a budget sweep (1/2, 1/4, 1/8, ...) is evenly spaced
+        xs = [s[key] for s in pts if s[key] > 0] or [1.0]
+        xmin, xmax = min(xs + ([1.0] if use_ratio else [])) / 1.35, max(xs + ([1.0] if use_ratio else [])) * 1.35
         families: dict[str, list[dict[str, Any]]] = {}
         for s in pts:
             families.setdefault(ctx.families[s["recipe"]], []).append(s)
@@ -107,15 +117,17 @@ def pareto_figure(ctx: ReportContext, rows: Rows) -> tuple[Figure, set[str]]:
                 ax.plot([s[key] for s in members], [s["accuracy"] * 100 for s in members],
                         color=ctx.colours[members[0]["recipe"]], linewidth=1, alpha=0.5,
                         zorder=2)
-        for s, dx in zip(pts, _dodge([(s[key] / xmax, s["accuracy"]) for s in pts])):
+        span = math.log2(xmax / xmin)
+        spots = [(math.log2(max(s[key], xmin) / xmin) / span, s["accuracy"]) for s in pts]
+        for s, dx in zip(pts, _dodge(spots)):
             y = s["accuracy"] * 100
             low, high = (v * 100 for v in s["accuracy_ci"])
             shift = ax.transData + ScaledTranslation(dx / 72, 0, fig.dpi_scale_trans)
             colour = ctx.colours[s["recipe"]]
-            ax.plot([s[key]] * 2, [low, high], color=colour, linewidth=1, alpha=0.8,
+            ax.plot([s[key]] * 2, [low, high], color=colour, linewidth=1, alpha=0.45,
                     transform=shift, zorder=3)
-            ax.plot([s[key]] * 2, [low, high], linestyle="none", marker="_", markersize=7,
-                    color=colour, alpha=0.8, transform=shift, zorder=3)
+            ax.plot([s[key]] * 2, [low, high], linestyle="none", marker="_", markersize=6,
+                    color=colour, alpha=0.45, transform=shift, zorder=3)
             handle, = ax.plot([s[key]], [y], linestyle="none", marker=ctx.markers[s["recipe"]],
                               markersize=8, color=colour, markeredgecolor="white",
                               markeredgewidth=0.8, transform=shift, zorder=4)
@@ -128,7 +140,12 @@ def pareto_figure(ctx: ReportContext, rows: Rows) -> tuple[Figure, set[str]]:
             step, = ax.step(fx, fy, where="post", color="#888888", linestyle="--",
                             linewidth=1.3, zorder=1)
             handles.setdefault("\0frontier", step)
-        ax.set_xlim(0, xmax)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(xmin, xmax)
+        ticks = [2.0 ** k for k in range(math.floor(math.log2(xmin)), math.ceil(math.log2(xmax)) + 1)
+                 if xmin <= 2.0 ** k <= xmax]
+        ax.set_xticks(ticks, [_power_label(t, use_ratio) for t in ticks])
+        ax.minorticks_off()
         ax.set_ylim(-5, 108)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)")

@@ -281,8 +281,7 @@ def needle_figure(ctx: ReportContext, drows: Rows) -> Figure:
             ax.set_xlabel("needle depth (%)")
         if k % ncols == 0:
             ax.set_ylabel("context (tokens)")
-        ax.set_title(legend_label(ctx.labels[recipe], 22), color=ctx.colours[recipe],
-                     fontsize=9)
+        ax.set_title(legend_label(ctx.labels[recipe], 22), color="#333333", fontsize=9)
         ax.grid(False)
         for spine in ax.spines.values():
             spine.set_visible(False)

@@ -166,9 +166,6 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime,
         ("device" if len(devices) == 1 else "devices", join(devices)),
         ("mode" if len(ctx.modes) == 1 else "modes", join(ctx.modes)),
         ("recipes", join(ctx.labels[r] for r in ctx.recipes)),
-        *([("recipes in full", "; ".join(f"{ctx.labels[r]} = {r}" for r in ctx.recipes
-                                         if ctx.labels[r] != r))]
-          if any(ctx.labels[r] != r for r in ctx.recipes) else []),
         ("tasks", join(f"{t} ({f})" for t, f in tasks)),
         ("context lengths (tokens)", join(tokens(n) for n in ctx.lengths)),
         ("results", f"{len(rows):,} rows, {cases:,} cases"),

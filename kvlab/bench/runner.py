@@ -287,16 +287,24 @@ def _record(runner: BenchRunner, **extra: Any) -> None:
 
 
 def threads_for_load(console: Console, preferred: int) -> None:
-    """Torch threads for the next (case, recipe) pair: one while the machine is busier than
-    its cores (1-minute load average >= CPU count), else ``preferred`` (torch's own choice at
-    the start), unless the user chose (``OMP_NUM_THREADS``). Measured on the shared 2-core
-    machine at load ~8: 6.4 s per pair with one thread against 30 s with two threads waiting
-    on each other. Each change is said on the console; run.json records the threads."""
+    """Torch threads for the next (case, recipe) pair: one while other jobs keep the cores busy
+    (the 1-minute load average less this run's own threads leaves no core for them), else
+    ``preferred`` (torch's own choice), unless the user chose (``OMP_NUM_THREADS``). Measured
+    on the shared 2-core machine at load ~8: 6.4 s per pair with one thread against 30 s with
+    two threads waiting on each other. Each change is said on the console; run.json records
+    the threads."""
     if os.environ.get("OMP_NUM_THREADS") or preferred <= 1:
         return
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    want = 1 if load >= cores else preferred
-    if want != torch.get_num_threads():
+    load, cores, now = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
+    others = max(0.0, load - now)  # this run's threads count in the load while it computes
+    spare = cores - preferred  # cores left for other jobs when torch uses its own choice
+    if now != 1 and others >= spare + 1:
+        want = 1
+    elif now == 1 and others < spare + 0.5:  # a margin, so the choice does not flip each pair
+        want = preferred
+    else:
+        return
+    if want != now:
         torch.set_num_threads(want)
         console.print(f"machine busy (load average {load:.1f} on {cores} cores): torch runs 1 "
                       "thread (set OMP_NUM_THREADS to choose)" if want == 1 else

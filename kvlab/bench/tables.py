@@ -234,4 +234,12 @@ def run_section(ctx: ReportContext, details: dict[str, dict[str, Any]]) -> str:
         n_rows = len(rows)
         parts.append(f"<h3>settings {escape(sid)} ({n_rows:,} rows)</h3>"
                      f'<table class="run"><tbody>{body}</tbody></table>{missing}')
+    spelled = [r for r in ctx.recipes if ctx.labels[r] != r]
+    if spelled:
+        body = "".join(f'<tr><td class="txt">{escape(ctx.labels[r])}</td>'
+                       f'<td class="txt a">{escape(r)}</td></tr>' for r in spelled)
+        parts.append("<h3>recipes in full</h3>" + note(
+            "Each recipe as written and with every parameter (defaults filled in), as stored "
+            "in the results.") + '<table class="run"><thead><tr><th class="txt">recipe</th>'
+            f'<th class="txt">in full</th></tr></thead><tbody>{body}</tbody></table>')
     return "\n".join(parts)

@@ -179,7 +179,7 @@ def test_a_busy_machine_runs_one_torch_thread(monkeypatch):
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(runner.torch, "get_num_threads", lambda: threads["n"])
     monkeypatch.setattr(runner.torch, "set_num_threads", lambda n: threads.update(n=n))
-    load = {"now": 1.0}
+    load = {"now": 2.0}  # this run's own 2 threads
     monkeypatch.setattr(runner.os, "getloadavg", lambda: (load["now"], 1.0, 1.0))
     runner.threads_for_load(console, 2)
     assert threads["n"] == 2 and console.export_text() == ""  # idle: torch keeps its threads
@@ -187,9 +187,15 @@ def test_a_busy_machine_runs_one_torch_thread(monkeypatch):
     runner.threads_for_load(console, 2)
     assert threads["n"] == 1
     assert "load average 7.5 on 2 cores): torch runs 1 thread" in console.export_text()
-    load["now"] = 1.5  # the other jobs ended: back to torch's choice
+    load["now"] = 1.7  # 1 of it is this run's own thread: other jobs still hold 0.7 of a core
     runner.threads_for_load(console, 2)
-    assert threads["n"] == 2 and "down to 1.5 on 2 cores: torch runs 2 threads" in console.export_text()
+    assert threads["n"] == 1
+    load["now"] = 1.3  # the other jobs ended: back to torch's choice
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2 and "down to 1.3 on 2 cores: torch runs 2 threads" in console.export_text()
+    load["now"] = 2.6  # this run's 2 threads and less than a core of others: no change
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2
     load["now"] = 7.5
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     runner.threads_for_load(console, 2)
