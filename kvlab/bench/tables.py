@@ -47,7 +47,9 @@ def summary_section(ctx: ReportContext) -> str:
         body.append(f"<tr>{''.join(cells)}</tr>")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     legend = (
-        "acc: mean score over all rows (cases x turns). acc per turn: the same for turn 1, 2, ... "
+        "acc: mean score over all rows (cases x turns). 95% CI: the Wilson interval of acc over "
+        "the n scored rows (wide when n is small). acc per turn: the mean score at turn 1, 2, ... "
+        "over the cases with more than one turn (the per-turn plot's numbers). "
         "KV: bytes the cache held when the answer ended. KV vs full: that size divided by the "
         "full recipe's on the same case and turn. token agree / KL: fidelity of the answer to "
         "the full recipe's (KL(full || recipe) of next-token distributions). prefill: context "
