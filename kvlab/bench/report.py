@@ -89,8 +89,12 @@ def record_run(directory: Path | str, settings_id: str, details: dict[str, Any])
     record["versions"] = versions()
     record["machine"] = {"cpu cores": os.cpu_count(), "platform": platform.platform(terse=True)}
     runs[settings_id] = record
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write the run details {path}: {exc.strerror or exc}; "
+                         "choose a writable --out directory") from None
     return path
 
 
