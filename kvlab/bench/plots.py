@@ -349,6 +349,7 @@ def _bar_figure(ctx: ReportContext, rows: Rows, panels: list[Panel], recipes: li
     fig = Figure(figsize=(min(13.0, 4.3 * ncols + 0.075 * longest + 0.5),
                           panel_h * nrows + (0.5 if len(lengths) > 1 else 0)),
                  layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.2)  # room between a panel's ticks and the next title
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
     shades = colormaps["Blues"]
     centres, pos = [], 0.0

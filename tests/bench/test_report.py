@@ -251,3 +251,12 @@ def test_report_renders_in_headless_chromium(tmp_path, quick_page):
         assert image.size == (1280, 4000)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # drawn plots and tables, not a blank page
+
+
+def test_run_details_that_cannot_be_written_are_an_input_error(tmp_path):
+    from kvlab.bench.report import record_run
+
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the results directory should be")
+    with pytest.raises(InputError, match="cannot write the run details"):
+        record_run(blocker, "abc123", {"seed": 0})
