@@ -24,9 +24,29 @@ if TYPE_CHECKING:
     from kvlab.recipe import Recipe
 
 MODES = ("multi-turn", "multi-request")
-QUICK_RECIPES = ("full", "snapkv(budget=0.25)", "streaming_llm(budget=0.25)", "quest(budget=0.25)")
-QUICK_TASKS = ("niah_single", "math_find")
-QUICK_LENGTHS = (1024, 2048)
+# The quick suite (``kvlab bench`` with no arguments): a question the default model
+# (SmolLM2-135M-Instruct) answers with the full cache at this length (one needle in noise, at
+# two depths), asked of the methods that differ most, each at 1/2, 1/4 and 1/8 of the cache
+# (KeyDiff, which keeps the needle there, on to 1/16 and 1/32, where it loses it; DuoAttention:
+# that share of retrieval heads, streaming heads holding 16 sinks + 64 recent entries so that
+# the cache shrinks at 1k tokens; KIVI: 4 and 2 bits instead of a budget; Quest: keeps the
+# whole cache and reads 1/4 of it per step). 15 recipes x 2 cases = 30 (case, recipe) pairs;
+# timings in benchmarks/README.md.
+QUICK_RECIPES = (
+    "full",
+    "snapkv(budget=0.5)", "snapkv(budget=0.25)", "snapkv(budget=0.125)",
+    "keydiff(budget=0.5)", "keydiff(budget=0.25)", "keydiff(budget=0.125)",
+    "keydiff(budget=0.0625)", "keydiff(budget=0.03125)",
+    "duo_attention(retrieval=0.5, sink=16, recent=64)",
+    "duo_attention(retrieval=0.25, sink=16, recent=64)",
+    "duo_attention(retrieval=0.125, sink=16, recent=64)",
+    "kivi(bits=4)", "kivi(bits=2)",
+    "quest(budget=0.25)",
+)
+QUICK_TASKS = ("niah_single",)
+QUICK_LENGTHS = (1024,)
+QUICK_DEPTHS = (0.25, 0.75)
+QUICK_MODE = "multi-turn"
 # The longest context length kvlab bench accepts (1024k tokens), whatever the recipes and
 # --allow-overflow: past it a generated case alone takes many minutes to build.
 MAX_LENGTH = 1_048_576
@@ -105,11 +125,13 @@ class BenchConfig:
     at :data:`MAX_LENGTH`)."""
 
     recipes: list[str] = field(default_factory=lambda: list(QUICK_RECIPES))
-    tasks: list[str] = field(default_factory=lambda: list(QUICK_TASKS))
+    tasks: list[str] | None = None  # None: the quick suite's tasks (and needle depths)
     lengths: list[int] = field(default_factory=lambda: list(QUICK_LENGTHS))
-    mode: str = "multi-turn"
+    mode: str = QUICK_MODE
     samples: int = 1
-    depths: list[float] = field(default_factory=list)
+    # None: the quick suite's depths when the tasks are left to the quick suite, else none
+    # (each needle case then draws its own depth from the seed)
+    depths: list[float] | None = None
     data: list[str] = field(default_factory=list)  # local JSONL files, "path:format[:length]"
     raw_prompt: bool = False  # send RULER --data records as RULER does (no chat template)
     model: str | None = None
@@ -122,6 +144,11 @@ class BenchConfig:
     allow_overflow: bool = False
 
     def __post_init__(self) -> None:
+        quick_tasks = self.tasks is None
+        if quick_tasks:
+            self.tasks = list(QUICK_TASKS)
+        if self.depths is None:
+            self.depths = list(QUICK_DEPTHS) if quick_tasks else []
         self.validate()
 
     def validate(self) -> None:
@@ -206,8 +233,11 @@ def default_help(name: str) -> str:
         return ",".join(format_length(v) for v in value)
     if name == "recipes":
         return "; ".join(value)
-    if name == "depths":
-        return ",".join(map(str, value)) if value else "none (a random depth per case)"
+    if name == "tasks" and value is None:
+        return ",".join(QUICK_TASKS)
+    if name == "depths" and value is None:
+        return (f"{','.join(map(str, QUICK_DEPTHS))} with the quick suite's tasks, else a "
+                "random depth per case")
     if name == "max_new_tokens":
         return str(value) if value is not None else "each task's own"
     if name == "model":

@@ -1,9 +1,11 @@
 """Accuracy vs KV memory: the report's scatter of recipes with their Pareto frontier.
 
 - :func:`pareto_front`: the points no other point beats on both memory and accuracy.
-- :func:`pareto_section`: one panel per context length (and all lengths pooled), memory
-  relative to ``full`` when the results have it (absolute MiB otherwise), the frontier drawn
-  as a staircase and each marker labelled away from the other labels, markers and lines.
+- :func:`pareto_figure` / :func:`pareto_section`: one panel per context length (and all
+  lengths pooled), memory relative to ``full`` when the results have it (absolute MiB
+  otherwise), 95 % Wilson intervals on accuracy, the frontier drawn as a staircase, the
+  recipes named in a legend beside the panels (colour and marker per recipe, one hue per
+  method family), so no label can sit on a marker or leave the plot.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.transforms import Bbox
+from matplotlib.transforms import ScaledTranslation
 
-from kvlab.bench.plots import embed_figure
+from kvlab.bench.plots import embed_figure, legend_label
 from kvlab.bench.report_context import (
     ReportContext,
     Rows,
@@ -40,124 +41,141 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-_OFFSETS = [  # (dx, dy) in points, horizontal and vertical alignment
-    (9, 5, "left", "bottom"), (9, -5, "left", "top"), (-9, 5, "right", "bottom"),
-    (-9, -5, "right", "top"), (0, 10, "center", "bottom"), (0, -10, "center", "top"),
-    (9, 18, "left", "bottom"), (9, -18, "left", "top"), (-9, 18, "right", "bottom"),
-    (-9, -18, "right", "top"), (0, 26, "center", "bottom"), (0, -26, "center", "top"),
-]
+def _power_label(value: float, ratio: bool) -> str:
+    """A power of two as a tick: 1/8, 1/2, 1, 2 (ratios), or 0.5, 8, 64 (MiB)."""
+    if ratio and value < 1:
+        return f"1/{round(1 / value)}"
+    return f"{value:g}"
 
 
-def _label_points(
-    fig: Figure,
-    ax: Any,
-    points: list[tuple[float, float, str, str]],
-    lines: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
-) -> None:
-    """Label each (x, y, text, colour) next to its marker, avoiding the other labels, the
-    markers and the polylines ``lines`` (data coordinates). Call once the figure's layout is
-    final (after ``fig.draw_without_rendering()``): positions are tested in display space."""
-    renderer = fig.canvas.get_renderer()
-    box = ax.get_window_extent(renderer)
-    radius = 5 * fig.dpi / 72
-    taken = []
-    for x, y, *_ in points:
-        px, py = ax.transData.transform((x, y))
-        taken.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
-    if ax.get_legend() is not None:
-        taken.append(ax.get_legend().get_window_extent(renderer))
-    for xs, ys in lines:
-        path = ax.transData.transform(list(zip(xs, ys)))
-        for (x0, y0), (x1, y1) in zip(path[:-1], path[1:]):
-            taken.append(Bbox.from_extents(min(x0, x1) - 2, min(y0, y1) - 2,
-                                           max(x0, x1) + 2, max(y0, y1) + 2))
-    for x, y, text, colour in points:
-        chosen = None
-        for dx, dy, ha, va in _OFFSETS:
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha,
-                              va=va, color=colour, fontsize=10)
-            ann.set_in_layout(False)
-            bb = ann.get_window_extent(renderer)
-            inside = (bb.x0 >= box.x0 and bb.x1 <= box.x1 and bb.y0 >= box.y0 and bb.y1 <= box.y1)
-            if inside and not any(bb.overlaps(t) for t in taken):
-                chosen = bb
+DODGE_PT = 9.0
+"""Horizontal distance (points) between markers that would sit on the same spot."""
+
+
+def _dodge(points: list[tuple[float, float]]) -> list[float]:
+    """Horizontal offsets in points that set side by side the markers closer than about a
+    marker's width (``points`` as fractions of the axes: x / x range, accuracy 0..1), so no
+    recipe hides another; the values stay as measured, only the drawing moves."""
+    offsets = [0.0] * len(points)
+    groups: list[list[int]] = []
+    for i, (x, y) in enumerate(points):
+        for group in groups:
+            gx, gy = points[group[0]]
+            if abs(gx - x) < 0.02 and abs(gy - y) < 0.03:
+                group.append(i)
                 break
-            ann.remove()
-        if chosen is None:  # crowded: the first place, even if it overlaps something
-            dx, dy, ha, va = _OFFSETS[0]
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha,
-                              va=va, color=colour, fontsize=10, annotation_clip=False)
-            ann.set_in_layout(False)
-            chosen = ann.get_window_extent(renderer)
-        taken.append(chosen)
+        else:
+            groups.append([i])
+    for group in groups:
+        for k, i in enumerate(group):
+            offsets[i] = (k - (len(group) - 1) / 2) * DODGE_PT
+    return offsets
+
+
+def pareto_panels(rows: Rows) -> list[tuple[str, Rows]]:
+    """(title, rows) of each panel: every context length and, with several, all pooled."""
+    lengths = context_lengths(rows)
+    if len(lengths) == 1:
+        return [(f"{tokens(lengths[0])} tokens", rows)]
+    return [("all lengths", rows)] + [
+        (f"{tokens(n)} tokens", [r for r in rows if r["target_tokens"] == n]) for n in lengths]
+
+
+def pareto_figure(ctx: ReportContext, rows: Rows) -> tuple[Figure, set[str]]:
+    """The accuracy vs KV memory figure of ``rows`` and the recipes left out (no memory
+    value to place them by). Markers carry 95 % Wilson intervals; the recipes of one method
+    family are joined by a thin line (their budget sweep); the legend is beside the panels,
+    so no label sits on a marker."""
+    panels = pareto_panels(rows)
+    use_ratio = any(r["recipe"] == FULL for r in rows)
+    key = "kv_ratio" if use_ratio else "kv_mib"
+    xlabel = ("KV memory relative to full (x, 1 = full; log scale)" if use_ratio
+              else "KV memory at answer end (MiB, log scale)")
+    recipes = ctx.recipes_in(rows)
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    legend_rows = sum(legend_label(ctx.labels[r]).count("\n") + 1 for r in recipes) + 2
+    height = max(4.3 * nrows, 0.2 * legend_rows + 0.8)
+    fig = Figure(figsize=((7.5 if ncols == 1 else 6.0 * ncols) + 3.4, height),
+                 layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    missing: set[str] = set()
+    handles: dict[str, Any] = {}
+    for ax, (name, panel_rows) in zip(axes, panels):
+        summaries = summarize(panel_rows)
+        pts = [s for s in summaries if s[key] is not None and s["accuracy"] is not None]
+        missing |= {s["recipe"] for s in summaries if s[key] is None}
+        # memory on a log2 scale: a budget sweep (1/2, 1/4, 1/8, ...) is evenly spaced
+        xs = [s[key] for s in pts if s[key] > 0] or [1.0]
+        xmin, xmax = min(xs + ([1.0] if use_ratio else [])) / 1.35, max(xs + ([1.0] if use_ratio else [])) * 1.35
+        families: dict[str, list[dict[str, Any]]] = {}
+        for s in pts:
+            families.setdefault(ctx.families[s["recipe"]], []).append(s)
+        for members in families.values():
+            if len(members) > 1:
+                members = sorted(members, key=lambda s: s[key])
+                ax.plot([s[key] for s in members], [s["accuracy"] * 100 for s in members],
+                        color=ctx.colours[members[0]["recipe"]], linewidth=1, alpha=0.5,
+                        zorder=2)
+        span = math.log2(xmax / xmin)
+        spots = [(math.log2(max(s[key], xmin) / xmin) / span, s["accuracy"]) for s in pts]
+        for s, dx in zip(pts, _dodge(spots)):
+            y = s["accuracy"] * 100
+            low, high = (v * 100 for v in s["accuracy_ci"])
+            shift = ax.transData + ScaledTranslation(dx / 72, 0, fig.dpi_scale_trans)
+            colour = ctx.colours[s["recipe"]]
+            ax.plot([s[key]] * 2, [low, high], color=colour, linewidth=1, alpha=0.45,
+                    transform=shift, zorder=3)
+            ax.plot([s[key]] * 2, [low, high], linestyle="none", marker="_", markersize=6,
+                    color=colour, alpha=0.45, transform=shift, zorder=3)
+            handle, = ax.plot([s[key]], [y], linestyle="none", marker=ctx.markers[s["recipe"]],
+                              markersize=8, color=colour, markeredgecolor="white",
+                              markeredgewidth=0.8, transform=shift, zorder=4)
+            handles.setdefault(s["recipe"], handle)
+        front = pareto_front([(s[key], s["accuracy"] * 100) for s in pts])
+        if front:
+            fx = [pts[i][key] for i in front] + [xmax]
+            fy = [pts[i]["accuracy"] * 100 for i in front]
+            fy.append(fy[-1])
+            step, = ax.step(fx, fy, where="post", color="#888888", linestyle="--",
+                            linewidth=1.3, zorder=1)
+            handles.setdefault("\0frontier", step)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(xmin, xmax)
+        ticks = [2.0 ** k for k in range(math.floor(math.log2(xmin)), math.ceil(math.log2(xmax)) + 1)
+                 if xmin <= 2.0 ** k <= xmax]
+        ax.set_xticks(ticks, [_power_label(t, use_ratio) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(-5, 108)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%)")
+        n = min((s["n_scored"] for s in summaries), default=0)
+        ax.set_title(f"{name} (n = {n} per recipe)" if len({s["n_scored"] for s in summaries}) == 1
+                     else f"{name} (n >= {n} per recipe)")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    order = [r for r in recipes if r in handles] + (["\0frontier"] if "\0frontier" in handles else [])
+    names = [legend_label(ctx.labels[r]) if r in ctx.labels else "Pareto frontier" for r in order]
+    fig.legend([handles[r] for r in order], names, loc="outside right upper", frameon=False,
+               title="recipe", fontsize=9, title_fontsize=10, handlelength=1.6,
+               labelspacing=0.5)
+    return fig, missing
 
 
 def pareto_section(ctx: ReportContext) -> str:
     parts = []
     for title, rows in ctx.scoped():
-        lengths = context_lengths(rows)
-        panels: list[tuple[str, Rows]] = [("all lengths", rows)]
-        if len(lengths) > 1:
-            panels += [(f"{tokens(n)} tokens", [r for r in rows if r["target_tokens"] == n])
-                       for n in lengths]
-        else:
-            panels = [(f"{tokens(lengths[0])} tokens", rows)]
+        fig, missing = pareto_figure(ctx, rows)
         use_ratio = any(r["recipe"] == FULL for r in rows)
-        key = "kv_ratio" if use_ratio else "kv_mib"
-        xlabel = ("KV memory relative to full (x, 1 = full)" if use_ratio
-                  else "KV memory at answer end (MiB)")
-        ncols = {1: 1, 3: 3}.get(len(panels), 2)
-        nrows = math.ceil(len(panels) / ncols)
-        fig = Figure(figsize=(6.5 if ncols == 1 else 12, 4.3 * nrows), layout="constrained")
-        fig.get_layout_engine().set(h_pad=0.12, w_pad=0.1)
-        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-        missing: set[str] = set()
-        to_label = []
-        for ax, (name, panel_rows) in zip(axes, panels):
-            summaries = summarize(panel_rows)
-            pts = [(s[key], s["accuracy"] * 100, s["recipe"]) for s in summaries
-                   if s[key] is not None and s["accuracy"] is not None]
-            missing |= {s["recipe"] for s in summaries if s[key] is None}
-            for x, y, recipe in pts:
-                ax.scatter([x], [y], s=70, color=ctx.colours[recipe], zorder=3,
-                           edgecolor="white", linewidth=0.8)
-            xmax = max([p[0] for p in pts] + [1.0 if use_ratio else 0.0]) * 1.12 or 1.0
-            front = pareto_front([(p[0], p[1]) for p in pts])
-            staircase: list[tuple[list[float], list[float]]] = []
-            if front:
-                fx = [pts[i][0] for i in front] + [xmax]
-                fy = [pts[i][1] for i in front] + [pts[front[-1]][1]]
-                ax.step(fx, fy, where="post", color="#888888", linestyle="--", linewidth=1.3,
-                        zorder=2, label="Pareto frontier")
-                sx, sy = [fx[0]], [fy[0]]
-                for x, y, prev in zip(fx[1:], fy[1:], fy):
-                    sx += [x, x]
-                    sy += [prev, y]
-                staircase.append((sx, sy))
-                ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=150,
-                           facecolor="none", edgecolor="#555555", linewidth=1.2, zorder=4)
-            ax.set_xlim(0, xmax)
-            ax.set_ylim(-3, 108)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("accuracy (%)")
-            ax.set_title(name)
-            to_label.append(
-                (ax, [(x, y, ctx.labels[r], ctx.colours[r]) for x, y, r in pts], staircase))
-        for ax in axes[len(panels):]:
-            ax.set_visible(False)
-        if any(ax.get_legend_handles_labels()[0] for ax in axes):
-            axes[0].legend(loc="lower right", frameon=False)
-        FigureCanvasAgg(fig)
-        fig.draw_without_rendering()  # final layout, then labels placed in display space
-        fig.set_layout_engine("none")  # keep that layout: the labels stay inside the axes
-        for ax, points, lines in to_label:
-            _label_points(fig, ax, points, lines)
-        caption = ("One marker per recipe: mean accuracy over its cases and turns against its "
+        caption = ("One marker per recipe: mean accuracy over its cases and turns (bars: 95 % "
+                   "Wilson interval over the n scored answers) against its "
                    + ("mean KV cache size divided by the full recipe's on the same case and turn. "
                       if use_ratio else "mean KV cache size when the answer ended (no full "
                       "baseline in these results, so sizes are absolute). ")
-                   + "The dashed staircase is the Pareto frontier (ringed markers): the best "
-                   "accuracy reached with at most that much memory; up and to the left is better.")
+                   + "A thin line joins the settings of one method (its budget sweep); markers "
+                   "that would sit on the same spot are set side by side. The "
+                   "dashed staircase is the Pareto frontier: the best accuracy reached with at "
+                   "most that much memory; up and to the left is better.")
         not_plotted = ""
         if missing:
             not_plotted = note("Not plotted (no full row on the same cases to compare with): "

@@ -12,7 +12,10 @@ self-contained page (PNG plots embedded as base64, inline CSS, no JavaScript) wi
 - needle heat maps: accuracy on a context length x needle depth grid, one panel per recipe;
 - speed and memory bars: context prefill, decode per token, KV memory, peak RSS;
 - fidelity to the ``full`` recipe: token agreement and KL;
-- accuracy per task and per context length (recipe x task, recipe x length tables).
+- accuracy per task and per context length (recipe x task, recipe x length tables);
+- every answer next to its gold answers (collapsed per recipe);
+- run details: settings, versions, machine and wall time, from ``DIR/run.json`` (written by
+  ``kvlab bench``, see :func:`record_run`).
 
 Every number shown is a measured value or a mean / max of measured values, with its unit.
 This module assembles the page (header, sections, CSS); the sections are drawn by
@@ -24,7 +27,11 @@ and :mod:`kvlab.bench.pareto` (accuracy vs KV memory), on the rows and colours o
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import platform
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -39,12 +46,14 @@ from kvlab.bench.plots import (
 from kvlab.bench.report_context import ReportContext, Rows, escape, join, tokens
 from kvlab.bench.store import DB_NAME, ResultStore
 from kvlab.bench.summary import first_seen
-from kvlab.bench.tables import summary_section, tasks_section
+from kvlab.bench.tables import cases_section, run_section, summary_section, tasks_section
 from kvlab.errors import InputError
 
-__all__ = ["REPORT_NAME", "SECTIONS", "build_report", "pareto_front", "render_report"]
+__all__ = ["REPORT_NAME", "RUN_NAME", "SECTIONS", "build_report", "pareto_front",
+           "read_runs", "record_run", "render_report"]
 
 REPORT_NAME = "report.html"
+RUN_NAME = "run.json"
 
 SECTIONS = {
     "summary": "Summary",
@@ -54,7 +63,52 @@ SECTIONS = {
     "speed": "Speed and memory",
     "fidelity": "Fidelity to full",
     "tasks": "Accuracy per task and length",
+    "cases": "Answers per case",
+    "run": "Run details",
 }
+
+
+def versions() -> dict[str, str]:
+    """Versions of kvlab and the libraries that change results."""
+    import torch
+    import transformers
+
+    import kvlab
+
+    return {"kvlab": kvlab.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def record_run(directory: Path | str, settings_id: str, details: dict[str, Any]) -> Path:
+    """Merge ``details`` (settings, model, dtype, ... as JSON values) into the record of
+    ``settings_id`` in ``directory/run.json``, with the versions and the machine; the report's
+    run details come from there. A run of other settings in the same directory keeps its own
+    record."""
+    path = Path(directory) / RUN_NAME
+    runs = read_runs(directory)
+    record = runs.get(settings_id, {})
+    record.update(details)
+    record["versions"] = versions()
+    record["machine"] = {"cpu cores": os.cpu_count(), "platform": platform.platform(terse=True)}
+    runs[settings_id] = record
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write the run details {path}: {exc.strerror or exc}; "
+                         "choose a writable --out directory") from None
+    return path
+
+
+def read_runs(directory: Path | str) -> dict[str, dict[str, Any]]:
+    """``directory/run.json`` by settings id; empty when absent or unreadable (the report
+    then says its run details are missing)."""
+    path = Path(directory) / RUN_NAME
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return runs if isinstance(runs, dict) else {}
 
 
 def build_report(directory: Path | str, output: Path | None = None) -> Path:
@@ -69,7 +123,7 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
     if not rows:
         raise InputError(f"{db} holds no results yet: nothing to report")
     output = Path(output) if output is not None else directory / REPORT_NAME
-    page = render_report(rows, source=str(db))
+    page = render_report(rows, source=str(db), runs=read_runs(directory))
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(page, encoding="utf-8")
@@ -82,7 +136,8 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
 
 
 def render_report(
-    rows: Rows, source: str | None = None, generated: dt.datetime | None = None
+    rows: Rows, source: str | None = None, generated: dt.datetime | None = None,
+    runs: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The report page of ``rows`` (as :meth:`ResultStore.rows` returns them), as HTML."""
     if not rows:
@@ -91,7 +146,7 @@ def render_report(
     ctx = ReportContext(rows)
     with matplotlib.rc_context(PLOT_STYLE):
         body = [
-            _header(ctx, source, generated),
+            _header(ctx, source, generated, runs or {}),
             _section("summary", summary_section(ctx)),
             _section("pareto", pareto_section(ctx)),
             _section("turns", turns_section(ctx)),
@@ -99,6 +154,8 @@ def render_report(
             _section("speed", speed_section(ctx)),
             _section("fidelity", fidelity_section(ctx)),
             _section("tasks", tasks_section(ctx)),
+            _section("cases", cases_section(ctx)),
+            _section("run", run_section(ctx, runs or {})),
         ]
     title = escape(f"kvlab benchmark report: {', '.join(ctx.models)}")
     return (_PAGE_HEAD.replace("@CSS@", _CSS).replace("@TITLE@", title)
@@ -109,7 +166,8 @@ def _section(key: str, content: str) -> str:
     return f'<section id="{key}">\n<h2>{escape(SECTIONS[key])}</h2>\n{content}\n</section>'
 
 
-def _header(ctx: ReportContext, source: str | None, generated: dt.datetime) -> str:
+def _header(ctx: ReportContext, source: str | None, generated: dt.datetime,
+            runs: dict[str, dict[str, Any]]) -> str:
     rows = ctx.rows
     tasks = list(dict.fromkeys((r["task"], r["family"]) for r in rows))
     devices = first_seen(rows, "device")
@@ -120,14 +178,25 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime) -> s
         ("device" if len(devices) == 1 else "devices", join(devices)),
         ("mode" if len(ctx.modes) == 1 else "modes", join(ctx.modes)),
         ("recipes", join(ctx.labels[r] for r in ctx.recipes)),
-        *([("recipes in full", "; ".join(f"{ctx.labels[r]} = {r}" for r in ctx.recipes
-                                         if ctx.labels[r] != r))]
-          if any(ctx.labels[r] != r for r in ctx.recipes) else []),
         ("tasks", join(f"{t} ({f})" for t, f in tasks)),
         ("context lengths (tokens)", join(tokens(n) for n in ctx.lengths)),
         ("prompt", prompt_forms(rows)),
         ("results", f"{len(rows):,} rows, {cases:,} cases"),
     ]
+    records = [runs[str(s)] for s in first_seen(rows, "settings_id") if str(s) in runs]
+    for key, label in (("dtype", "dtype"), ("seed", "seed"), ("samples", "samples")):
+        values = list(dict.fromkeys(str(r[key]) for r in records if r.get(key) is not None))
+        if values:
+            items.append((label, ", ".join(values)))
+    versions_seen = list(dict.fromkeys(
+        ", ".join(f"{k} {v}" for k, v in r["versions"].items() if k != "python")
+        for r in records if isinstance(r.get("versions"), dict)))
+    if versions_seen:
+        items.append(("versions", "; ".join(versions_seen)))
+    walls = [r["wall_s"] for r in records if isinstance(r.get("wall_s"), (int, float))]
+    if walls:
+        items.append(("bench wall time", ", ".join(f"{w / 60:.1f} min" for w in walls)
+                      + " (see run details)"))
     if written:
         first, last = min(written), max(written)
         items.append(("results written", f"{first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M}"))
@@ -181,6 +250,17 @@ figure { margin: 10px 0 18px; }
 figure img { max-width: 100%; height: auto; display: block; }
 figcaption { color: #555; font-size: 13.5px; max-width: 1000px; margin-top: 4px; }
 p.note { color: #555; font-size: 13.5px; max-width: 1000px; }
+span.n { color: #666; font-size: 11px; }
+details.cases { margin: 4px 0; }
+details.cases summary { cursor: pointer; padding: 3px 0; }
+span.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; }
+table.cases { font-size: 13px; }
+table.cases td.q { max-width: 360px; }
+table.cases td.a { max-width: 260px; overflow-wrap: anywhere; font-family: ui-monospace, monospace; }
+table.cases td.ok { background: #d9f0d3; }
+table.cases td.bad { background: #f8d5d0; }
+table.cases td.part { background: #fdf1c7; }
+table.run th { text-align: left; font-weight: normal; color: #555; background: none; }
 """
 
 _PAGE_HEAD = """<!DOCTYPE html>

@@ -12,11 +12,12 @@ HTML pieces.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from matplotlib import colormaps
-from matplotlib.colors import to_hex
+from matplotlib.colors import to_hex, to_rgb
 
 from kvlab.bench.summary import FULL, first_seen, recipe_labels, recipe_order
 
@@ -36,10 +37,8 @@ class ReportContext:
         self.modes = [str(m) for m in first_seen(rows, "mode")]
         self.lengths = context_lengths(rows)
         self.has_full = FULL in self.recipes
-        palette = [to_hex(c) for c in colormaps["tab10"].colors if to_hex(c) != "#7f7f7f"]
-        others = [r for r in self.recipes if r != FULL]
-        self.colours = {r: palette[i % len(palette)] for i, r in enumerate(others)}
-        self.colours[FULL] = FULL_COLOUR
+        self.families = {r: method_family(r) for r in self.recipes}
+        self.colours, self.markers = recipe_styles(self.recipes)
         self.scopes = list(dict.fromkeys((r["model"], r["mode"]) for r in rows))
 
     def scoped(self) -> list[tuple[str | None, Rows]]:
@@ -55,6 +54,38 @@ class ReportContext:
     def recipes_in(self, rows: Rows) -> list[str]:
         present = {r["recipe"] for r in rows}
         return [r for r in self.recipes if r in present]
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def method_family(recipe: str) -> str:
+    """The methods of a recipe without their parameters: ``snapkv(budget=0.5) + think(...)``
+    -> ``snapkv + think``; recipes of one family differ only in their settings."""
+    return re.sub(r"\([^()]*\)", "", recipe).strip() or recipe
+
+
+def recipe_styles(recipes: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A colour and a marker per recipe: one hue per method family (``full`` dark grey), from
+    dark to light for the family's settings in order of appearance, and a marker per setting,
+    so that the recipes of one family read as one sweep and each stays distinguishable."""
+    palette = [to_hex(c) for c in colormaps["tab10"].colors if to_hex(c) != "#7f7f7f"]
+    palette += [to_hex(c) for c in colormaps["Dark2"].colors]
+    families: dict[str, list[str]] = {}
+    for recipe in recipes:
+        families.setdefault(method_family(recipe), []).append(recipe)
+    colours: dict[str, str] = {}
+    markers: dict[str, str] = {}
+    hue = 0
+    for family, members in families.items():
+        base = FULL_COLOUR if family == FULL else palette[hue % len(palette)]
+        hue += family != FULL
+        r, g, b = to_rgb(base)
+        for i, recipe in enumerate(members):
+            mix = 0.0 if len(members) == 1 else 0.5 * i / (len(members) - 1)  # towards white
+            colours[recipe] = to_hex((r + (1 - r) * mix, g + (1 - g) * mix, b + (1 - b) * mix))
+            markers[recipe] = MARKERS[i % len(MARKERS)]
+    return colours, markers
 
 
 def escape(value: Any) -> str:

@@ -13,9 +13,12 @@ once: an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,16 @@ from typing import Any
 import psutil
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Column
+from rich.text import Text
 
 import kvlab
 from kvlab.bench.cases import Case
@@ -38,6 +50,8 @@ from kvlab.errors import InputError, KvlabError, RecipeError
 from kvlab.recipe import Recipe, parse_recipe
 
 FULL = "full"
+PREFERRED_THREADS = torch.get_num_threads()
+"""torch's thread count when kvlab.bench.runner was imported (the bench's idle choice)."""
 
 
 class BenchInterrupted(KeyboardInterrupt):
@@ -147,6 +161,46 @@ def _check_unique(cases: list[tuple[str, Case]]) -> None:
         seen.add(case.id)
 
 
+class AverageRemainingColumn(ProgressColumn):
+    """Time left at the mean pace since the start (elapsed / completed x remaining). rich's
+    own estimate only uses the last 30 s, so with pairs longer than that it stays unknown."""
+
+    def render(self, task: Any) -> Text:
+        if task.total is None or not task.completed or task.elapsed is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        left = task.elapsed / task.completed * max(0.0, task.total - task.completed)
+        return Text(f"ETA {dt.timedelta(seconds=round(left))}", style="progress.remaining")
+
+
+def bench_progress(console: Console) -> Progress:
+    """The bench's progress bar: what runs now, (case, recipe) pairs done of all, time spent,
+    time left."""
+    # the description (what runs now) is cut to what the other columns (~46 characters)
+    # leave, so the counts, the elapsed time and the ETA always stay on one line
+    description = Column(no_wrap=True, overflow="ellipsis", min_width=12,
+                         max_width=max(12, console.width - 46))
+    return Progress(TextColumn("{task.description}", table_column=description),
+                    BarColumn(bar_width=12), MofNCompleteColumn(), TimeElapsedColumn(),
+                    AverageRemainingColumn(table_column=Column(no_wrap=True, min_width=11)),
+                    console=console, transient=False)
+
+
+def pair_line(done: int, total: int, case_id: str, label: str, rows: list[dict[str, Any]],
+              seconds: float | None, width: int = 80) -> str:
+    """One line per finished (case, recipe) pair: recipe, case, accuracy over its turns, KV
+    memory at the last answer's end, wall time of the pair; the measurements go on a second,
+    indented line when the whole does not fit in ``width`` characters."""
+    scored = [r["score"] for r in rows if r.get("score") is not None]
+    accuracy = f"{sum(scored) / len(scored):.0%}" if scored else "-"
+    kv = rows[-1].get("kv_bytes") if rows else None
+    memory = "-" if kv is None else f"{kv / 2**20:.1f} MiB"
+    took = "-" if seconds is None else f"{seconds:.1f} s"
+    head = f"[{done}/{total}] {label}"
+    tail = f"{case_id} | acc {accuracy} | KV {memory} | {took}"
+    line = f"{head} | {tail}"
+    return line if len(line) <= width else f"{head}\n    {tail}"
+
+
 class BenchRunner:
     """Runs a :class:`BenchConfig` on one engine into one results directory."""
 
@@ -160,6 +214,8 @@ class BenchRunner:
         self.check_lengths()  # before the store is opened: a refused run writes nothing
         self.store = ResultStore(config.out)
         self.settings_id = config.settings_id(self.engine.name, str(self.engine.device))
+        self.progress: Progress | None = None  # the last run's progress display
+        self.last_pair_s: float | None = None  # wall time of the last (case, recipe) pair
 
     def _recipes(self) -> list[tuple[str, str]]:
         """(canonical, label) pairs, the reference first and once."""
@@ -231,10 +287,9 @@ class BenchRunner:
         if skipped:
             self.console.print(f"resuming: {skipped} (case, recipe) pairs already in {self.store.path}")
         written = 0
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            bar = progress.add_task("bench", total=pairs)
+        with bench_progress(self.console) as progress:
+            self.progress = progress
+            bar = progress.add_task("bench", total=pairs)  # known up front: the ETA works
             done = 0
             for family, case, missing in todo:
                 for canonical, label, rows in self._run_case(family, case, missing, progress, bar):
@@ -242,12 +297,9 @@ class BenchRunner:
                     written += len(rows)
                     done += 1
                     progress.advance(bar)
-                    if not self.console.is_terminal:  # logs get one line per finished pair
-                        accuracy = sum(r["score"] for r in rows) / len(rows)
-                        self.console.print(
-                            f"[{done}/{pairs}] {case.id} {label}: accuracy {accuracy:.0%}, "
-                            f"KV {rows[-1]['kv_bytes'] / 2**20:.2f} MiB"
-                        )
+                    progress.console.print(pair_line(done, pairs, case.id, label, rows,
+                                                     self.last_pair_s, self.console.width),
+                                           highlight=False)
         return written
 
     def _run_case(self, family: str, case: Case, missing: list[tuple[str, str]],
@@ -277,6 +329,7 @@ class BenchRunner:
 
     def _run_pair(self, family: str, case: Case, canonical: str, label: str,
                   reference: _Reference | None) -> tuple[list[dict[str, Any]], _Reference]:
+        started = time.perf_counter()
         engine, config = self.engine, self.config
         is_reference = canonical == self.reference
         rows: list[dict[str, Any]] = []
@@ -324,20 +377,67 @@ class BenchRunner:
                 })
         for row in rows:
             row["peak_rss_bytes"] = memory.peak
+        self.last_pair_s = time.perf_counter() - started
         return rows, own
+
+
+def _record(runner: BenchRunner, **extra: Any) -> None:
+    """The run's settings, model, dtype, device and threads into the directory's run.json
+    (the report's run details)."""
+    from kvlab.bench.report import record_run
+
+    engine = runner.engine
+    dtype = next(engine.model.parameters()).dtype
+    details = {**runner.config.as_dict(), "model": engine.name, "device": str(engine.device),
+               "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+               **extra}
+    record_run(runner.config.out, runner.settings_id, details)
+
+
+def threads_for_load(console: Console, preferred: int) -> None:
+    """Torch threads for the whole run, chosen once at its start (so every pair of a run, and
+    so every recipe, is timed with the same threads): one while other jobs keep the cores busy
+    (the 1-minute load average less this run's own threads leaves no core for them), else
+    ``preferred`` (torch's own choice), unless the user chose (``OMP_NUM_THREADS``). Measured
+    on the shared 2-core machine at load ~8: 6.4 s per pair with one thread against 30 s with
+    two threads waiting on each other. Each change is said on the console; run.json records
+    the threads."""
+    if os.environ.get("OMP_NUM_THREADS") or preferred <= 1:
+        return
+    load, cores, now = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
+    others = max(0.0, load - now)  # this run's threads count in the load while it computes
+    spare = cores - preferred  # cores left for other jobs when torch uses its own choice
+    if now != 1 and others >= spare + 1:
+        want = 1
+    elif now == 1 and others < spare + 0.5:  # a margin, so the choice does not flip each pair
+        want = preferred
+    else:
+        return
+    if want != now:
+        torch.set_num_threads(want)
+        console.print(f"machine busy (load average {load:.1f} on {cores} cores): torch runs 1 "
+                      "thread (set OMP_NUM_THREADS to choose)" if want == 1 else
+                      f"load average down to {load:.1f} on {cores} cores: torch runs {want} "
+                      "threads again", highlight=False)
 
 
 def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
               console: Console | None = None, report: bool = True) -> Path:
     """Run ``config``; print the summary; write the HTML report. Returns the results dir."""
     console = console or Console(stderr=True)
+    started = time.time()
+    threads_for_load(console, PREFERRED_THREADS)
     runner = BenchRunner(config, engine, console)
+    _record(runner, started=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            load_average_start=list(os.getloadavg()))
     try:
         try:
             written = runner.run()
         except KeyboardInterrupt:
             runner.store.close()  # an unfinished pair's transaction is rolled back, never kept
             raise BenchInterrupted(kept_pairs(config.out, runner.settings_id), Path(config.out)) from None
+        _record(runner, finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                wall_s=round(time.time() - started, 1), load_average=list(os.getloadavg()))
         console.print(f"{written} rows written to {runner.store.path} "
                       f"({runner.store.count()} rows stored)")
         console.print(f"fidelity reference: {config.reference}", highlight=False)
@@ -347,7 +447,9 @@ def run_bench(config: BenchConfig, engine: kvlab.Engine | None = None,
     from kvlab.bench.summary import summary_table
 
     terminal = Console()
-    (terminal if terminal.is_terminal else Console(width=160)).print(summary_table(rows))
+    if not terminal.is_terminal:
+        terminal = Console(width=160)
+    terminal.print(summary_table(rows, width=terminal.width))
     if report:
         from kvlab.bench.report import build_report
 

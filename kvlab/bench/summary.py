@@ -10,11 +10,14 @@ Only measured values are aggregated; a mean over no values is ``None`` and shows
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rich import box
+from rich.console import Group, RenderableType
 from rich.table import Table
 
 FULL = "full"
@@ -31,12 +34,32 @@ def _max(values: Iterable[float | int | None]) -> float | None:
     return max(kept) if kept else None
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % for ``z=1.96``) of a proportion ``p`` seen on ``n``
+    trials, as (low, high) in 0..1; the whole range 0..1 when ``n`` is 0. Scores that are not
+    0/1 (partial credit) are treated as a proportion of the same ``n``: an approximation."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = min(max(p, 0.0), 1.0)
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def recipe_order(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """Recipes in order of first appearance, ``full`` first when present."""
-    seen: dict[str, None] = {}
+    """Recipes in the order they were run (earliest ``created_at`` of their rows, when the rows
+    carry one; else first appearance), ``full`` first when present."""
+    seen: dict[str, Any] = {}
     for row in rows:
-        seen.setdefault(row["recipe"], None)
+        created = row.get("created_at")
+        if row["recipe"] not in seen:
+            seen[row["recipe"]] = created
+        elif created is not None and (seen[row["recipe"]] is None or created < seen[row["recipe"]]):
+            seen[row["recipe"]] = created
     order = list(seen)
+    if all(v is not None for v in seen.values()):
+        order.sort(key=lambda r: seen[r])  # stable: ties keep first appearance
     if FULL in seen:
         order.remove(FULL)
         order.insert(0, FULL)
@@ -93,12 +116,15 @@ def summarize(rows: list[dict[str, Any]], by: Sequence[str] = ()) -> list[dict[s
     (:func:`recipe_order`), then ``by`` values ascending.
 
     Keys: model, mode, recipe, label (display name), the ``by`` columns, n_cases, n_rows,
-    accuracy (mean score, 0..1), accuracy_by_turn (list indexed by turn; ``None`` for a turn
+    accuracy (mean score, 0..1), accuracy_by_turn (mean score per turn over the cases with more
+    than one turn, a list indexed by turn, empty without such cases; ``None`` for a turn
     without rows), token_agreement (mean, 0..1; ``None`` for full), kl (mean, nats; ``None``
     for full), kv_mib (mean kv_bytes / 2**20), kv_ratio (mean over rows with a ``full`` row of
     the same settings, case and turn of kv_bytes / that row's kv_bytes; ``None`` without such
     rows), context_prefill_s (mean over cases, s), decode_ms_per_token (mean over rows that
-    generated tokens, ms), peak_rss_mib (max, MiB).
+    generated tokens, ms), peak_rss_mib (max, MiB), accuracy_ci (the 95 % Wilson interval of
+    accuracy over n_scored rows, (low, high) in 0..1; ``None`` without scores),
+    accuracy_by_turn_n (scored rows per turn).
     """
     if not rows:
         return []
@@ -122,8 +148,16 @@ def summarize(rows: list[dict[str, Any]], by: Sequence[str] = ()) -> list[dict[s
         group = groups[key]
         model, mode, recipe = key[:3]
         is_full = recipe == FULL
-        turns = max(r["turn"] for r in group) + 1
-        by_turn = [_mean(r["score"] for r in group if r["turn"] == t) for t in range(turns)]
+        last: dict[tuple[Any, Any], int] = {}
+        for r in group:
+            last[_case_key(r)] = max(last.get(_case_key(r), 0), r["turn"])
+        multi = [r for r in group if last[_case_key(r)] > 0]  # cases with several turns
+        turns = max((r["turn"] for r in multi), default=-1) + 1
+        by_turn = [_mean(r["score"] for r in multi if r["turn"] == t) for t in range(turns)]
+        by_turn_n = [sum(1 for r in multi if r["turn"] == t and r["score"] is not None)
+                     for t in range(turns)]
+        scored = [float(r["score"]) for r in group if r["score"] is not None]
+        accuracy = sum(scored) / len(scored) if scored else None
         ratios = [
             r["kv_bytes"] / full_kv[(*_case_key(r), r["turn"])]
             for r in group
@@ -144,8 +178,11 @@ def summarize(rows: list[dict[str, Any]], by: Sequence[str] = ()) -> list[dict[s
             **dict(zip(by, key[3:])),
             "n_cases": len({_case_key(r) for r in group}),
             "n_rows": len(group),
-            "accuracy": _mean(r["score"] for r in group),
+            "accuracy": accuracy,
+            "n_scored": len(scored),
+            "accuracy_ci": None if accuracy is None else wilson_interval(accuracy, len(scored)),
             "accuracy_by_turn": by_turn,
+            "accuracy_by_turn_n": by_turn_n,
             "token_agreement": None if is_full else _mean(r.get("token_agreement") for r in group),
             "kl": None if is_full else _mean(r.get("kl") for r in group),
             "kv_mib": None if kv is None else kv / MIB,
@@ -180,7 +217,14 @@ def adaptive_number(v: float) -> str:
     return f"{v:.1e}"
 
 
+def _interval(values: tuple[float, float]) -> str:
+    low, high = values
+    return f"{low * 100:.0f}-{high * 100:.0f}"
+
+
 def _turns(values: list[float | None]) -> str:
+    if not values:
+        return "-"
     return " / ".join("-" if v is None else f"{v * 100:.0f}" for v in values)
 
 
@@ -206,6 +250,7 @@ SUMMARY_COLUMNS: tuple[SummaryColumn, ...] = (
     SummaryColumn("n_cases", "cases (n)", lambda v: f"{v:,}"),
     SummaryColumn("n_rows", "rows (n)", lambda v: f"{v:,}"),
     SummaryColumn("accuracy", "acc (%)", _fixed(1, 100)),
+    SummaryColumn("accuracy_ci", "95% CI (%)", _interval),
     SummaryColumn("accuracy_by_turn", "acc per turn (%)", _turns),
     SummaryColumn("kv_mib", "KV (MiB)", adaptive_number),
     SummaryColumn("kv_ratio", "KV vs full (x)", _fixed(2)),
@@ -232,25 +277,73 @@ def visible_columns(summaries: list[dict[str, Any]]) -> list[SummaryColumn]:
     return shown
 
 
-def summary_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
-    """The :func:`summarize` lines as a rich table (headers carry the units, on a second line
-    to keep the numeric columns narrow)."""
+RECIPE_WIDTH = 24
+"""Widest the terminal's recipe column gets; a longer recipe name wraps onto more lines."""
+
+
+def _terminal_table(summaries: list[dict[str, Any]], columns: list[SummaryColumn],
+                    title: str | None) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in columns:
+        if column.key == "label":  # never dropped, never squeezed below its longest word
+            longest = max((len(w) for s in summaries for w in column.cell(s).split()), default=6)
+            table.add_column(column.header, justify="left", overflow="fold",
+                             min_width=min(RECIPE_WIDTH, max(6, longest)), max_width=RECIPE_WIDTH)
+        else:
+            # numbers and headers never wrap or get cut: a table that does not fit is split
+            table.add_column(_stack(column.header) if column.numeric else column.header,
+                             justify="right" if column.numeric else "left", no_wrap=True)
+    for summary in summaries:
+        table.add_row(*(column.cell(summary) for column in columns))
+    return table
+
+
+def _width(table: Table) -> int:
+    from rich.console import Console
+
+    console = Console(width=100_000, file=io.StringIO(), color_system=None)
+    return console.measure(table).maximum
+
+
+def summary_tables(rows: list[dict[str, Any]], width: int | None = None,
+                   title: str | None = None) -> list[Table]:
+    """The :func:`summarize` lines as rich tables (headers carry the units, stacked on short
+    lines to keep the numeric columns narrow). Everything in one table when it fits in
+    ``width`` characters (``None``: no limit); else the columns are split over several tables
+    that each start with the recipe column, so no column is dropped or cut."""
     summaries = summarize(rows)
     if title is None:
         models = ", ".join(str(m) for m in first_seen(rows, "model"))
         modes = ", ".join(str(m) for m in first_seen(rows, "mode"))
         title = f"results: {models} ({modes})" if rows else "results: no rows"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     columns = visible_columns(summaries)
-    for column in columns:
-        numeric = column.numeric
-        # numbers never wrap; a long recipe name wraps first when the terminal is narrow
-        table.add_column(_stack(column.header) if numeric else column.header,
-                         justify="right" if numeric else "left",
-                         no_wrap=column.key != "label", overflow="fold")
-    for summary in summaries:
-        table.add_row(*(column.cell(summary) for column in columns))
-    return table
+    if width is None:
+        return [_terminal_table(summaries, columns, title)]
+    keys = [c for c in columns if c.key in ("model", "mode", "label")]
+    rest = [c for c in columns if c not in keys]
+    groups: list[list[SummaryColumn]] = []
+    current: list[SummaryColumn] = []
+    for column in rest:
+        trial = _terminal_table(summaries, keys + current + [column], title)
+        if current and _width(trial) > width:
+            groups.append(current)
+            current = []
+        current.append(column)
+    if current or not groups:
+        groups.append(current)
+    tables = []
+    for i, group in enumerate(groups):
+        part = title if len(groups) == 1 else f"{title}, part {i + 1} of {len(groups)}"
+        tables.append(_terminal_table(summaries, keys + group, part))
+    return tables
+
+
+def summary_table(rows: list[dict[str, Any]], title: str | None = None,
+                  width: int | None = None) -> RenderableType:
+    """:func:`summary_tables` as one printable: a table, or a group of tables when the
+    columns do not fit in ``width``."""
+    tables = summary_tables(rows, width, title)
+    return tables[0] if len(tables) == 1 else Group(*tables)
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:

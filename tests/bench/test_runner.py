@@ -309,3 +309,109 @@ def test_bench_raw_prompt_rows_and_report(engine, tmp_path):
     assert 'alt="needle heat maps"' in page  # RULER's niah rows have a depth
     with pytest.raises(kvlab.InputError, match="give a RULER file"):
         config(tmp_path, raw_prompt=True)
+
+
+def test_progress_total_is_known_and_each_pair_prints_a_line(engine, tmp_path):
+    import re
+
+    from rich.console import Console
+
+    console = Console(record=True, width=80, force_terminal=True, color_system=None)
+    settings = config(tmp_path, tasks=["niah_single"], depths=[0.25, 0.75], recipes=[
+        "snapkv(budget=1.0)", "duo_attention(retrieval=0.125, sink=16, recent=64)"])
+    runner = BenchRunner(settings, engine, console)
+    runner.run()
+    task = runner.progress.tasks[0]
+    # 2 depths x 3 recipes (full first): the total is set before the first pair runs
+    assert task.total == 6 and task.completed == 6
+    text = console.export_text()
+    assert "ETA -:--:--" in text and re.search(r"6/6 +\d:\d\d:\d\d +ETA 0:00:00", text)
+    # the live bar's frames are recorded too (without newlines): search, not split, the text
+    heads = re.findall(r"\[(\d)/6\] (.+?)(?: \| |\n    )(niah_single-300\S*) \| acc (\d+)% \| "
+                       r"KV (\d+\.\d) MiB \| (\d+\.\d) s", text)
+    labels = ["full", "snapkv(budget=1.0)", "duo_attention(retrieval=0.125, sink=16, recent=64)"]
+    assert [(int(h[0]), h[1]) for h in heads] == [(i + 1, labels[i % 3]) for i in range(6)]
+    runner.store.close()
+
+
+def test_pair_lines_fit_in_80_columns():
+    from kvlab.bench.runner import pair_line
+
+    rows = [{"score": 1.0, "kv_bytes": 9.6 * 2**20}, {"score": 0.0, "kv_bytes": 10 * 2**20}]
+    short = pair_line(3, 26, "niah_single-1024-0-0-d0.25", "full", rows, 12.34)
+    assert short == "[3/26] full | niah_single-1024-0-0-d0.25 | acc 50% | KV 10.0 MiB | 12.3 s"
+    long = pair_line(10, 26, "niah_single-1024-0-0-d0.25",
+                     "duo_attention(retrieval=0.125, sink=16, recent=64)", rows, 12.34)
+    assert long.splitlines() == ["[10/26] duo_attention(retrieval=0.125, sink=16, recent=64)",
+                                 "    niah_single-1024-0-0-d0.25 | acc 50% | KV 10.0 MiB | 12.3 s"]
+    assert all(len(line) <= 80 for line in short.splitlines() + long.splitlines())
+
+
+def test_eta_comes_from_the_mean_pace():
+    from types import SimpleNamespace
+
+    from kvlab.bench.runner import AverageRemainingColumn
+
+    column = AverageRemainingColumn()
+    task = SimpleNamespace(total=10, completed=2, elapsed=20.0)
+    assert column.render(task).plain == "ETA 0:01:20"  # 10 s per pair, 8 pairs left
+    assert column.render(SimpleNamespace(total=10, completed=0, elapsed=5.0)).plain == "ETA -:--:--"
+    assert column.render(SimpleNamespace(total=4, completed=4, elapsed=9.0)).plain == "ETA 0:00:00"
+
+
+def test_a_busy_machine_runs_one_torch_thread(monkeypatch):
+    from rich.console import Console
+
+    from kvlab.bench import runner
+
+    console = Console(record=True, width=80)
+    threads = {"n": 2}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner.torch, "get_num_threads", lambda: threads["n"])
+    monkeypatch.setattr(runner.torch, "set_num_threads", lambda n: threads.update(n=n))
+    load = {"now": 2.0}  # this run's own 2 threads
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (load["now"], 1.0, 1.0))
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2 and console.export_text() == ""  # idle: torch keeps its threads
+    load["now"] = 7.5
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 1
+    assert "load average 7.5 on 2 cores): torch runs 1 thread" in console.export_text()
+    load["now"] = 1.7  # 1 of it is this run's own thread: other jobs still hold 0.7 of a core
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 1
+    load["now"] = 1.3  # the other jobs ended: back to torch's choice
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2 and "down to 1.3 on 2 cores: torch runs 2 threads" in console.export_text()
+    load["now"] = 2.6  # this run's 2 threads and less than a core of others: no change
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2
+    load["now"] = 7.5
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    runner.threads_for_load(console, 2)
+    assert threads["n"] == 2  # the user's choice wins
+
+
+def test_the_example_config_file_is_valid():
+    from pathlib import Path
+
+    settings = load_config_file(Path(__file__).parents[2] / "benchmarks" / "example.yaml")
+    config = BenchConfig(**settings)
+    assert config.recipes[0] == "full" and len(config.recipes) == 3
+    assert config.tasks == ["niah_single", "niah_multiturn"] and config.lengths == [1024]
+    assert config.depths == [0.25, 0.75] and config.mode == "multi-turn"
+
+
+def test_the_quick_suite_defaults():
+    from kvlab.bench.config import QUICK_DEPTHS, QUICK_RECIPES, QUICK_TASKS
+
+    quick = BenchConfig()
+    assert quick.recipes == list(QUICK_RECIPES) and quick.tasks == list(QUICK_TASKS)
+    assert quick.depths == list(QUICK_DEPTHS)  # the quick suite's needles sit at fixed depths
+    assert BenchConfig(tasks=["niah_single"]).depths == []  # tasks chosen: no default depths
+    # a budget sweep of each compress method: 1/2, 1/4 and 1/8 of the cache
+    for method in ("snapkv", "keydiff"):
+        assert [r for r in QUICK_RECIPES if r.startswith(method)][:3] == [
+            f"{method}(budget={b})" for b in (0.5, 0.25, 0.125)]
+    assert sum(r.startswith("duo_attention(retrieval=") for r in QUICK_RECIPES) == 3
