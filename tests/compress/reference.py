@@ -144,11 +144,14 @@ def head_positions(layer) -> list[list[int]]:
     return [row.tolist() for row in positions[0]]
 
 
-def clear_top(scores: Tensor, k: int, gap: float = 1e-6) -> list[int]:
-    """The indices of the ``k`` largest of ``scores`` ``[m]``, sorted; asserts that the
-    ``k``-th and the next score differ by more than ``gap`` (no near tie can make a correct
-    method fail on rounding), so the expected set is unambiguous."""
-    values, indices = scores.sort(descending=True, stable=True)
-    if 0 < k < scores.numel():
-        assert values[k - 1] - values[k] > gap, "near tie at the cut: pick another prompt"
-    return sorted(indices[:k].tolist())
+def assert_top_k(kept: list[int], scores: Tensor, k: int, tol: float = 1e-5) -> None:
+    """``kept`` (sorted indices into ``scores`` ``[m]``) is a top ``k`` of ``scores``: ``k``
+    distinct indices, none scored lower than a left-out one by more than ``tol`` (fp noise
+    may swap near ties, nothing else)."""
+    assert kept == sorted(set(kept)) and len(kept) == k, (len(kept), k)
+    assert all(0 <= i < scores.numel() for i in kept)
+    dropped = torch.ones(scores.numel(), dtype=torch.bool)
+    dropped[kept] = False
+    if k and bool(dropped.any()):
+        low, high = float(scores[kept].min()), float(scores[dropped].max())
+        assert low >= high - tol, f"kept score {low} < dropped score {high}"

@@ -128,3 +128,41 @@ def test_statistics_cover_every_prefill_chunk():
     ref_mean, ref_cov = q[:, :, 4:].mean(dim=2), torch.cov(q[0, 0, 4:].T, correction=0)
     torch.testing.assert_close(mean, ref_mean)
     torch.testing.assert_close(cov[0, 0], ref_cov, atol=1e-5, rtol=1e-4)
+
+
+def test_engine_keeps_the_sinks_and_the_top_expected_attention_of_the_eager_queries():
+    """Through the engine, against the eager model: per query head the mean and covariance
+    of the prompt's queries after the sinks, moved by the mean RoPE rotation of the next
+    ``future`` positions (built from the model's own RoPE as d x d matrices), the softmax
+    of ``s mu'.k + s^2 k^T Sigma' k / 2`` over the entries after the sinks, averaged over
+    the query heads of each KV head, times ``||v||``; the sinks always kept."""
+    from tests.compress.reference import Rope, assert_top_k, eager_run, head_positions
+    from tests.conftest import tiny_model
+
+    n, budget, sink, future = 100, 30, 4, 32
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    d = run.keys[0].shape[-1]
+    rope = Rope(tiny_model())
+    eye = torch.eye(d)[None].expand(future, d, d).reshape(1, future * d, d)
+    positions = torch.arange(n, n + future).repeat_interleave(d)
+    rotation = rope(eye, positions)[0].reshape(future, d, d).transpose(1, 2).mean(0)  # mean R_p
+    engine = tiny_engine()
+    cache = engine.new_cache(f"expected_attention(budget={budget}, sink={sink}, future={future})")
+    engine.prefill(cache, ids, compress=True)
+    s = d**-0.5
+    for index, layer in enumerate(cache.layers):
+        keys, values = run.keys[index][:, sink:], run.values[index][:, sink:]
+        per_head = []
+        for h, queries in enumerate(run.queries[index]):
+            sample = queries[sink:].double()
+            mu = sample.mean(0)
+            sigma = (sample - mu).T @ (sample - mu) / sample.shape[0]
+            mu, sigma = rotation.double() @ mu, rotation.double() @ sigma @ rotation.double().T
+            k = keys[h // run.group].double()
+            logits = s * k @ mu + s * s / 2 * ((k @ sigma) * k).sum(-1)
+            per_head.append(torch.softmax(logits, dim=0))
+        scores = run.grouped(torch.stack(per_head)) * values.double().norm(dim=-1)
+        for kept, head_scores in zip(head_positions(layer), scores):
+            assert kept[:sink] == list(range(sink))
+            assert_top_k([j - sink for j in kept[sink:]], head_scores, budget - sink, tol=1e-6)

@@ -84,3 +84,28 @@ def test_equals_full_when_the_budget_covers_the_context():
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_tokens == full.stats.kv_tokens
     # the same entries, plus the fp32 accumulated score H2O keeps per entry and head
     assert roomy.stats.kv_bytes == full.stats.kv_bytes + 2 * 2 * 107 * 4
+
+
+def test_engine_keeps_the_heavy_hitters_of_every_eager_query_plus_the_recent_entries():
+    """Through the engine (two prefill chunks), against the eager model's attention: the
+    probabilities of *every* prompt query summed per entry and over the query heads of each
+    KV head; the top ``budget - recent`` older entries plus the ``recent`` newest. Decoding
+    then holds the cache size and always keeps the newest ``recent`` entries."""
+    from tests.compress.reference import assert_top_k, eager_run, head_positions
+
+    n, budget, recent = 120, 40, 10
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    engine.prefill_chunk = 64  # two chunks: 0..63 and 64..119, both observed
+    cache = engine.new_cache(f"h2o(budget={budget}, recent={recent / budget})")
+    logits = engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        scores = run.grouped(run.probs[index].sum(dim=1), "sum")  # [Hkv, n]
+        for kept, head_scores in zip(head_positions(layer), scores):
+            assert kept[-recent:] == list(range(n - recent, n))
+            assert_top_k(kept[:-recent], head_scores[: n - recent], budget - recent)
+    engine.teacher_force(cache, logits, prompt_ids(6, seed=4))  # 5 decoding steps
+    for layer in cache.layers:
+        for kept in head_positions(layer):
+            assert len(kept) == budget and kept[-recent:] == list(range(n + 5 - recent, n + 5))

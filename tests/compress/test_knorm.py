@@ -66,3 +66,20 @@ def test_equals_full_when_the_budget_covers_the_context():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     roomy = engine.generate_ids(ids, "knorm(budget=1.0, skip_layers=0)", max_new_tokens=8)
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+
+
+def test_engine_keeps_the_lowest_norm_keys_past_the_skipped_layers():
+    from tests.compress.reference import assert_top_k, eager_run, head_positions
+
+    n, budget, window = 100, 30, 4
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids, num_hidden_layers=3)
+    engine = tiny_engine(num_hidden_layers=3)
+    cache = engine.new_cache(f"knorm(budget={budget}, window={window}, skip_layers=1)")
+    engine.prefill(cache, ids, compress=True)
+    assert cache.layers[0].num_entries == n  # skipped: every entry stays
+    for index in (1, 2):
+        heads = head_positions(cache.layers[index])
+        for kept, keys in zip(heads, run.keys[index]):
+            assert kept[-window:] == list(range(n - window, n))
+            assert_top_k(kept[:-window], -keys[: n - window].norm(dim=-1), budget - window)

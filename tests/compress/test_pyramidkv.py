@@ -60,3 +60,20 @@ def test_equals_full_when_the_budget_covers_the_context():
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
     squeezed = engine.generate_ids(ids, "pyramidkv(budget=30, window=4)", max_new_tokens=1)
     assert squeezed.stats.kv_tokens == 30
+
+
+def test_engine_layers_keep_snapkv_choices_with_the_pyramid_budgets_of_their_depth():
+    """Four layers (budget 40, window 8, n = 120, beta 20): C = 32, min = 1.6, max = 62.4,
+    step = 20.27, so the layers keep 62, 42, 22, 2 voted entries plus the window, each chosen
+    by SnapKV's votes (the eager model's attention)."""
+    from tests.compress.reference import eager_run, head_positions
+    from tests.compress.test_snapkv import assert_top_plus_window, engine_votes
+
+    ids = prompt_ids(120, seed=2)
+    run = eager_run(ids, num_hidden_layers=4)
+    engine = tiny_engine(num_hidden_layers=4)
+    cache = engine.new_cache("pyramidkv(budget=40, window=8, kernel=5)")
+    engine.prefill(cache, ids, compress=True)
+    for index, (layer, budget) in enumerate(zip(cache.layers, [70, 50, 30, 10])):
+        votes = engine_votes(run, index, 8, 5)
+        assert_top_plus_window(head_positions(layer), votes, budget, 8, 120)

@@ -65,3 +65,22 @@ def test_equals_full_when_the_budget_covers_the_context():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     roomy = engine.generate_ids(ids, "tova(budget=200)", max_new_tokens=8)  # never over budget
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+
+
+def test_engine_keeps_the_top_of_the_last_eager_query_averaged_over_every_head():
+    from tests.compress.reference import assert_top_k, eager_run
+
+    n, budget = 120, 30
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_cache(f"tova(budget={budget})")
+    logits = engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        positions = layer.key_positions()
+        assert positions.dim() == 1  # one set for every head
+        assert_top_k(positions.tolist(), run.probs[index][:, -1].mean(dim=0), budget)
+    engine.teacher_force(cache, logits, prompt_ids(4, seed=4))
+    for layer in cache.layers:
+        kept = layer.key_positions().tolist()
+        assert len(kept) == budget and kept[-1] == n + 2  # the newest step is kept
