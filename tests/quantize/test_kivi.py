@@ -257,3 +257,37 @@ def test_multi_request_session_rolls_back_exactly(tokenizer):
     for other in (teacher, again):  # teacher forcing rolled back to the question's mark exactly
         assert other.token_ids == first.token_ids and other.stats.kv_bytes == first.stats.kv_bytes
     assert teacher.teacher_logprobs.argmax(-1).tolist() == first.token_ids  # greedy, same cache
+
+
+def test_engine_quantises_keys_per_channel_groups_and_values_per_token_the_residual_exact():
+    """Against the eager model's keys and values: after a 100-token prefill with residual 16
+    and group 8, the first 96 keys (whole residual blocks) read back within half a step of
+    their group's per-channel range (8 tokens x 1 channel) and the 4 newest exactly; the
+    first 84 values within half a step of their per-token range (8 channels), the 16 newest
+    exactly."""
+    from tests.compress.reference import eager_run
+    from tests.conftest import prompt_ids, tiny_engine
+
+    n, bits, group, residual = 100, 2, 8, 16
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_cache(f"kivi(bits={bits}, group={group}, residual={residual})")
+    engine.prefill(cache, ids, compress=True)
+    levels = 2**bits - 1
+    for index, layer in enumerate(cache.layers):
+        keys, values = run.keys[index], run.values[index]  # [Hkv, n, d]
+        got_keys, got_values = layer.keys[0], layer.values[0]
+        quantised_keys, quantised_values = n // residual * residual, n - residual
+        torch.testing.assert_close(got_keys[:, quantised_keys:], keys[:, quantised_keys:])
+        torch.testing.assert_close(got_values[:, quantised_values:], values[:, quantised_values:])
+        assert not torch.allclose(got_keys[:, quantised_keys - 1], keys[:, quantised_keys - 1])
+        assert not torch.allclose(got_values[:, quantised_values - 1], values[:, quantised_values - 1])
+        k = keys[:, :quantised_keys].reshape(2, -1, group, keys.shape[-1])  # token groups
+        k_step = (k.amax(2, keepdim=True) - k.amin(2, keepdim=True)) / levels
+        k_err = (got_keys[:, :quantised_keys].reshape(k.shape) - k).abs()
+        assert (k_err <= k_step / 2 + 1e-5).all()
+        v = values[:, :quantised_values].reshape(2, quantised_values, -1, group)  # channel groups
+        v_step = (v.amax(3, keepdim=True) - v.amin(3, keepdim=True)) / levels
+        v_err = (got_values[:, :quantised_values].reshape(v.shape) - v).abs()
+        assert (v_err <= v_step / 2 + 1e-5).all()

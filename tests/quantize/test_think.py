@@ -316,3 +316,28 @@ def test_multi_request_session_rolls_back_to_the_pruned_context(tokenizer, recip
         assert layer.nbytes() == nbytes and layer.seen == seen and layer.pruned
     assert teacher.token_ids == first.token_ids  # rolled back to the question's mark exactly
     assert teacher.teacher_logprobs.argmax(-1).tolist() == first.token_ids
+
+
+def test_engine_keeps_each_kv_heads_channels_of_largest_query_key_interaction():
+    """Against the eager model: per KV head and channel, the mean ``q_c^2`` of the last
+    ``window`` rotated queries summed over the head's query heads, times the mean ``k_c^2``
+    of its keys; the top ``d - floor(ratio d)`` channels keep their exact values, the others
+    read back as zeros."""
+    from tests.compress.reference import assert_top_k, eager_run
+    from tests.conftest import prompt_ids, tiny_engine
+
+    n, ratio, window = 100, 0.5, 6
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_cache(f"think(ratio={ratio}, window={window})")
+    engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        keys = run.keys[index]  # [Hkv, n, d]
+        q_power = run.grouped(run.rotated_queries[index][:, -window:].pow(2).mean(1), "sum")
+        scores = q_power * keys.pow(2).mean(1)  # [Hkv, d]
+        got = layer.keys[0]
+        for h in range(keys.shape[0]):
+            kept = [c for c in range(keys.shape[-1]) if bool(got[h, :, c].ne(0).any())]
+            assert_top_k(kept, scores[h], keys.shape[-1] - int(ratio * keys.shape[-1]), tol=1e-6)
+            torch.testing.assert_close(got[h][:, kept], keys[h][:, kept])
