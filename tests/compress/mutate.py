@@ -4,13 +4,14 @@
     python -m tests.compress.mutate quest      # the mutants whose id starts with "quest"
 
 Each mutant replaces one exact text (found exactly once) in one method file, runs the tests
-that should catch it (``pytest -x``), and restores the file byte for byte, whatever happens.
+that should catch it, and restores the file byte for byte, whatever happens.
 A mutant whose tests still pass is reported as SURVIVED and the exit status is 1.
 Not collected by pytest (no ``test_`` prefix): it runs the suite, it is not part of it.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,10 @@ def load_mutants() -> list[tuple[str, str, str, str, str]]:
     ``old`` and ``new`` in backticks, ``\\n`` for a newline)."""
     rows = []
     for line in (ROOT / "tests" / "MUTANTS.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 6 or not cells[0].startswith("`"):
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) < 6 or not cells[0].startswith("`"):
             continue
-        mid, file, old, new, tests, _what = cells
+        mid, file, old, new, tests = cells[:5]
         unquote = lambda s: s.strip("`").replace("\\n", "\n").replace("\\|", "|")  # noqa: E731
         rows.append((unquote(mid), unquote(file), unquote(old), unquote(new), unquote(tests)))
     return rows
@@ -44,7 +45,7 @@ def run(mutant: tuple[str, str, str, str, str]) -> bool:
     try:
         path.write_text(text.replace(old, new))
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p",
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
              "no:warnings", *tests.split()],
             cwd=ROOT, capture_output=True, text=True,
         )
@@ -52,7 +53,8 @@ def run(mutant: tuple[str, str, str, str, str]) -> bool:
         path.write_bytes(original)
     caught = result.returncode != 0
     failed = [ln.split(" ")[1] for ln in result.stdout.splitlines() if ln.startswith("FAILED ")]
-    print(f"{mid}: {'caught by ' + ', '.join(failed) if caught and failed else 'caught' if caught else 'SURVIVED'}")
+    names = [f.split("::", 1)[-1] for f in failed]
+    print(f"{mid}: {'caught by ' + ', '.join(names) if caught and failed else 'caught' if caught else 'SURVIVED'}", flush=True)
     return caught
 
 

@@ -37,3 +37,79 @@ def test_bad_parameters_are_refused(text, fragment):
     with pytest.raises(kvlab.RecipeError) as info:
         parse_recipe(text)
     assert fragment in str(info.value)
+
+
+# -- every registered method, every stage ---------------------------------------------------
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from kvlab.cli import app  # noqa: E402
+from tests.conftest import prompt_ids, tiny_engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+N = 120
+SMALL = {
+    # a setting of every registered method where it must change something on a 120-token
+    # prompt of a 2-layer tiny model (defaults that would not act there are overridden)
+    "streaming_llm": "streaming_llm(budget=30)", "snapkv": "snapkv(budget=30, window=8)",
+    "pyramidkv": "pyramidkv(budget=30, window=8)", "h2o": "h2o(budget=30)",
+    "tova": "tova(budget=30)", "knorm": "knorm(budget=30, skip_layers=0)",
+    "keydiff": "keydiff(budget=30)", "expected_attention": "expected_attention(budget=30)",
+    "windowkv": "windowkv(budget=30, suffix=8)", "cam": "cam(budget=30, window=8)",
+    "kvmerger": "kvmerger(budget=30, window=8)", "chelsea": "chelsea(budget=30, window=8)",
+    "adakv": "adakv(budget=30, window=8)",
+    "duo_attention": "duo_attention(retrieval=0.0, sink=4, recent=26)",
+    "kivi": "kivi(group=8, residual=16)", "think": "think(ratio=0.5)",
+    "quest": "quest(budget=32, page=8, dense_layers=0)",
+    "ashape": "ashape(sink=4, window=16)",
+    "yarn": "yarn(factor=4)", "dynamic_ntk": "dynamic_ntk(factor=4)",
+    "self_extend": "self_extend(group_size=4, window=16)",
+}
+REGISTERED = [m for m in kvlab.methods() if m.name != "full"]
+
+
+def test_every_registered_method_has_a_setting_here():
+    assert sorted(SMALL) == sorted(m.name for m in REGISTERED)
+
+
+@pytest.mark.parametrize("info", REGISTERED, ids=lambda m: m.name)
+def test_listed_in_the_readme_the_cli_and_tested_in_its_own_module(info):
+    assert f"`{info.name}`" in (ROOT / "README.md").read_text()
+    listed = json.loads(CliRunner().invoke(app, ["methods", "--json"]).stdout)
+    assert {m["name"]: m["stage"] for m in listed}[info.name] == info.stage
+    assert info.summary and info.paper and all(p.help for p in info.params)
+    module = ROOT / "tests" / info.stage / f"test_{info.name}.py"
+    assert module.is_file() and info.name in module.read_text()
+
+
+def follow_up(engine, recipe, ids, steps=4):
+    """The cache after the prompt and the log-probabilities of ``steps`` teacher-forced steps."""
+    cache = engine.new_cache(recipe)
+    logits = engine.prefill(cache, ids, compress=True)
+    return cache, engine.teacher_force(cache, logits, prompt_ids(steps, seed=9))
+
+
+@pytest.mark.parametrize("info", REGISTERED, ids=lambda m: m.name)
+def test_every_method_changes_what_it_says_it_changes(info):
+    """A stub that keeps the full cache or does nothing fails here: compress methods keep
+    fewer entries, quantize methods hold fewer bytes, and every method's outputs differ
+    from ``full`` (retrieve: at a small budget; position and prefill: past the window, or
+    past the trained length for dynamic_ntk)."""
+    engine = tiny_engine()
+    n = 300 if info.name == "dynamic_ntk" else N  # the trained length is 256
+    ids = prompt_ids(n, seed=8)
+    full, dense = follow_up(engine, "full", ids)
+    cache, got = follow_up(engine, SMALL[info.name], ids)
+    entries = [sum(layer.head_entries()) for layer in cache.layers]
+    whole = [sum(layer.head_entries()) for layer in full.layers]
+    if info.stage == "compress":
+        assert all(e < w for e, w in zip(entries, whole)), entries
+        assert cache.nbytes() < full.nbytes()
+    else:
+        assert entries == whole  # only compress methods evict
+    if info.stage == "quantize":
+        assert cache.nbytes() < full.nbytes()
+    assert not torch.allclose(got, dense, atol=1e-4)
