@@ -65,9 +65,9 @@ def test_channels_are_the_top_query_key_interactions_per_kv_head(ratio, window):
     expected = reference_channels(q, keys, ratio, window)
     layer = ctx.layer
     assert torch.equal(layer.channels.long(), expected)
-    assert torch.equal(
-        layer._pruned_keys, keys.gather(3, expected[:, :, None].expand(-1, -1, N, -1))
-    )
+    kept = expected[:, :, None].expand(-1, -1, N, -1)
+    assert torch.equal(layer.keys.gather(3, kept), keys.gather(3, kept))  # kept channels exact
+    assert int(layer.keys.ne(0).sum()) == kept.numel()  # the dropped ones read back as zeros
     assert not torch.equal(expected[0, 0], expected[0, 1])  # each KV head has its own channels
 
 
@@ -75,7 +75,6 @@ def test_storage_is_really_narrower_and_nbytes_is_exact():
     _, ctx, _, _, _ = think_layer(ratio=0.4)
     layer = ctx.layer
     kept = D - 3  # floor(0.4 * 8) = 3 channels dropped
-    assert layer._pruned_keys.shape == (1, KV_HEADS, N, kept)
     assert layer.channels.shape == (1, KV_HEADS, kept) and layer.channels.dtype == torch.uint8
     pruned, index, values = KV_HEADS * N * kept * 4, KV_HEADS * kept, KV_HEADS * N * D * 4
     assert layer.nbytes() == pruned + index + values  # fp32, no positions (nothing evicted)
@@ -86,7 +85,6 @@ def test_storage_is_really_narrower_and_nbytes_is_exact():
         layer.append(token, token, torch.tensor([position]))
         assert torch.equal(layer.keys[:, :, -1:], token)
     full_width = KV_HEADS * 4 * D * 4  # 1 + 3 reserved entries, then 4 used: no regrowth
-    assert layer._key_storage.shape[2] == 4 and layer._value_storage.shape[2] == N + 4
     assert layer.nbytes() == pruned + index + full_width + KV_HEADS * (N + 4) * D * 4
 
 
@@ -161,7 +159,7 @@ def test_selection_keeps_stored_keys_and_moves_extra_pruned_entries_to_full_widt
     assert torch.equal(layer.values, values.gather(2, index))
     assert torch.equal(layer.positions, keep.to(torch.int32))
     # every head keeps 20 pruned; head 1's two extra pruned entries read back at full width
-    assert layer.pruned_entries == 20 and layer._tail_keys.shape == (1, KV_HEADS, 4, D)
+    assert layer.pruned_entries == 20 and layer.num_entries == 24
     assert layer.nbytes() == (
         KV_HEADS * (20 * 4 * 4 + 4 * D * 4 + 24 * D * 4 + 24 * 4) + KV_HEADS * 4
     )  # pruned keys, full-width keys, values, int32 positions; uint8 channels
