@@ -116,6 +116,7 @@ def test_engine_prefill_and_decoding_equal_the_written_out_definition(group, win
     cache = engine.new_cache(f"self_extend(group_size={group}, window={window})")
     logits = engine.prefill(cache, ids[:prompt], compress=True)
     got = engine.teacher_force(cache, logits, ids[prompt:] + [0])
-    torch.testing.assert_close(got, expected[prompt - 1 :], atol=1e-4, rtol=1e-4)
+    # tight: moving the one key at distance W between the two regions changes ~1e-4
+    torch.testing.assert_close(got, expected[prompt - 1 :], atol=1e-5, rtol=1e-5)
     dense = torch.log_softmax(reference_logits(ids), -1)[prompt - 1 :]
     assert not torch.allclose(got, dense, atol=1e-3)
