@@ -151,10 +151,11 @@ def test_engine_evicts_as_snapkv_and_merges_evicted_values_into_the_next_kept_en
     from tests.compress.reference import eager_run, head_positions
     from tests.compress.test_snapkv import assert_top_plus_window, engine_votes
 
-    n, budget, window, merge, seed = 100, 40, 8, 4, 3
+    n, budget, window, merge, seed = 100, 40, 8, 8, 3
     ids = prompt_ids(n, seed=2)
-    run = eager_run(ids)
-    engine = tiny_engine()
+    peaky = dict(initializer_range=0.2)  # attention that differs clearly between entries
+    run = eager_run(ids, **peaky)
+    engine = tiny_engine(**peaky)
     cache = engine.new_cache(f"cam(budget={budget}, window={window}, merge={merge}, seed={seed})")
     engine.prefill(cache, ids, compress=True)
     merged_any = False

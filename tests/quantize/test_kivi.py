@@ -258,15 +258,15 @@ def test_multi_request_session_rolls_back_exactly(tokenizer):
 
 
 def test_engine_quantises_keys_per_channel_groups_and_values_per_token_the_residual_exact():
-    """Against the eager model's keys and values: after a 100-token prefill with residual 16
-    and group 8, the first 96 keys (whole residual blocks) read back within half a step of
-    their group's per-channel range (8 tokens x 1 channel) and the 4 newest exactly; the
-    first 84 values within half a step of their per-token range (8 channels), the 16 newest
-    exactly."""
+    """Against the eager model's keys and values: after a 108-token prefill with residual 16
+    and group 8, the first 96 keys (whole residual blocks, not the 104 of whole groups) read
+    back within half a step of their group's per-channel range (8 tokens x 1 channel) and the
+    12 newest exactly; the first 92 values within half a step of their per-token range (8
+    channels), the 16 newest exactly."""
     from tests.compress.reference import eager_run
     from tests.conftest import prompt_ids, tiny_engine
 
-    n, bits, group, residual = 100, 2, 8, 16
+    n, bits, group, residual = 108, 2, 8, 16
     ids = prompt_ids(n, seed=2)
     run = eager_run(ids)
     engine = tiny_engine()
