@@ -155,3 +155,52 @@ def assert_top_k(kept: list[int], scores: Tensor, k: int, tol: float = 1e-5) -> 
     if k and bool(dropped.any()):
         low, high = float(scores[kept].min()), float(scores[dropped].max())
         assert low >= high - tol, f"kept score {low} < dropped score {high}"
+
+
+def evicting_decode_attention(prompt: int, initial, evict) -> Attention:
+    """The reference attention of a method that evicts at the end of the prefill and after
+    every decoding step. Rows before ``prompt`` are the dense prefill. Then, per layer,
+    ``initial(layer, probs)`` (``probs`` ``[Hq, prompt, prompt]``: the prefill's causal
+    attention) gives the kept positions of each KV head; each later row ``i`` (a decoding
+    step) attends, per query head, to its KV head's kept positions plus ``i``, and
+    ``evict(layer, held, probs, i)`` (``held``: per KV head the positions attended, sorted;
+    ``probs``: per query head the attention over them) returns what each KV head keeps."""
+
+    def attention(layer, q, k, v, rope):
+        n = q.shape[1]
+        qr, kr = rope(q, torch.arange(n)), rope(k, torch.arange(n))
+        out = causal_softmax_attention(qr, kr, v)
+        group, scale = q.shape[0] // k.shape[0], q.shape[-1] ** -0.5
+        keys = kr[:, :prompt].repeat_interleave(group, 0)
+        causal = torch.arange(prompt)[None, :] <= torch.arange(prompt)[:, None]
+        logits = (qr[:, :prompt] @ keys.transpose(1, 2) * scale).masked_fill(~causal, float("-inf"))
+        kept = initial(layer, torch.softmax(logits, dim=-1))
+        for i in range(prompt, n):
+            held = [sorted(positions + [i]) for positions in kept]
+            probs = []
+            for h in range(q.shape[0]):
+                index = torch.tensor(held[h // group])
+                p = torch.softmax(qr[h, i] @ kr[h // group, index].T * scale, dim=-1)
+                out[h, i] = p @ v[h // group, index]
+                probs.append(p)
+            kept = evict(layer, held, probs, i)
+        return out
+
+    return attention
+
+
+def top_indices(scores: Tensor, k: int, gap: float = 1e-5) -> list[int]:
+    """The ``k`` largest of ``scores`` ``[m]`` (sorted indices), asserting no near tie at the
+    cut, so a test that follows one choice through later steps is unambiguous."""
+    values = scores.sort(descending=True).values
+    if 0 < k < scores.numel():
+        assert values[k - 1] - values[k] > gap, "near tie at the cut: pick another prompt"
+    return sorted(scores.topk(k).indices.tolist())
+
+
+def lowest(scores: Tensor, gap: float = 1e-6) -> int:
+    """The index of the smallest of ``scores``, asserting no near tie with the next one."""
+    values = scores.sort().values
+    if scores.numel() > 1:
+        assert values[1] - values[0] > gap, "near tie for the lowest: pick another prompt"
+    return int(scores.argmin())

@@ -84,3 +84,34 @@ def test_engine_keeps_the_top_of_the_last_eager_query_averaged_over_every_head()
     for layer in cache.layers:
         kept = layer.key_positions().tolist()
         assert len(kept) == budget and kept[-1] == n + 2  # the newest step is kept
+
+
+def test_engine_decoding_drops_the_least_attended_entry_step_by_step():
+    """TOVA's per-step form through the engine, against the model written out: after the
+    prefill the layer keeps the top ``budget`` of the last query's attention averaged over
+    every query head; each decoding step attends to what is kept plus itself and drops the
+    entry its own head-averaged attention is lowest on (one set for every head)."""
+    from tests.compress.reference import evicting_decode_attention, lowest, reference_logits, top_indices
+
+    prompt, steps, budget = 60, 6, 20
+    ids = prompt_ids(prompt + steps, seed=2)
+    peaky = dict(initializer_range=0.2)
+    final = {}
+
+    def initial(layer, probs):
+        kept = top_indices(probs[:, -1].mean(dim=0), budget)
+        return [kept, kept]
+
+    def evict(layer, held, probs, i):
+        positions = held[0]
+        drop = positions[lowest(torch.stack(probs).mean(dim=0))]
+        final[layer] = [j for j in positions if j != drop]
+        return [final[layer]] * 2
+
+    expected = reference_logits(ids, evicting_decode_attention(prompt, initial, evict), **peaky)
+    engine = tiny_engine(**peaky)
+    cache = engine.new_cache(f"tova(budget={budget})")
+    logits = engine.prefill(cache, ids[:prompt], compress=True)
+    got = engine.teacher_force(cache, logits, ids[prompt:] + [0])
+    torch.testing.assert_close(got, torch.log_softmax(expected[prompt - 1 :], -1), atol=1e-5, rtol=1e-5)
+    assert [layer.key_positions().tolist() for layer in cache.layers] == [final[0], final[1]]
