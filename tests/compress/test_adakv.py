@@ -16,6 +16,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from tests.layers import rotary as random_rotary
 
 
+LISTED = "adakv(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(scores, choose, window, n, alpha):
     """AdaKV's allocation written out: global top-k hits, safeguarded, largest remainders."""
     flat = sorted(((float(s), h, j) for h, row in enumerate(scores) for j, s in enumerate(row)), reverse=True)

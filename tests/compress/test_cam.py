@@ -14,6 +14,12 @@ from tests.layers import probs_of, random_layer, rotary
 from tests.compress.test_snapkv import reference_keep as snapkv_keep
 from tests.conftest import prompt_ids, tiny_engine
 
+
+LISTED = "cam(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 ENTRY_BYTES = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32 (tiny model)
 
 

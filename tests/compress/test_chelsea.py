@@ -12,6 +12,11 @@ from tests.layers import random_layer
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "chelsea(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_chunk(keys, values, entries, quota):
     """Soft matching of one chunk of one head with loops: ``keys``/``values`` ``[c, d]`` (keys as
     stored = as attention sees them), ``entries`` their indices. Returns the survivors as a

@@ -11,6 +11,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.expected_attention import ExpectedAttention, QueryMoments
 
 
+LISTED = "expected_attention(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def rope_matrix(inv_freq, position):
     """RoPE at ``position`` as a d x d matrix (transformers' layout: channel i pairs i + d/2)."""
     half = inv_freq.shape[0]

@@ -10,6 +10,11 @@ from kvlab.compress import h2o
 from kvlab.compress.h2o import H2O
 
 
+LISTED = "h2o(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(q, keys, budget, recent):
     """Sum every query's causal attention per key over the query heads of each KV head; keep
     the top ``budget - recent`` older entries plus the last ``recent``."""

@@ -8,6 +8,11 @@ from kvlab.compress.keydiff import KeyDiff
 from kvlab.position.dynamic_ntk import DynamicNTK
 
 
+LISTED = "keydiff(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(keys, budget, window):
     """Anchor = mean of the normalised keys; keep the lowest cosine to it, plus the window."""
     n = keys.shape[2]

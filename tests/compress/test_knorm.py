@@ -7,6 +7,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.knorm import KNorm
 
 
+LISTED = "knorm(budget=30, skip_layers=0)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(keys, budget, window):
     """Per head: the ``budget - window`` lowest-norm keys before the window, plus the window."""
     n = keys.shape[2]

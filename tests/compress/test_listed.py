@@ -40,6 +40,7 @@ def test_bad_parameters_are_refused(text, fragment):
 
 
 # -- every registered method, every stage ---------------------------------------------------
+import importlib  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -51,28 +52,18 @@ from tests.conftest import prompt_ids, tiny_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 120
-SMALL = {
-    # a setting of every registered method where it must change something on a 120-token
-    # prompt of a 2-layer tiny model (defaults that would not act there are overridden)
-    "streaming_llm": "streaming_llm(budget=30)", "snapkv": "snapkv(budget=30, window=8)",
-    "pyramidkv": "pyramidkv(budget=30, window=8)", "h2o": "h2o(budget=30)",
-    "tova": "tova(budget=30)", "knorm": "knorm(budget=30, skip_layers=0)",
-    "keydiff": "keydiff(budget=30)", "expected_attention": "expected_attention(budget=30)",
-    "windowkv": "windowkv(budget=30, suffix=8)", "cam": "cam(budget=30, window=8)",
-    "kvmerger": "kvmerger(budget=30, window=8)", "chelsea": "chelsea(budget=30, window=8)",
-    "adakv": "adakv(budget=30, window=8)",
-    "duo_attention": "duo_attention(retrieval=0.0, sink=4, recent=26)",
-    "kivi": "kivi(group=8, residual=16)", "think": "think(ratio=0.5)",
-    "quest": "quest(budget=32, page=8, dense_layers=0)",
-    "ashape": "ashape(sink=4, window=16)",
-    "yarn": "yarn(factor=4)", "dynamic_ntk": "dynamic_ntk(factor=4)",
-    "self_extend": "self_extend(group_size=4, window=16)",
-}
 REGISTERED = [m for m in kvlab.methods() if m.name != "full"]
 
 
-def test_every_registered_method_has_a_setting_here():
-    assert sorted(SMALL) == sorted(m.name for m in REGISTERED)
+def listed_setting(info) -> str:
+    """The method's ``LISTED`` recipe, from its own test module (so a new method stays one
+    file + one test): a setting where it must change something on a 120-token prompt of a
+    2-layer tiny model (defaults that would not act there are overridden)."""
+    module = importlib.import_module(f"tests.{info.stage}.test_{info.name}")
+    recipe = getattr(module, "LISTED", None)
+    assert isinstance(recipe, str), f"tests/{info.stage}/test_{info.name}.py: define LISTED = '<recipe>'"
+    assert parse_recipe(recipe).methods[0].name == info.name
+    return recipe
 
 
 @pytest.mark.parametrize("info", REGISTERED, ids=lambda m: m.name)
@@ -102,7 +93,7 @@ def test_every_method_changes_what_it_says_it_changes(info):
     n = 300 if info.name == "dynamic_ntk" else N  # the trained length is 256
     ids = prompt_ids(n, seed=8)
     full, dense = follow_up(engine, "full", ids)
-    cache, got = follow_up(engine, SMALL[info.name], ids)
+    cache, got = follow_up(engine, listed_setting(info), ids)
     entries = [sum(layer.head_entries()) for layer in cache.layers]
     whole = [sum(layer.head_entries()) for layer in full.layers]
     if info.stage == "compress":

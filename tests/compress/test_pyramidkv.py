@@ -8,6 +8,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.pyramidkv import PyramidKV, pyramid_budgets
 
 
+LISTED = "pyramidkv(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def test_layer_budgets_follow_the_paper():
     # B=40, w=8, n=120, L=4, beta=20: C=32, min=1.6, max=62.4, step=20.27
     assert pyramid_budgets(40, 8, 120, 4, 20) == [62 + 8, 42 + 8, 22 + 8, 2 + 8]

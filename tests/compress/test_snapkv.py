@@ -12,6 +12,11 @@ from kvlab.position.base import TRAINED_ROPE
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "snapkv(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_scores(q, keys, rotary, window, kernel, pooling="avg", reduce="mean"):
     """SnapKV's votes per KV head ``[n - window]`` written out with loops over heads (rotated q
     and k, causal window)."""

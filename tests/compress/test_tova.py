@@ -7,6 +7,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.tova import TOVA
 
 
+LISTED = "tova(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(q, keys, budget, batch_row=0):
     """Average the last query's attention over all query heads; keep the top ``budget``."""
     n, hq, hk = keys.shape[2], q.shape[1], keys.shape[1]

@@ -11,6 +11,11 @@ from tests.compress.reference import Rope, reference_logits
 from tests.conftest import prompt_ids, tiny_engine, tiny_model
 
 
+LISTED = "self_extend(group_size=4, window=16)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def brute_force(q, k, v, group, window, rotary, scaling):
     """Per (query, key) pair: normal positions inside the window, grouped ones beyond it;
     one softmax per query over every causal key (the exact LSE merge of the two passes)."""

@@ -12,6 +12,11 @@ from tests.compress.reference import causal_softmax_attention, reference_logits
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "ashape(sink=4, window=16)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def context_for(n, heads=2, d=8, seed=0):
     torch.manual_seed(seed)
     layer = LayerKV()

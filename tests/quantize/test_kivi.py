@@ -8,6 +8,12 @@ from kvlab.engine.cache import LayerKV
 from kvlab.quantize.kivi import Kivi, KiviLayerKV
 from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
 
+
+LISTED = "kivi(group=8, residual=16)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 HEADS, HEAD_DIM = 2, 16  # the tiny models' KV heads and head dim (fp32)
 
 

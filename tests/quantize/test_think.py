@@ -10,6 +10,12 @@ from kvlab.quantize.think import ThinK, ThinKLayerKV
 from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
 from tests.layers import probs_of, random_layer
 
+
+LISTED = "think(ratio=0.5)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 N, D, KV_HEADS, QUERY_HEADS = 60, 8, 2, 4  # random_layer's defaults; the base of its RoPE is 100
 
 

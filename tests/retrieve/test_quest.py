@@ -16,6 +16,11 @@ from tests.compress.reference import causal_softmax_attention, reference_logits
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "quest(budget=32, page=8, dense_layers=0)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def test_page_score_bounds_every_dot_product_in_the_page():
     torch.manual_seed(1)
     keys, q = torch.randn(1, 2, 64, 8), torch.randn(1, 4, 1, 8)
