@@ -165,7 +165,7 @@ class DuoAttention(CompressMethod):
         """Shrink every streaming head of the layer holding ``>= sink + recent + over`` entries."""
         split = ctx.prepared.get("compress")
         if not isinstance(split, HeadSplit):
-            raise RuntimeError("duo_attention runs in a cache made by Engine.new_cache (no head split)")
+            raise RuntimeError("duo_attention runs in a sequence made by Engine.new_sequence (no head split)")
         layer, window = ctx.layer, self.sink + self.recent
         keep: list[Tensor | None] = []
         for retrieval, n in zip(split.retrieval[ctx.index], layer.head_entries()):

@@ -111,17 +111,6 @@ class Quest(RetrieveMethod):
         index.update(layer.keys)
         return index
 
-    def bounds(self, layer: LayerKV) -> tuple[Tensor, Tensor]:
-        """Page bounds ``[b, Hkv, ceil(n / page), d]`` of the whole layer."""
-        index = self.stored_bounds(layer)
-        tail_start = index.pages * self.page
-        if tail_start == layer.num_entries:
-            return index.mins, index.maxs
-        tail_min, tail_max = page_min_max(layer.keys[:, :, tail_start:], self.page)
-        if index.mins is None:
-            return tail_min, tail_max
-        return torch.cat([index.mins, tail_min], dim=2), torch.cat([index.maxs, tail_max], dim=2)
-
     def scores(self, q_rotated: Tensor, layer: LayerKV) -> Tensor:
         """Page scores ``[b, Hq, ceil(n / page)]``: stored pages, then the partial last page
         (bounded on the fly, so no bound tensor is copied per step)."""
@@ -132,10 +121,6 @@ class Quest(RetrieveMethod):
             tail_min, tail_max = page_min_max(layer.keys[:, :, tail_start:], self.page)
             parts.append(page_scores(q_rotated, tail_min, tail_max))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def select_pages(self, q_rotated: Tensor, mins: Tensor, maxs: Tensor, pages: int) -> Tensor:
-        """Indices ``[b, Hq, pages]`` of each query head's best pages."""
-        return page_scores(q_rotated, mins, maxs).topk(pages, dim=-1).indices
 
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         layer = ctx.layer

@@ -13,6 +13,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from tests.layers import layer_context, rotary as random_rotary
 
 
+LISTED = "adakv(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(scores, choose, window, n, alpha):
     """AdaKV's allocation written out: global top-k hits, safeguarded, largest remainders."""
     flat = sorted(((float(s), h, j) for h, row in enumerate(scores) for j, s in enumerate(row)), reverse=True)
@@ -118,3 +123,26 @@ def test_bad_parameters_and_combinations():
         kvlab.parse_recipe("adakv(budget=0.5) + kivi(bits=4)")
     with pytest.raises(RecipeError, match="quest"):
         kvlab.parse_recipe("adakv(budget=0.5) + quest(budget=64)")
+
+
+def test_engine_heads_keep_their_adaptive_share_of_the_eager_votes_plus_the_window():
+    from tests.compress.reference import assert_top_k, eager_run, head_positions
+    from tests.compress.test_snapkv import engine_votes
+
+    n, budget, window, alpha = 120, 40, 8, 0.2
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_sequence(f"adakv(budget={budget}, window={window}, alpha={alpha})")
+    engine.prefill(cache, ids, compress=True)
+    uneven = False
+    for index, layer in enumerate(cache.layers):
+        votes = engine_votes(run, index, window, 5)
+        expected = reference_keep(votes, budget - window, window, n, alpha)
+        heads = head_positions(layer)
+        assert [len(h) for h in heads] == [len(h) for h in expected] == layer.head_entries()
+        for kept, head_votes in zip(heads, votes):
+            assert kept[-window:] == list(range(n - window, n))
+            assert_top_k(kept[:-window], head_votes, len(kept) - window)
+        uneven |= len(set(layer.head_entries())) > 1
+    assert uneven  # the test is meaningful: heads really got different shares

@@ -14,6 +14,12 @@ from tests.layers import probs_of, random_layer, rotary
 from tests.compress.test_snapkv import reference_keep as snapkv_keep
 from tests.conftest import prompt_ids, tiny_engine
 
+
+LISTED = "cam(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 ENTRY_BYTES = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32 (tiny model)
 
 
@@ -142,3 +148,42 @@ def test_listed_with_paper_and_defaults():
         parse_recipe("cam(kernel=4)")
     with pytest.raises(kvlab.RecipeError, match=">= 1"):
         parse_recipe("cam(merge=0)")
+
+
+def test_engine_evicts_as_snapkv_and_merges_evicted_values_into_the_next_kept_entries():
+    """Through the engine, against the eager model: kept positions and keys are SnapKV's; each
+    kept value gains ``v_j / merge`` for every evicted ``j`` among the ``merge`` evicted
+    entries before it that drew ``u_j < p_j`` (written out with loops)."""
+    from tests.compress.reference import eager_run, head_positions
+    from tests.compress.test_snapkv import assert_top_plus_window, engine_votes
+
+    n, budget, window, merge, seed = 100, 40, 8, 8, 3
+    ids = prompt_ids(n, seed=2)
+    peaky = dict(initializer_range=0.2)  # attention that differs clearly between entries
+    run = eager_run(ids, **peaky)
+    engine = tiny_engine(**peaky)
+    cache = engine.new_sequence(f"cam(budget={budget}, window={window}, merge={merge}, seed={seed})")
+    engine.prefill(cache, ids, compress=True)
+    merged_any = False
+    for index, layer in enumerate(cache.layers):
+        heads = head_positions(layer)
+        assert_top_plus_window(heads, engine_votes(run, index, window, 5), budget, window, n)
+        probs = run.probs[index][:, n - window :]  # [Hq, w, n]
+        seen = (torch.arange(n)[None, :] <= torch.arange(n - window, n)[:, None]).sum(0)
+        attention = run.grouped(probs.sum(1) / seen.clamp(min=1))  # [Hkv, n]
+        draws = torch.rand(1, 2, n, generator=torch.Generator().manual_seed(seed * 2 + index))[0]
+        for h, kept in enumerate(heads):
+            torch.testing.assert_close(layer.keys[0, h], run.keys[index][h, kept], atol=1e-5, rtol=1e-5)
+            expected = run.values[index][h, kept].clone()
+            for j in sorted(set(range(n)) - set(kept)):
+                receivers = [slot for slot, pos in enumerate(kept) if pos > j][:merge]
+                if not receivers:
+                    continue
+                reference = attention[h, [kept[r] for r in receivers]].mean()
+                p = min(1.0, float(attention[h, j] / reference))
+                if draws[h, j] < p:
+                    merged_any = True
+                    for r in receivers:
+                        expected[r] += run.values[index][h, j] / merge
+            torch.testing.assert_close(layer.values[0, h], expected, atol=1e-5, rtol=1e-5)
+    assert merged_any

@@ -12,6 +12,11 @@ from tests.layers import random_layer
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "chelsea(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_chunk(keys, values, entries, quota):
     """Soft matching of one chunk of one head with loops: ``keys``/``values`` ``[c, d]`` (keys as
     stored = as attention sees them), ``entries`` their indices. Returns the survivors as a
@@ -143,3 +148,28 @@ def test_bad_parameters_are_refused(text):
     with pytest.raises(kvlab.RecipeError) as info:
         parse_recipe(text)
     assert text in str(info.value)
+
+
+def test_engine_chunks_start_after_the_sinks_and_every_chunk_keeps_its_odd_offsets():
+    """With a quota of at most half a chunk, one round of matching merges only entries at
+    even offsets (set A) into odd ones (set B): every odd offset of every chunk stays,
+    counted from the first entry after the sinks. Sinks and window keep their keys."""
+    from tests.compress.reference import eager_run, head_positions
+
+    n, budget, sink, window, chunk = 120, 70, 4, 8, 16
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_sequence(f"chelsea(budget={budget}, chunk={chunk}, window={window}, sink={sink})")
+    engine.prefill(cache, ids, compress=True)
+    region = range(sink, n - window)  # 108 entries: 6 chunks of 16 and one of 12; 50 removed
+    odd = [j for j in region if (j - sink) % chunk % 2 == 1]
+    for index, layer in enumerate(cache.layers):
+        for h, kept in enumerate(head_positions(layer)):
+            assert len(kept) == budget and kept == sorted(set(kept))
+            assert kept[:sink] == list(range(sink)) and kept[-window:] == list(range(n - window, n))
+            assert set(odd) <= set(kept)
+            ends = list(range(sink)) + list(range(budget - window, budget))
+            torch.testing.assert_close(
+                layer.keys[0, h, ends], run.keys[index][h, [kept[i] for i in ends]], atol=1e-5, rtol=1e-5
+            )

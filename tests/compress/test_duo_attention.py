@@ -15,6 +15,12 @@ from kvlab.engine.sampling import Sampling
 from kvlab.recipe import Recipe, parse_recipe
 from tests.conftest import prompt_ids, tiny_engine, tiny_model
 
+
+LISTED = "duo_attention(retrieval=0.0, sink=4, recent=26)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 SINK, RECENT = 4, 28
 WINDOW = SINK + RECENT
 SMALL = dict(sink=SINK, recent=RECENT, probes=2, probe_length=128)

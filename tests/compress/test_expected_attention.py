@@ -11,6 +11,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.expected_attention import ExpectedAttention, QueryMoments
 
 
+LISTED = "expected_attention(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def rope_matrix(inv_freq, position):
     """RoPE at ``position`` as a d x d matrix (transformers' layout: channel i pairs i + d/2)."""
     half = inv_freq.shape[0]
@@ -128,3 +133,47 @@ def test_statistics_cover_every_prefill_chunk():
     ref_mean, ref_cov = q[:, :, 4:].mean(dim=2), torch.cov(q[0, 0, 4:].T, correction=0)
     torch.testing.assert_close(mean, ref_mean)
     torch.testing.assert_close(cov[0, 0], ref_cov, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n, seed, budget, sink, init", [
+    (100, 2, 30, 4, 0.02), (40, 3, 30, 12, 0.02), (100, 2, 30, 4, 0.2),
+])
+def test_engine_keeps_the_sinks_and_the_top_expected_attention_of_the_eager_queries(
+    n, seed, budget, sink, init
+):
+    """Through the engine, against the eager model: per query head the mean and covariance
+    of the prompt's queries after the sinks, moved by the mean RoPE rotation of the next
+    ``future`` positions (built from the model's own RoPE as d x d matrices), the softmax
+    of ``s mu'.k + s^2 k^T Sigma' k / 2`` over the entries after the sinks, averaged over
+    the query heads of each KV head, times ``||v||``; the sinks always kept. (With 12 sinks
+    of 40 entries, statistics that wrongly include the sinks' queries change the kept set.)"""
+    from tests.compress.reference import Rope, assert_top_k, eager_run, head_positions
+    from tests.conftest import tiny_model
+
+    future = 32
+    ids = prompt_ids(n, seed=seed)
+    run = eager_run(ids, initializer_range=init)
+    d = run.keys[0].shape[-1]
+    rope = Rope(tiny_model(initializer_range=init))
+    eye = torch.eye(d)[None].expand(future, d, d).reshape(1, future * d, d)
+    positions = torch.arange(n, n + future).repeat_interleave(d)
+    rotation = rope(eye, positions)[0].reshape(future, d, d).transpose(1, 2).mean(0)  # mean R_p
+    engine = tiny_engine(initializer_range=init)
+    cache = engine.new_sequence(f"expected_attention(budget={budget}, sink={sink}, future={future})")
+    engine.prefill(cache, ids, compress=True)
+    s = d**-0.5
+    for index, layer in enumerate(cache.layers):
+        keys, values = run.keys[index][:, sink:], run.values[index][:, sink:]
+        per_head = []
+        for h, queries in enumerate(run.queries[index]):
+            sample = queries[sink:].double()
+            mu = sample.mean(0)
+            sigma = (sample - mu).T @ (sample - mu) / sample.shape[0]
+            mu, sigma = rotation.double() @ mu, rotation.double() @ sigma @ rotation.double().T
+            k = keys[h // run.group].double()
+            logits = s * k @ mu + s * s / 2 * ((k @ sigma) * k).sum(-1)
+            per_head.append(torch.softmax(logits, dim=0))
+        scores = run.grouped(torch.stack(per_head)) * values.double().norm(dim=-1)
+        for kept, head_scores in zip(head_positions(layer), scores):
+            assert kept[:sink] == list(range(sink))
+            assert_top_k([j - sink for j in kept[sink:]], head_scores, budget - sink, tol=1e-6)

@@ -10,6 +10,11 @@ from kvlab.compress import h2o
 from kvlab.compress.h2o import H2O
 
 
+LISTED = "h2o(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(q, keys, budget, recent):
     """Sum every query's causal attention per key over the query heads of each KV head; keep
     the top ``budget - recent`` older entries plus the last ``recent``."""
@@ -84,3 +89,76 @@ def test_equals_full_when_the_budget_covers_the_context():
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_tokens == full.stats.kv_tokens
     # the same entries, plus the fp32 accumulated score H2O keeps per entry and head
     assert roomy.stats.kv_bytes == full.stats.kv_bytes + 2 * 2 * 107 * 4
+
+
+def test_engine_keeps_the_heavy_hitters_of_every_eager_query_plus_the_recent_entries():
+    """Through the engine (two prefill chunks), against the eager model's attention: the
+    probabilities of *every* prompt query summed per entry and over the query heads of each
+    KV head; the top ``budget - recent`` older entries plus the ``recent`` newest. Decoding
+    then holds the cache size and always keeps the newest ``recent`` entries."""
+    from tests.compress.reference import assert_top_k, eager_run, head_positions
+
+    n, budget, recent = 120, 40, 10
+    ids = prompt_ids(n, seed=2)
+    peaky = dict(initializer_range=0.2)  # heads that differ clearly (a GQA mix-up shows)
+    run = eager_run(ids, **peaky)
+    engine = tiny_engine(**peaky)
+    engine.prefill_chunk = 64  # two chunks: 0..63 and 64..119, both observed
+    cache = engine.new_sequence(f"h2o(budget={budget}, recent={recent / budget})")
+    logits = engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        scores = run.grouped(run.probs[index].sum(dim=1), "sum")  # [Hkv, n]
+        for kept, head_scores in zip(head_positions(layer), scores):
+            assert kept[-recent:] == list(range(n - recent, n))
+            assert_top_k(kept[:-recent], head_scores[: n - recent], budget - recent)
+    engine.teacher_force(cache, logits, prompt_ids(6, seed=4))  # 5 decoding steps
+    for layer in cache.layers:
+        for kept in head_positions(layer):
+            assert len(kept) == budget and kept[-recent:] == list(range(n + 5 - recent, n + 5))
+
+
+@pytest.mark.parametrize("prompt, budget, recent", [(60, 20, 4), (40, 36, 0)])
+def test_engine_decoding_evicts_the_lowest_accumulated_score_step_by_step(prompt, budget, recent):
+    """H2O's per-step form through the engine, against the model written out: after the
+    prefill each KV head keeps its top ``budget - recent`` accumulated scores plus the
+    ``recent`` newest; every decoding step attends to what is kept plus itself, adds its
+    attention (summed over the KV head's query heads) to the scores, and evicts the
+    lowest-scored entry older than the ``recent`` newest (with none recent, a new entry
+    competes at once with the score of its own step)."""
+    from tests.compress.reference import evicting_decode_attention, lowest, reference_logits, top_indices
+    from tests.compress.reference import head_positions
+
+    steps = 8
+    ids = prompt_ids(prompt + steps, seed=2)
+    peaky = dict(initializer_range=0.2)
+    scores = {}  # layer -> per KV head {position: accumulated score}
+
+    def initial(layer, probs):
+        total = probs.sum(dim=1)  # [Hq, prompt]
+        per_kv = [total[0] + total[1], total[2] + total[3]]
+        kept = [top_indices(s[: prompt - recent], budget - recent) + list(range(prompt - recent, prompt)) for s in per_kv]
+        scores[layer] = [{j: float(s[j]) for j in row} for s, row in zip(per_kv, kept)]
+        return kept
+
+    def evict(layer, held, probs, i):
+        kept = []
+        for kv, positions in enumerate(held):
+            acc = scores[layer][kv]
+            acc[i] = 0.0
+            for h in (2 * kv, 2 * kv + 1):
+                for j, p in zip(positions, probs[h].tolist()):
+                    acc[j] += p
+            older = positions[: len(positions) - recent]
+            drop = older[lowest(torch.tensor([acc[j] for j in older]))]
+            del acc[drop]
+            kept.append([j for j in positions if j != drop])
+        return kept
+
+    expected = reference_logits(ids, evicting_decode_attention(prompt, initial, evict), **peaky)
+    engine = tiny_engine(**peaky)
+    cache = engine.new_sequence(f"h2o(budget={budget}, recent={recent / budget})")
+    logits = engine.prefill(cache, ids[:prompt], compress=True)
+    got = engine.teacher_force(cache, logits, ids[prompt:] + [0])
+    torch.testing.assert_close(got, torch.log_softmax(expected[prompt - 1 :], -1), atol=1e-5, rtol=1e-5)
+    for index, layer in enumerate(cache.layers):
+        assert [sorted(h) for h in head_positions(layer)] == [sorted(s) for s in scores[index]]

@@ -8,6 +8,11 @@ from kvlab.compress.keydiff import KeyDiff
 from kvlab.position.dynamic_ntk import DynamicNTK
 
 
+LISTED = "keydiff(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(keys, budget, window):
     """Anchor = mean of the normalised keys; keep the lowest cosine to it, plus the window."""
     n = keys.shape[2]
@@ -69,3 +74,21 @@ def test_equals_full_when_the_budget_covers_the_context():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     roomy = engine.generate_ids(ids, "keydiff(budget=100)", max_new_tokens=8)
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+
+
+def test_engine_keeps_the_keys_least_similar_to_their_heads_mean_direction():
+    from tests.compress.reference import assert_top_k, eager_run, head_positions
+
+    n, budget = 100, 30
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    for window in (0, 5):
+        cache = engine.new_sequence(f"keydiff(budget={budget}, window={window})")
+        engine.prefill(cache, ids, compress=True)
+        for index, layer in enumerate(cache.layers):
+            for kept, keys in zip(head_positions(layer), run.keys[index]):
+                anchor = (keys / keys.norm(dim=-1, keepdim=True)).mean(dim=0)  # every entry
+                cos = keys @ anchor / (keys.norm(dim=-1) * anchor.norm())
+                assert kept[len(kept) - window :] == list(range(n - window, n))
+                assert_top_k(kept[: len(kept) - window], -cos[: n - window], budget - window)

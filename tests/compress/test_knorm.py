@@ -7,6 +7,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.knorm import KNorm
 
 
+LISTED = "knorm(budget=30, skip_layers=0)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(keys, budget, window):
     """Per head: the ``budget - window`` lowest-norm keys before the window, plus the window."""
     n = keys.shape[2]
@@ -66,3 +71,20 @@ def test_equals_full_when_the_budget_covers_the_context():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     roomy = engine.generate_ids(ids, "knorm(budget=1.0, skip_layers=0)", max_new_tokens=8)
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+
+
+def test_engine_keeps_the_lowest_norm_keys_past_the_skipped_layers():
+    from tests.compress.reference import assert_top_k, eager_run, head_positions
+
+    n, budget, window = 100, 30, 4
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids, num_hidden_layers=3)
+    engine = tiny_engine(num_hidden_layers=3)
+    cache = engine.new_sequence(f"knorm(budget={budget}, window={window}, skip_layers=1)")
+    engine.prefill(cache, ids, compress=True)
+    assert cache.layers[0].num_entries == n  # skipped: every entry stays
+    for index in (1, 2):
+        heads = head_positions(cache.layers[index])
+        for kept, keys in zip(heads, run.keys[index]):
+            assert kept[-window:] == list(range(n - window, n))
+            assert_top_k(kept[:-window], -keys[: n - window].norm(dim=-1), budget - window)

@@ -13,6 +13,12 @@ from kvlab.recipe import parse_recipe
 from tests.layers import probs_of, random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 
+
+LISTED = "kvmerger(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 ENTRY_BYTES = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32 (tiny model)
 
 
@@ -160,3 +166,26 @@ def test_listed_with_paper_and_defaults():
         parse_recipe("kvmerger(threshold=1.5)")
     with pytest.raises(kvlab.RecipeError, match="odd"):
         parse_recipe("kvmerger(kernel=2)")
+
+
+def test_engine_without_links_evicts_as_snapkv_and_always_keeps_the_window():
+    from tests.compress.reference import eager_run, head_positions
+    from tests.compress.test_snapkv import assert_top_plus_window, engine_votes
+
+    n, budget, window = 120, 40, 8
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    unlinked = engine.new_sequence(f"kvmerger(budget={budget}, window={window}, threshold=1.0)")
+    merging = engine.new_sequence(f"kvmerger(budget={budget}, window={window}, threshold=0.0)")
+    for cache in (unlinked, merging):
+        engine.prefill(cache, ids, compress=True)
+    for index, (plain, merged) in enumerate(zip(unlinked.layers, merging.layers)):
+        votes = engine_votes(run, index, window, 1)
+        assert_top_plus_window(head_positions(plain), votes, budget, window, n)
+        for h, kept in enumerate(head_positions(merged)):
+            assert len(kept) == budget and kept[-window:] == list(range(n - window, n))
+            torch.testing.assert_close(  # the window is never merged
+                merged.values[0, h, -window:], run.values[index][h, -window:], atol=1e-5, rtol=1e-5
+            )
+        assert not torch.allclose(merged.values, plain.values)

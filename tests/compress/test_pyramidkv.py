@@ -8,6 +8,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.pyramidkv import PyramidKV, pyramid_budgets
 
 
+LISTED = "pyramidkv(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def test_layer_budgets_follow_the_paper():
     # B=40, w=8, n=120, L=4, beta=20: C=32, min=1.6, max=62.4, step=20.27
     assert pyramid_budgets(40, 8, 120, 4, 20) == [62 + 8, 42 + 8, 22 + 8, 2 + 8]
@@ -60,3 +65,20 @@ def test_equals_full_when_the_budget_covers_the_context():
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
     squeezed = engine.generate_ids(ids, "pyramidkv(budget=30, window=4)", max_new_tokens=1)
     assert squeezed.stats.kv_tokens == 30
+
+
+def test_engine_layers_keep_snapkv_choices_with_the_pyramid_budgets_of_their_depth():
+    """Four layers (budget 40, window 8, n = 120, beta 20): C = 32, min = 1.6, max = 62.4,
+    step = 20.27, so the layers keep 62, 42, 22, 2 voted entries plus the window, each chosen
+    by SnapKV's votes (the eager model's attention)."""
+    from tests.compress.reference import eager_run, head_positions
+    from tests.compress.test_snapkv import assert_top_plus_window, engine_votes
+
+    ids = prompt_ids(120, seed=2)
+    run = eager_run(ids, num_hidden_layers=4)
+    engine = tiny_engine(num_hidden_layers=4)
+    cache = engine.new_sequence("pyramidkv(budget=40, window=8, kernel=5)")
+    engine.prefill(cache, ids, compress=True)
+    for index, (layer, budget) in enumerate(zip(cache.layers, [70, 50, 30, 10])):
+        votes = engine_votes(run, index, 8, 5)
+        assert_top_plus_window(head_positions(layer), votes, budget, 8, 120)

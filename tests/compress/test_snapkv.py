@@ -11,6 +11,11 @@ from tests.layers import layer_context, rotary as random_rotary
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "snapkv(budget=30, window=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_scores(q, keys, rotary, window, kernel, pooling="avg", reduce="mean"):
     """SnapKV's votes per KV head ``[n - window]`` written out with loops over heads (rotated q
     and k, causal window)."""
@@ -98,3 +103,61 @@ def test_query_aware_when_the_question_is_in_the_prompt():
         engine.prefill(cache, context + question, compress=True)
         kept.append(cache.layers[1].positions[0, :, :20].tolist())
     assert kept[0] != kept[1]
+
+
+# -- through the engine, against transformers' own attention ---------------------------------
+from tests.compress.reference import assert_top_k, eager_run, head_positions  # noqa: E402
+
+
+def engine_votes(run, layer, window, kernel, pooling="avg", reduce="mean"):
+    """SnapKV's votes ``[Hkv, n - window]`` from the eager model's attention probabilities:
+    the last ``window`` queries' probabilities summed per entry before the window, pooled
+    along the entries, reduced over the query heads of each KV head."""
+    probs = run.probs[layer]
+    n = probs.shape[-1]
+    votes = probs[:, n - window :, : n - window].sum(dim=1)  # [Hq, n - w]
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    votes = pool(votes[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    return run.grouped(votes, reduce)
+
+
+def assert_top_plus_window(heads, scores, budget, window, n):
+    """Every KV head holds a top ``budget - window`` of its ``scores`` ``[n - window]`` and
+    exactly the last ``window`` entries."""
+    assert len(heads) == len(scores)
+    for kept, head_scores in zip(heads, scores):
+        assert kept[len(kept) - window :] == list(range(n - window, n))
+        assert_top_k(kept[: len(kept) - window], head_scores, budget - window)
+
+
+@pytest.mark.parametrize("pooling, reduce, window", [("avg", "mean", 8), ("max", "max", 5), ("avg", "max", 1)])
+def test_engine_keeps_the_top_votes_of_the_eager_attention_plus_the_window(pooling, reduce, window):
+    n, budget, kernel = 120, 40, 5
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_sequence(
+        f"snapkv(budget={budget}, window={window}, kernel={kernel}, pooling={pooling}, gqa_reduce={reduce})"
+    )
+    engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        heads = head_positions(layer)
+        assert_top_plus_window(heads, engine_votes(run, index, window, kernel, pooling, reduce), budget, window, n)
+        for h, kept in enumerate(heads):
+            torch.testing.assert_close(layer.keys[0, h], run.keys[index][h, kept], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.values[0, h], run.values[index][h, kept], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_compression_keeps_the_newest_window_and_the_decode_budget():
+    engine = tiny_engine()
+    ids = prompt_ids(100, seed=2)
+    cache = engine.new_sequence("snapkv(budget=40, window=4, decode_budget=36, decode_interval=5)")
+    logits = engine.prefill(cache, ids, compress=True)
+    follow = prompt_ids(12, seed=4)
+    engine.teacher_force(cache, logits, follow)  # 11 decoding steps: compressions after 5 and 10
+    for layer in cache.layers:
+        # 40 after the prefill; step 5: 45 -> 36; steps 6..10: 41 -> 36; step 11 adds one
+        assert layer.num_entries == 37
+        for head in head_positions(layer):
+            assert head[-5:] == list(range(106, 111))  # the last window of queries + step 11
+            assert len(set(head)) == 37 and head[:-5] != list(range(106 - 32, 106))  # voted

@@ -5,6 +5,11 @@ import torch
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "streaming_llm(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def test_keeps_exactly_sinks_and_recent_tokens():
     engine = tiny_engine()
     cache = engine.new_sequence("streaming_llm(budget=40, sink=4)")

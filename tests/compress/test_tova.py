@@ -7,6 +7,11 @@ from tests.conftest import prompt_ids, tiny_engine
 from kvlab.compress.tova import TOVA
 
 
+LISTED = "tova(budget=30)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def reference_keep(q, keys, budget, batch_row=0):
     """Average the last query's attention over all query heads; keep the top ``budget``."""
     n, hq, hk = keys.shape[2], q.shape[1], keys.shape[1]
@@ -65,3 +70,53 @@ def test_equals_full_when_the_budget_covers_the_context():
     full = engine.generate_ids(ids, "full", max_new_tokens=8)
     roomy = engine.generate_ids(ids, "tova(budget=200)", max_new_tokens=8)  # never over budget
     assert roomy.token_ids == full.token_ids and roomy.stats.kv_bytes == full.stats.kv_bytes
+
+
+def test_engine_keeps_the_top_of_the_last_eager_query_averaged_over_every_head():
+    from tests.compress.reference import assert_top_k, eager_run
+
+    n, budget = 120, 30
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_sequence(f"tova(budget={budget})")
+    logits = engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        positions = layer.key_positions()
+        assert positions.dim() == 1  # one set for every head
+        assert_top_k(positions.tolist(), run.probs[index][:, -1].mean(dim=0), budget)
+    engine.teacher_force(cache, logits, prompt_ids(4, seed=4))
+    for layer in cache.layers:
+        kept = layer.key_positions().tolist()
+        assert len(kept) == budget and kept[-1] == n + 2  # the newest step is kept
+
+
+def test_engine_decoding_drops_the_least_attended_entry_step_by_step():
+    """TOVA's per-step form through the engine, against the model written out: after the
+    prefill the layer keeps the top ``budget`` of the last query's attention averaged over
+    every query head; each decoding step attends to what is kept plus itself and drops the
+    entry its own head-averaged attention is lowest on (one set for every head)."""
+    from tests.compress.reference import evicting_decode_attention, lowest, reference_logits, top_indices
+
+    prompt, steps, budget = 60, 6, 20
+    ids = prompt_ids(prompt + steps, seed=2)
+    peaky = dict(initializer_range=0.2)
+    final = {}
+
+    def initial(layer, probs):
+        kept = top_indices(probs[:, -1].mean(dim=0), budget)
+        return [kept, kept]
+
+    def evict(layer, held, probs, i):
+        positions = held[0]
+        drop = positions[lowest(torch.stack(probs).mean(dim=0))]
+        final[layer] = [j for j in positions if j != drop]
+        return [final[layer]] * 2
+
+    expected = reference_logits(ids, evicting_decode_attention(prompt, initial, evict), **peaky)
+    engine = tiny_engine(**peaky)
+    cache = engine.new_sequence(f"tova(budget={budget})")
+    logits = engine.prefill(cache, ids[:prompt], compress=True)
+    got = engine.teacher_force(cache, logits, ids[prompt:] + [0])
+    torch.testing.assert_close(got, torch.log_softmax(expected[prompt - 1 :], -1), atol=1e-5, rtol=1e-5)
+    assert [layer.key_positions().tolist() for layer in cache.layers] == [final[0], final[1]]

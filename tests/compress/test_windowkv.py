@@ -11,6 +11,12 @@ from kvlab.recipe import Recipe, parse_recipe
 from tests.layers import probs_of, random_layer, rotary
 from tests.conftest import prompt_ids, tiny_engine
 
+
+LISTED = "windowkv(budget=30, suffix=8)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 ENTRY_BYTES = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32 (tiny model)
 
 
@@ -174,3 +180,36 @@ def test_bad_parameters_are_refused(text, fragment):
     with pytest.raises(kvlab.RecipeError) as info:
         parse_recipe(text)
     assert fragment in str(info.value)
+
+
+def test_engine_keeps_the_best_whole_windows_of_the_eager_votes_per_layer_group_budget():
+    """Two layers, one per group (``shared_layers=1``, ``beta=14``): C = 32 review entries on
+    average, the last group C / 14, the first 2C - C / 14, so the layers may keep 62 and 2
+    review entries (plus the suffix of 8); the review region (112 entries, 14 windows of 8)
+    drops its ceil((112 - c) / 8) lowest-scored windows, each window scored by the mean over
+    the query heads of their ``top`` largest suffix votes (max) or the mean vote (average)."""
+    from tests.compress.reference import assert_top_k, eager_run
+
+    n, budget, suffix, size = 120, 40, 8, 8
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    for strategy in ("max", "average"):
+        cache = engine.new_sequence(
+            f"windowkv(budget={budget}, suffix={suffix}, strategy={strategy}, shared_layers=1, beta=14)"
+        )
+        engine.prefill(cache, ids, compress=True)
+        for index, (layer, allowed) in enumerate(zip(cache.layers, [62, 2])):
+            review = n - suffix
+            votes = run.probs[index][:, review:, :review].sum(1)  # [Hq, review]
+            blocks = votes.reshape(votes.shape[0], review // size, size)
+            if strategy == "max":
+                scores = blocks.topk(size // 2, dim=-1).values.mean(dim=(0, 2))
+            else:
+                scores = blocks.mean(dim=(0, 2))
+            keep_windows = review // size - math.ceil((review - allowed) / size)
+            kept = layer.key_positions().tolist()  # one set for every head
+            assert kept[-suffix:] == list(range(review, n))
+            windows = sorted({j // size for j in kept[:-suffix]})
+            assert kept[:-suffix] == [j for w in windows for j in range(w * size, w * size + size)]
+            assert_top_k(windows, scores, keep_windows)

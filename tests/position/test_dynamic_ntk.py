@@ -11,6 +11,11 @@ from kvlab.position.dynamic_ntk import DynamicNTK
 from tests.conftest import prompt_ids, tiny_engine, tiny_model
 
 
+LISTED = "dynamic_ntk(factor=4)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 @pytest.mark.parametrize("length", [100, 256, 400, 1000])
 def test_base_grows_with_length_past_the_trained_length(length):
     engine = tiny_engine(rope_theta=10000.0)  # trained length 256, head dim 16

@@ -7,7 +7,13 @@ import torch
 
 from tests.layers import rotary as random_rotary
 from kvlab.position.self_extend import SelfExtend
-from tests.conftest import prompt_ids, tiny_engine
+from tests.compress.reference import Rope, reference_logits
+from tests.conftest import prompt_ids, tiny_engine, tiny_model
+
+
+LISTED = "self_extend(group_size=4, window=16)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
 
 
 def brute_force(q, k, v, group, window, rotary, scaling):
@@ -77,9 +83,45 @@ def test_keys_are_cached_before_rope_and_window_formula():
     engine.prefill(cache, ids, compress=False)
     plain = engine.new_sequence("full")
     engine.prefill(plain, ids, compress=False)
-    rotary = plain.rotary(engine.config, 20, engine.trained_length)
+    rope = Rope(tiny_model())  # the model's own RoPE, outside kvlab
     torch.testing.assert_close(
-        rotary.rotate(cache.layers[0].keys, torch.arange(20)), plain.layers[0].keys, atol=1e-5, rtol=1e-5
+        rope(cache.layers[0].keys[0], torch.arange(20)), plain.layers[0].keys[0], atol=1e-5, rtol=1e-5
     )
     assert SelfExtend(group_size=8, window=1024).context_window(8192) == (8192 - 1024) * 8 + 1024
     assert SelfExtend(group_size=4, window=512).grouped_query_positions(torch.tensor([1000])).item() == 1000 // 4 + 512 - 128
+
+
+def self_extend_attention(group, window):
+    """Self-Extend written out entry by entry: a key within ``window`` of the query uses the
+    normal positions; a farther one the grouped positions, key ``j // G`` and query
+    ``i // G + W - W // G``; one softmax over both."""
+
+    def attention(layer, q, k, v, rope):
+        n = q.shape[1]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        g = q.shape[0] // k.shape[0]
+        near = rope(q, torch.arange(n)) @ rope(k, torch.arange(n)).repeat_interleave(g, 0).transpose(1, 2)
+        far = rope(q, torch.arange(n) // group + window - window // group) @ (
+            rope(k, torch.arange(n) // group).repeat_interleave(g, 0).transpose(1, 2)
+        )
+        logits = torch.where(i - j < window, near, far) / q.shape[-1] ** 0.5
+        probs = torch.softmax(logits.masked_fill(j > i, float("-inf")), dim=-1)
+        return probs @ v.repeat_interleave(g, 0)
+
+    return attention
+
+
+@pytest.mark.parametrize("group, window", [(4, 8), (3, 5), (2, 1)])
+def test_engine_prefill_and_decoding_equal_the_written_out_definition(group, window):
+    prompt, steps = 60, 4
+    ids = prompt_ids(prompt + steps, seed=2)
+    expected = torch.log_softmax(reference_logits(ids, self_extend_attention(group, window)), -1)
+    engine = tiny_engine()
+    engine.prefill_chunk = 32  # two prefill chunks
+    cache = engine.new_sequence(f"self_extend(group_size={group}, window={window})")
+    logits = engine.prefill(cache, ids[:prompt], compress=True)
+    got = engine.teacher_force(cache, logits, ids[prompt:] + [0])
+    # tight: moving the one key at distance W between the two regions changes ~1e-4
+    torch.testing.assert_close(got, expected[prompt - 1 :], atol=1e-5, rtol=1e-5)
+    dense = torch.log_softmax(reference_logits(ids), -1)[prompt - 1 :]
+    assert not torch.allclose(got, dense, atol=1e-3)

@@ -10,6 +10,11 @@ from kvlab.position.yarn import Yarn
 from tests.conftest import prompt_ids, tiny_engine
 
 
+LISTED = "yarn(factor=4)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 def paper_yarn(base, dim, factor, trained, beta_fast=32, beta_slow=1):
     """YaRN, section 3: correction dims from rotation counts, linear ramp, interpolation."""
     def correction_dim(rotations):

@@ -1,5 +1,6 @@
 """A-shape: sinks plus a local window, computed without a full score matrix."""
 
+import pytest
 import torch
 
 from kvlab.engine.cache import LayerKV
@@ -7,7 +8,13 @@ from kvlab.engine.context import Phase
 from kvlab.engine.kernels import dense_attention
 from tests.layers import layer_context, rotary as random_rotary
 from kvlab.prefill.ashape import AShape
+from tests.compress.reference import causal_softmax_attention, reference_logits
 from tests.conftest import prompt_ids, tiny_engine
+
+
+LISTED = "ashape(sink=4, window=16)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
 
 
 def context_for(n, heads=2, d=8, seed=0):
@@ -53,3 +60,26 @@ def test_the_full_cache_is_still_stored():
     engine = tiny_engine()
     stats = engine.generate_ids(prompt_ids(120), "ashape(sink=4, window=16)", max_new_tokens=2).stats
     assert stats.kv_tokens == 121
+
+
+@pytest.mark.parametrize("sink, window, block, chunk", [(3, 10, 16, 48), (0, 1, 7, 1024), (5, 20, 256, 40)])
+def test_engine_prefill_equals_the_written_out_sink_and_window_mask(sink, window, block, chunk):
+    """Every prompt query ``i`` attends to keys ``j < sink`` and ``i - window < j <= i``, in
+    every layer, whatever the blocks and prefill chunks; decoding is dense again."""
+    prompt, steps = 100, 3
+    ids = prompt_ids(prompt + steps, seed=2)
+
+    def attention(layer, q, k, v, rope):
+        n = q.shape[1]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        allowed = (j < sink) | (i - j < window) | (i >= prompt)  # the decoding rows: dense
+        return causal_softmax_attention(rope(q, torch.arange(n)), rope(k, torch.arange(n)), v, allowed)
+
+    expected = torch.log_softmax(reference_logits(ids, attention), -1)[prompt - 1 :]
+    engine = tiny_engine()
+    engine.prefill_chunk = chunk
+    cache = engine.new_sequence(f"ashape(sink={sink}, window={window}, block={block})")
+    logits = engine.prefill(cache, ids[:prompt], compress=True)
+    got = engine.teacher_force(cache, logits, ids[prompt:] + [0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert cache.layers[0].num_entries == prompt + steps  # the full cache is stored

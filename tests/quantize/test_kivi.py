@@ -10,6 +10,12 @@ from kvlab.engine.cache import LayerKV
 from kvlab.quantize.kivi import Kivi, KiviLayerKV
 from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
 
+
+LISTED = "kivi(group=8, residual=16)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 HEADS, HEAD_DIM = 2, 16  # the tiny models' KV heads and head dim (fp32)
 
 
@@ -83,8 +89,6 @@ def test_packed_bytes_are_the_real_storage():
     zeros = torch.zeros(1, HEADS, 1000, HEAD_DIM)
     plain.append(zeros, zeros, torch.arange(1000))
     assert layer.nbytes() < plain.nbytes() / 3  # head_dim 16: a value scale per 16 numbers
-    assert layer._quantized_keys.codes.dtype == torch.uint8
-    assert layer._quantized_keys.codes.shape == (1, HEADS, 896, HEAD_DIM // 4)  # 4 codes a byte
 
 
 def test_decoding_flushes_whole_key_blocks_and_values_fifo():
@@ -259,3 +263,37 @@ def test_multi_request_session_rolls_back_exactly(tokenizer):
     for other in (teacher, again):  # teacher forcing rolled back to the question's mark exactly
         assert other.token_ids == first.token_ids and other.stats.kv_bytes == first.stats.kv_bytes
     assert teacher.teacher_logprobs.argmax(-1).tolist() == first.token_ids  # greedy, same cache
+
+
+def test_engine_quantises_keys_per_channel_groups_and_values_per_token_the_residual_exact():
+    """Against the eager model's keys and values: after a 108-token prefill with residual 16
+    and group 8, the first 96 keys (whole residual blocks, not the 104 of whole groups) read
+    back within half a step of their group's per-channel range (8 tokens x 1 channel) and the
+    12 newest exactly; the first 92 values within half a step of their per-token range (8
+    channels), the 16 newest exactly."""
+    from tests.compress.reference import eager_run
+    from tests.conftest import prompt_ids, tiny_engine
+
+    n, bits, group, residual = 108, 2, 8, 16
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_sequence(f"kivi(bits={bits}, group={group}, residual={residual})")
+    engine.prefill(cache, ids, compress=True)
+    levels = 2**bits - 1
+    for index, layer in enumerate(cache.layers):
+        keys, values = run.keys[index], run.values[index]  # [Hkv, n, d]
+        got_keys, got_values = layer.keys[0], layer.values[0]
+        quantised_keys, quantised_values = n // residual * residual, n - residual
+        torch.testing.assert_close(got_keys[:, quantised_keys:], keys[:, quantised_keys:])
+        torch.testing.assert_close(got_values[:, quantised_values:], values[:, quantised_values:])
+        assert not torch.allclose(got_keys[:, quantised_keys - 1], keys[:, quantised_keys - 1])
+        assert not torch.allclose(got_values[:, quantised_values - 1], values[:, quantised_values - 1])
+        k = keys[:, :quantised_keys].reshape(2, -1, group, keys.shape[-1])  # token groups
+        k_step = (k.amax(2, keepdim=True) - k.amin(2, keepdim=True)) / levels
+        k_err = (got_keys[:, :quantised_keys].reshape(k.shape) - k).abs()
+        assert (k_err <= k_step / 2 + 1e-5).all()
+        v = values[:, :quantised_values].reshape(2, quantised_values, -1, group)  # channel groups
+        v_step = (v.amax(3, keepdim=True) - v.amin(3, keepdim=True)) / levels
+        v_err = (got_values[:, :quantised_values].reshape(v.shape) - v).abs()
+        assert (v_err <= v_step / 2 + 1e-5).all()

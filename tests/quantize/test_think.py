@@ -10,6 +10,12 @@ from kvlab.quantize.think import ThinK, ThinKLayerKV
 from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
 from tests.layers import probs_of, random_layer
 
+
+LISTED = "think(ratio=0.5)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
+
+
 N, D, KV_HEADS, QUERY_HEADS = 60, 8, 2, 4  # random_layer's defaults; the base of its RoPE is 100
 
 
@@ -65,9 +71,9 @@ def test_channels_are_the_top_query_key_interactions_per_kv_head(ratio, window):
     expected = reference_channels(q, keys, ratio, window)
     layer = ctx.layer
     assert torch.equal(layer.channels.long(), expected)
-    assert torch.equal(
-        layer._pruned_keys, keys.gather(3, expected[:, :, None].expand(-1, -1, N, -1))
-    )
+    kept = expected[:, :, None].expand(-1, -1, N, -1)
+    assert torch.equal(layer.keys.gather(3, kept), keys.gather(3, kept))  # kept channels exact
+    assert int(layer.keys.ne(0).sum()) == kept.numel()  # the dropped ones read back as zeros
     assert not torch.equal(expected[0, 0], expected[0, 1])  # each KV head has its own channels
 
 
@@ -75,7 +81,6 @@ def test_storage_is_really_narrower_and_nbytes_is_exact():
     _, ctx, _, _, _ = think_layer(ratio=0.4)
     layer = ctx.layer
     kept = D - 3  # floor(0.4 * 8) = 3 channels dropped
-    assert layer._pruned_keys.shape == (1, KV_HEADS, N, kept)
     assert layer.channels.shape == (1, KV_HEADS, kept) and layer.channels.dtype == torch.uint8
     pruned, index, values = KV_HEADS * N * kept * 4, KV_HEADS * kept, KV_HEADS * N * D * 4
     assert layer.nbytes() == pruned + index + values  # fp32, no positions (nothing evicted)
@@ -86,7 +91,6 @@ def test_storage_is_really_narrower_and_nbytes_is_exact():
         layer.append(token, token, torch.tensor([position]))
         assert torch.equal(layer.keys[:, :, -1:], token)
     full_width = KV_HEADS * 4 * D * 4  # 1 + 3 reserved entries, then 4 used: no regrowth
-    assert layer._key_storage.shape[2] == 4 and layer._value_storage.shape[2] == N + 4
     assert layer.nbytes() == pruned + index + full_width + KV_HEADS * (N + 4) * D * 4
 
 
@@ -161,7 +165,7 @@ def test_selection_keeps_stored_keys_and_moves_extra_pruned_entries_to_full_widt
     assert torch.equal(layer.values, values.gather(2, index))
     assert torch.equal(layer.positions, keep.to(torch.int32))
     # every head keeps 20 pruned; head 1's two extra pruned entries read back at full width
-    assert layer.pruned_entries == 20 and layer._tail_keys.shape == (1, KV_HEADS, 4, D)
+    assert layer.pruned_entries == 20 and layer.num_entries == 24
     assert layer.nbytes() == (
         KV_HEADS * (20 * 4 * 4 + 4 * D * 4 + 24 * D * 4 + 24 * 4) + KV_HEADS * 4
     )  # pruned keys, full-width keys, values, int32 positions; uint8 channels
@@ -316,3 +320,28 @@ def test_multi_request_session_rolls_back_to_the_pruned_context(tokenizer, recip
         assert layer.nbytes() == nbytes and layer.seen == seen and layer.pruned
     assert teacher.token_ids == first.token_ids  # rolled back to the question's mark exactly
     assert teacher.teacher_logprobs.argmax(-1).tolist() == first.token_ids
+
+
+def test_engine_keeps_each_kv_heads_channels_of_largest_query_key_interaction():
+    """Against the eager model: per KV head and channel, the mean ``q_c^2`` of the last
+    ``window`` rotated queries summed over the head's query heads, times the mean ``k_c^2``
+    of its keys; the top ``d - floor(ratio d)`` channels keep their exact values, the others
+    read back as zeros."""
+    from tests.compress.reference import assert_top_k, eager_run
+    from tests.conftest import prompt_ids, tiny_engine
+
+    n, ratio, window = 100, 0.5, 6
+    ids = prompt_ids(n, seed=2)
+    run = eager_run(ids)
+    engine = tiny_engine()
+    cache = engine.new_sequence(f"think(ratio={ratio}, window={window})")
+    engine.prefill(cache, ids, compress=True)
+    for index, layer in enumerate(cache.layers):
+        keys = run.keys[index]  # [Hkv, n, d]
+        q_power = run.grouped(run.rotated_queries[index][:, -window:].pow(2).mean(1), "sum")
+        scores = q_power * keys.pow(2).mean(1)  # [Hkv, d]
+        got = layer.keys[0]
+        for h in range(keys.shape[0]):
+            kept = [c for c in range(keys.shape[-1]) if bool(got[h, :, c].ne(0).any())]
+            assert_top_k(kept, scores[h], keys.shape[-1] - int(ratio * keys.shape[-1]), tol=1e-6)
+            torch.testing.assert_close(got[h][:, kept], keys[h][:, kept])

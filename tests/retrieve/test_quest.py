@@ -1,21 +1,24 @@
-"""Quest: page bounds are upper bounds, selection is per head, attention is exact on it."""
+"""Quest: page bounds are upper bounds, selection is per query head, attention is exact on it.
 
+The engine-level tests compare kvlab's decoding log-probabilities with the model written out
+(tests/compress/reference.py) whose decoding rows attend exactly to the pages Quest's
+definition selects: every page of ``page`` entries, the partial last page (the newest tokens)
+included, is scored ``sum_i max(q_i M_i, q_i m_i)`` with the min ``m`` and max ``M`` of its
+rotated keys, each query head reads its ``max(3, budget // page)`` best pages.
+"""
+
+import pytest
 import torch
 
-from kvlab.engine.cache import LayerKV
-from kvlab.engine.context import Phase
-from kvlab.engine.kernels import dense_attention
-from tests.layers import layer_context, rotary as random_rotary
-from kvlab.retrieve.quest import INDEX_KEY, Quest, page_min_max, page_scores
+from kvlab.registry import resolve_budget
+from kvlab.retrieve.quest import page_min_max, page_scores
+from tests.compress.reference import causal_softmax_attention, reference_logits
 from tests.conftest import prompt_ids, tiny_engine
 
 
-def decode_context(n=100, d=8, seed=0):
-    torch.manual_seed(seed)
-    layer = LayerKV()
-    layer.append(torch.randn(1, 2, n, d), torch.randn(1, 2, n, d), torch.arange(n))
-    rotary = random_rotary(d)
-    return layer_context(layer, torch.tensor([n - 1]), rotary, 5, 8, phase=Phase.DECODE)
+LISTED = "quest(budget=32, page=8, dense_layers=0)"
+"""A setting where the method must change what it says it changes on a 120-token prompt
+of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
 
 
 def test_page_score_bounds_every_dot_product_in_the_page():
@@ -28,47 +31,88 @@ def test_page_score_bounds_every_dot_product_in_the_page():
         assert torch.all(bound[0, h] >= dots.amax(dim=1) - 1e-5)
 
 
-def test_selected_pages_contain_the_true_top_key():
-    ctx = decode_context()
-    q = torch.randn(1, 4, 1, 8)
-    qr = ctx.rotary.rotate(q, ctx.positions)
-    # plant, for query head 0, a key far more aligned than any other in page 3
-    ctx.layer.keys[0, 0, 50] = qr[0, 0, 0] * 10
-    method = Quest(budget=48, page=16)
-    mins, maxs = method.bounds(ctx.layer)
-    pages = method.select_pages(qr, mins, maxs, 3)
-    true_top = int((qr[0, 0, 0] @ ctx.layer.keys[0, 0].T).argmax())
-    assert true_top == 50 and 50 // 16 in pages[0, 0].tolist()
+def quest_attention(prompt, budget, page, dense_layers, log):
+    """The reference model's attention: rows before ``prompt`` are the dense prefill; each
+    later row (a decoding step) attends per query head to its best pages by the definition,
+    written out with loops. ``log`` collects ``(layer, row, head, chosen pages, pages)``."""
+
+    def attention(layer, q, k, v, rope):
+        n = q.shape[1]
+        qr, kr = rope(q, torch.arange(n)), rope(k, torch.arange(n))
+        out = causal_softmax_attention(qr, kr, v)
+        if layer < dense_layers:
+            return out
+        group = q.shape[0] // k.shape[0]
+        for i in range(prompt, n):
+            entries = i + 1  # the step's own key is in the cache
+            pages = max(3, resolve_budget(budget, entries) // page)
+            if pages * page >= entries:
+                continue
+            for h in range(q.shape[0]):
+                keys = kr[h // group, :entries]
+                bounds = []
+                for start in range(0, entries, page):
+                    block = keys[start : start + page]
+                    hi, lo = block.amax(0), block.amin(0)
+                    bounds.append(torch.maximum(qr[h, i] * hi, qr[h, i] * lo).sum())
+                scores = torch.stack(bounds)
+                top, rest = scores.sort(descending=True).values[pages - 1 : pages + 1]
+                assert top - rest > 1e-5, "near tie between pages: pick another prompt"
+                chosen = sorted(scores.topk(pages).indices.tolist())
+                log.append((layer, i, h, chosen, len(bounds)))
+                index = torch.cat([torch.arange(p * page, min(p * page + page, entries)) for p in chosen])
+                logits = qr[h, i] @ keys[index].T / q.shape[-1] ** 0.5
+                out[h, i] = torch.softmax(logits, dim=-1) @ v[h // group, index]
+        return out
+
+    return attention
 
 
-def test_attention_is_exact_over_the_selected_pages():
-    ctx = decode_context()
-    q = torch.randn(1, 4, 1, 8)
-    method = Quest(budget=48, page=16)
-    got = method.attend(q, ctx)
-    qr = ctx.rotary.rotate(q, ctx.positions)
-    mins, maxs = method.bounds(ctx.layer)
-    pages = method.select_pages(qr, mins, maxs, 3)
-    for h in range(4):
-        index = torch.cat([torch.arange(p * 16, min(p * 16 + 16, 100)) for p in pages[0, h].tolist()])
-        k = ctx.layer.keys[:, h // 2 : h // 2 + 1, index]
-        v = ctx.layer.values[:, h // 2 : h // 2 + 1, index]
-        expected = dense_attention(qr[:, h : h + 1], k, v, ctx.scaling, None)
-        torch.testing.assert_close(got[:, h : h + 1], expected, atol=1e-5, rtol=1e-5)
-    dense = dense_attention(qr, ctx.layer.keys, ctx.layer.values, ctx.scaling, None)
-    assert not torch.allclose(got, dense, atol=1e-4)
+def quest_logprobs(recipe, ids, prompt):
+    """kvlab's log-probabilities of the rows ``prompt - 1 .. len(ids) - 1``: the prompt
+    prefilled, the rest teacher-forced one decoding step at a time."""
+    engine = tiny_engine()
+    cache = engine.new_sequence(recipe)
+    logits = engine.prefill(cache, ids[:prompt], compress=True)
+    return engine.teacher_force(cache, logits, ids[prompt:] + [0]), cache
 
 
-def test_bounds_are_stored_incrementally_and_counted():
-    ctx = decode_context(n=100)
-    method = Quest(budget=48, page=16)
-    mins, maxs = method.bounds(ctx.layer)
-    assert mins.shape == (1, 2, 7, 8)  # 6 complete pages + the partial last one
-    index = ctx.layer.side[INDEX_KEY]
-    assert index.pages == 6 and index.nbytes() == 2 * 1 * 2 * 6 * 8 * 4
-    ref_min, ref_max = page_min_max(ctx.layer.keys, 16)
-    torch.testing.assert_close(mins, ref_min)
-    torch.testing.assert_close(maxs, ref_max)
+@pytest.mark.parametrize("page, dense_layers", [(8, 0), (8, 1), (16, 0)])
+def test_decoding_attends_exactly_to_the_best_pages_newest_page_included(page, dense_layers):
+    prompt, steps = 97, 9
+    ids = prompt_ids(prompt + steps, seed=3)
+    log = []
+    expected = reference_logits(ids, quest_attention(prompt, 32, page, dense_layers, log))
+    got, _ = quest_logprobs(f"quest(budget=32, page={page}, dense_layers={dense_layers})", ids, prompt)
+    torch.testing.assert_close(
+        got[1:], torch.log_softmax(expected[prompt:], dim=-1), atol=1e-5, rtol=1e-5
+    )
+    assert log and {layer for layer, *_ in log} == set(range(dense_layers, 2))
+    # the test is meaningful: some heads read the partial last page (the newest tokens) ...
+    newest = [(i, h) for _, i, h, chosen, pages in log if (i + 1) % page and pages - 1 in chosen]
+    assert newest
+    # ... and some pass over it, and selection changed the result: not dense attention
+    assert any(pages - 1 not in chosen for *_, chosen, pages in log)
+    dense = torch.log_softmax(reference_logits(ids)[prompt:], dim=-1)
+    assert not torch.allclose(got[1:], dense, atol=1e-3)
+
+
+def test_page_bounds_are_stored_per_complete_page_and_counted():
+    """Bytes beyond the full cache are the min and max of every complete page (fp32
+    ``[kv_heads, pages, d]`` each) in each non-dense layer; the partial page is not stored."""
+    prompt, page, d, kv_heads = 97, 8, 16, 2
+    ids = prompt_ids(prompt + 12, seed=3)
+    recipe = f"quest(budget=32, page={page}, dense_layers=1)"
+    engine = tiny_engine()
+    for steps in (1, 7, 8, 12):
+        quest, full = engine.new_sequence(recipe), engine.new_sequence("full")
+        for cache in (quest, full):
+            logits = engine.prefill(cache, ids[:prompt], compress=True)
+            engine.teacher_force(cache, logits, ids[prompt : prompt + steps] + [0])
+        entries = prompt + steps  # the last step's key included
+        extra = quest.nbytes() - full.nbytes()
+        assert extra == 2 * kv_heads * (entries // page) * d * 4, steps
+        assert [layer.num_entries for layer in quest.layers] == [entries] * 2  # kept whole
 
 
 def test_engine_quest_dense_layers_budget_and_bytes():
