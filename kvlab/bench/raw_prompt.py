@@ -19,12 +19,12 @@ ids RULER gives it.
 from __future__ import annotations
 
 import time
-import torch
 
 from kvlab.engine.engine import Answer, Engine, Stats
 from kvlab.engine.sampling import Sampling
 from kvlab.errors import InputError
 from kvlab.recipe import Recipe, parse_recipe
+from kvlab.reuse.session import answer_turn
 
 
 class RawPromptSession:
@@ -79,23 +79,10 @@ class RawPromptSession:
         if not ids:
             raise InputError("the raw prompt has nothing after the context (no question, no "
                              "answer prefix)")
-        before = sequence.seen
-        engine.check_fits(self.recipe, before + len(ids), max_new_tokens, self.allow_overflow)
-        start = time.perf_counter()
-        logits = engine.prefill(sequence, ids, compress=False)
-        prefill_s = time.perf_counter() - start
-        question_mark = sequence.mark()
-        teacher = None
-        if teacher_tokens:
-            teacher = engine.teacher_force(sequence, logits, teacher_tokens)
-            sequence.rollback(question_mark)
-        decoded = engine.decode(sequence, logits, max_new_tokens, Sampling().sampler(engine.device),
-                                keep_logprobs)
-        text = engine.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
-        stats = Stats.measure(sequence, before + len(ids), len(ids), prefill_s, decoded)
-        sequence.rollback(self._mark)
-        return Answer(
-            text=text, token_ids=decoded.tokens, stats=stats,
-            logprobs=torch.stack(decoded.logprobs) if decoded.logprobs else None,
-            teacher_logprobs=teacher,
+        answer, _ = answer_turn(
+            engine, sequence, ids, max_new_tokens, Sampling().sampler(engine.device),
+            allow_overflow=self.allow_overflow, teacher_tokens=teacher_tokens,
+            keep_logprobs=keep_logprobs,
         )
+        sequence.rollback(self._mark)
+        return answer

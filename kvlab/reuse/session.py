@@ -20,6 +20,7 @@ from torch import Tensor
 from kvlab.engine.prompt import QUESTION_SEPARATOR, PromptFormat
 from kvlab.engine.results import Answer, Decoded, Stats, check_max_new_tokens, check_text
 from kvlab.engine.sampling import Sampling, TokenSampler
+from kvlab.engine.cache import CacheMark
 from kvlab.engine.sequence import Sequence
 from kvlab.errors import InputError
 from kvlab.recipe import Recipe
@@ -114,38 +115,53 @@ class Session:
         ids = self._pending + self._format.encode(
             self._format.remainder(full, self._consumed), first=False
         )
-        engine, sequence = self.engine, self.sequence
-        before = sequence.seen
-        engine.check_fits(self.recipe, before + len(ids), max_new_tokens, self.allow_overflow)
-        start = time.perf_counter()
-        logits = engine.prefill(sequence, ids, compress=False)
-        prefill_s = time.perf_counter() - start
-        question_mark = sequence.mark()
-        teacher = None
-        if teacher_tokens:
-            teacher = engine.teacher_force(sequence, logits, teacher_tokens)
-            sequence.rollback(question_mark)
-        decoded = engine.decode(
-            sequence, logits, max_new_tokens, sampling.sampler(engine.device), keep_logprobs
+        sequence = self.sequence
+        answer, question_mark = answer_turn(
+            self.engine, sequence, ids, max_new_tokens, sampling.sampler(self.engine.device),
+            allow_overflow=self.allow_overflow, teacher_tokens=teacher_tokens,
+            keep_logprobs=keep_logprobs,
         )
-        tokenizer = engine.tokenizer
-        text = tokenizer.decode(decoded.tokens, skip_special_tokens=True)
-        stats = Stats.measure(sequence, before + len(ids), len(ids), prefill_s, decoded)
+        text, tokens = answer.text, answer.token_ids
         if self.mode == "multi-turn" and reference_answer is not None:
             sequence.rollback(question_mark)
             self._messages = [*messages, {"role": "assistant", "content": answer_prefix + reference_answer}]
             self._consumed, self._pending = full, []
         elif self.mode == "multi-turn":
             self._messages = [*messages, {"role": "assistant", "content": answer_prefix + text}]
-            self._consumed = full + tokenizer.decode(decoded.tokens, skip_special_tokens=False)
-            self._pending = decoded.tokens[-1:]
+            self._consumed = full + self.engine.tokenizer.decode(tokens, skip_special_tokens=False)
+            self._pending = tokens[-1:]
         else:
             sequence.rollback(self._mark)
             self._consumed, self._messages, self._pending = (
                 self._start[0], list(self._start[1]), list(self._start[2])
             )
-        return Answer(
-            text=text, token_ids=decoded.tokens, stats=stats,
-            logprobs=torch.stack(decoded.logprobs) if decoded.logprobs else None,
-            teacher_logprobs=teacher,
-        )
+        return answer
+
+
+def answer_turn(
+    engine: SessionEngine, sequence: Sequence, ids: list[int], max_new_tokens: int,
+    sampler: TokenSampler, *, allow_overflow: bool = False,
+    teacher_tokens: list[int] | None = None, keep_logprobs: bool = False,
+) -> tuple[Answer, CacheMark]:
+    """One turn on a built cache: append the question's ``ids``, optionally teacher-force
+    ``teacher_tokens`` (then undo them), and generate. Returns the answer and the mark taken
+    after the question (before the answer), for the caller to keep or drop what follows."""
+    before = sequence.seen
+    engine.check_fits(sequence.recipe, before + len(ids), max_new_tokens, allow_overflow)
+    start = time.perf_counter()
+    logits = engine.prefill(sequence, ids, compress=False)
+    prefill_s = time.perf_counter() - start
+    question_mark = sequence.mark()
+    teacher = None
+    if teacher_tokens:
+        teacher = engine.teacher_force(sequence, logits, teacher_tokens)
+        sequence.rollback(question_mark)
+    decoded = engine.decode(sequence, logits, max_new_tokens, sampler, keep_logprobs)
+    answer = Answer(
+        text=engine.tokenizer.decode(decoded.tokens, skip_special_tokens=True),
+        token_ids=decoded.tokens,
+        stats=Stats.measure(sequence, before + len(ids), len(ids), prefill_s, decoded),
+        logprobs=torch.stack(decoded.logprobs) if decoded.logprobs else None,
+        teacher_logprobs=teacher,
+    )
+    return answer, question_mark
