@@ -63,6 +63,16 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny random model saved as a transformers directory, with the real tokenizer
+    (2,048-token window): what ``--model DIR`` loads in the CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=2048).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def default_engine():
     """The real embedded default model (SmolLM2-135M-Instruct)."""
     return kvlab.load(progress=False)

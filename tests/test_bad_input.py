@@ -390,14 +390,6 @@ API_TYPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=2048).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _fill(argv: list[str], model: Path, tmp: Path) -> list[str]:
     context = tmp / "context.txt"
     if not context.exists():

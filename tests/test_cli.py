@@ -6,17 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kvlab.cli import app
-from tests.conftest import tiny_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=2048).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture()

@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import json
 import os
-import re
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
