@@ -4,9 +4,10 @@
 For each context length, every variant is measured on the same prompt, interleaved (the order
 rotates with each repeat, so all see the same machine load):
 
-- ``transformers``: the same model and dtype loaded by transformers with its SDPA attention,
-  prefill by one forward, decode by ``generate`` (greedy, the new tokens forced with
-  ``min_new_tokens``) — the floor of kvlab's engine overhead;
+- ``transformers``: the same model and dtype loaded by transformers with its SDPA attention and
+  its ``DynamicCache``: one forward over the prompt, then one forward per decoding step, the
+  loop ``generate`` runs (without its sampling machinery, and with the same forced tokens as
+  the other variants) — the floor of kvlab's engine overhead;
 - ``full`` and each recipe, through kvlab's engine: ``Engine.prefill`` of the prompt (compressed
   at its end), then decoding steps teacher-forced with the same token ids (so every variant runs
   exactly ``--new-tokens`` steps).
@@ -134,20 +135,22 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
 
 
 @torch.inference_mode()
-def run_transformers(model: Any, ids: list[int], new_tokens: int) -> dict[str, Any]:
-    input_ids = torch.tensor([ids])
+def run_transformers(model: Any, ids: list[int], forced: list[int]) -> dict[str, Any]:
+    """transformers' own loop: one forward over the prompt (a fresh ``DynamicCache``), then one
+    forward per forced token on that cache — what ``generate`` runs, without its sampling
+    machinery, so it is the floor of any engine on this model."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
-    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     start = time.perf_counter()
-    model.generate(input_ids=input_ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                   do_sample=False, use_cache=True)
-    generate_s = time.perf_counter() - start
-    # generate prefills again: its decoding time is what the prefill above did not take
-    decode_s = max(0.0, generate_s - prefill_s)
-    return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / new_tokens,
+    for token in forced:
+        model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1)
+    decode_s = time.perf_counter() - start
+    return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
             "kv_bytes": kv_bytes}
 
 
@@ -182,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         plain = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
         ).eval()
-    plain.generation_config.pad_token_id = plain.generation_config.eos_token_id
     tokenizer = engine.tokenizer
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     weights = weight_bytes(engine.model)
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = prompt_ids(tokenizer, 64)
     for variant in variants:  # one short untimed run each: first-call costs stay out of the table
         if variant == "transformers":
-            run_transformers(plain, warm, 1)
+            run_transformers(plain, warm, warm[:1])
         else:
             run_kvlab(engine, variant, warm, warm[:1])
     measured: list[dict[str, Any]] = []
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
             for variant in order:
                 if variant == "transformers":
-                    row = run_transformers(plain, ids, args.new_tokens)
+                    row = run_transformers(plain, ids, forced)
                 else:
                     row = run_kvlab(engine, variant, ids, forced)
                 row.update(variant=variant, length=length, repeat=repeat)
@@ -306,9 +308,11 @@ def plot(rows: list[dict[str, Any]], variants: list[str], path: Path) -> None:
     for ax, title, unit in ((axes[0], "prefill", "seconds"), (axes[1], "decode", "ms per token")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        lengths = sorted({r["length"] for r in rows})
+        ax.set_xticks(lengths, [format_length(n) for n in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(unit)
-        ax.set_title(f"{title} (dotted: physical bound from measured rates)")
+        ax.set_title(f"{title}\n(dotted: physical bound from measured rates)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.savefig(path, dpi=110)
