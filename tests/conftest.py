@@ -43,6 +43,13 @@ def tiny_engine(arch: str = "llama", seed: int = 0, tokenizer=None, **overrides)
     return kvlab.Engine(tiny_model(arch, seed, **overrides), tokenizer, progress=False)
 
 
+def prefilled(engine, recipe, ids):
+    """A sequence of ``recipe`` with ``ids`` prefilled as its context (compressed at the end)."""
+    sequence = engine.new_sequence(recipe)
+    engine.prefill(sequence, ids, compress=True)
+    return sequence
+
+
 def teacher_logprobs(engine, recipe, ids, follow):
     """Prefill ``ids`` with ``recipe`` (compressed at the end); the prompt's last logits and the
     log-probabilities of ``follow`` teacher-forced through that cache."""

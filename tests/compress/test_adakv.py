@@ -9,7 +9,7 @@ from kvlab.compress.pyramidkv import pyramid_budgets
 from kvlab.engine.ragged import RaggedLayerKV
 from kvlab.errors import RecipeError
 from tests.compress.test_snapkv import reference_scores
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from tests.layers import layer_context, rotary as random_rotary
 
 
@@ -81,8 +81,7 @@ def test_physical_bytes_equal_snapkv_at_the_same_budget():
     ids = prompt_ids(160)
     sizes = {}
     for recipe in ("full", "snapkv(budget=40, window=8)", "adakv(budget=40, window=8)"):
-        cache = engine.new_sequence(recipe)
-        engine.prefill(cache, ids, compress=True)
+        cache = prefilled(engine, recipe, ids)
         sizes[recipe] = cache.nbytes()
         if recipe.startswith("adakv"):
             layer = cache.layers[0]
@@ -133,8 +132,7 @@ def test_engine_heads_keep_their_adaptive_share_of_the_eager_votes_plus_the_wind
     ids = prompt_ids(n, seed=2)
     run = eager_run(ids)
     engine = tiny_engine()
-    cache = engine.new_sequence(f"adakv(budget={budget}, window={window}, alpha={alpha})")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"adakv(budget={budget}, window={window}, alpha={alpha})", ids)
     uneven = False
     for index, layer in enumerate(cache.layers):
         votes = engine_votes(run, index, window, 5)

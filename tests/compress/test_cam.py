@@ -12,7 +12,7 @@ from kvlab.compress.snapkv import SnapKV
 from kvlab.recipe import Recipe, parse_recipe
 from tests.layers import probs_of, random_layer, rotary
 from tests.compress.test_snapkv import reference_keep as snapkv_keep
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 
 
 LISTED = "cam(budget=30, window=8)"
@@ -111,10 +111,8 @@ def test_draws_are_seeded():
 def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_sequence("cam(budget=40, window=8, merge=8)")
-    engine.prefill(cache, ids, compress=True)
-    base = engine.new_sequence("snapkv(budget=40, window=8)")
-    engine.prefill(base, ids, compress=True)
+    cache = prefilled(engine, "cam(budget=40, window=8, merge=8)", ids)
+    base = prefilled(engine, "snapkv(budget=40, window=8)", ids)
     assert torch.equal(cache.layers[0].positions, base.layers[0].positions)
     assert torch.equal(cache.layers[0].keys, base.layers[0].keys)  # layer 0 sees the same input
     assert not torch.equal(cache.layers[0].values, base.layers[0].values)
@@ -162,8 +160,7 @@ def test_engine_evicts_as_snapkv_and_merges_evicted_values_into_the_next_kept_en
     peaky = dict(initializer_range=0.2)  # attention that differs clearly between entries
     run = eager_run(ids, **peaky)
     engine = tiny_engine(**peaky)
-    cache = engine.new_sequence(f"cam(budget={budget}, window={window}, merge={merge}, seed={seed})")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"cam(budget={budget}, window={window}, merge={merge}, seed={seed})", ids)
     merged_any = False
     for index, layer in enumerate(cache.layers):
         heads = head_positions(layer)

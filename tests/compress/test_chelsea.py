@@ -9,7 +9,7 @@ import kvlab
 from kvlab.compress.chelsea import Chelsea
 from kvlab.recipe import parse_recipe
 from tests.layers import random_layer
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 
 
 LISTED = "chelsea(budget=30, window=8)"
@@ -160,8 +160,7 @@ def test_engine_chunks_start_after_the_sinks_and_every_chunk_keeps_its_odd_offse
     ids = prompt_ids(n, seed=2)
     run = eager_run(ids)
     engine = tiny_engine()
-    cache = engine.new_sequence(f"chelsea(budget={budget}, chunk={chunk}, window={window}, sink={sink})")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"chelsea(budget={budget}, chunk={chunk}, window={window}, sink={sink})", ids)
     region = range(sink, n - window)  # 108 entries: 6 chunks of 16 and one of 12; 50 removed
     odd = [j for j in region if (j - sink) % chunk % 2 == 1]
     for index, layer in enumerate(cache.layers):

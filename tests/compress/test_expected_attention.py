@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.layers import random_layer, rotary
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from kvlab.compress.expected_attention import ExpectedAttention, QueryMoments
 
 
@@ -93,8 +93,7 @@ def test_scores_are_the_attention_of_gaussian_future_queries():
 def test_sinks_are_kept_and_the_size_is_physical_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_sequence("expected_attention(budget=40)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "expected_attention(budget=40)", ids)
     for layer in cache.layers:
         assert layer.positions.shape == (1, 2, 40)
         for head in layer.positions[0].tolist():
@@ -118,11 +117,9 @@ def test_statistics_cover_every_prefill_chunk():
     engine = tiny_engine()
     ids = prompt_ids(160)
     recipe = "expected_attention(budget=40)"
-    whole = engine.new_sequence(recipe)
-    engine.prefill(whole, ids, compress=True)
+    whole = prefilled(engine, recipe, ids)
     engine.prefill_chunk = 64
-    chunked = engine.new_sequence(recipe)
-    engine.prefill(chunked, ids, compress=True)
+    chunked = prefilled(engine, recipe, ids)
     for one, three in zip(whole.layers, chunked.layers):
         assert torch.equal(one.positions, three.positions)
         assert not three.side  # nothing left behind (no bytes counted after compression)
@@ -159,8 +156,7 @@ def test_engine_keeps_the_sinks_and_the_top_expected_attention_of_the_eager_quer
     positions = torch.arange(n, n + future).repeat_interleave(d)
     rotation = rope(eye, positions)[0].reshape(future, d, d).transpose(1, 2).mean(0)  # mean R_p
     engine = tiny_engine(initializer_range=init)
-    cache = engine.new_sequence(f"expected_attention(budget={budget}, sink={sink}, future={future})")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"expected_attention(budget={budget}, sink={sink}, future={future})", ids)
     s = d**-0.5
     for index, layer in enumerate(cache.layers):
         keys, values = run.keys[index][:, sink:], run.values[index][:, sink:]

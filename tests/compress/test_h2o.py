@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.layers import probs_of, random_layer, rotary
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from kvlab.compress import h2o
 from kvlab.compress.h2o import H2O
 
@@ -61,15 +61,13 @@ def test_every_query_votes_not_only_the_last():
 def test_per_head_heavy_hitters_and_recent_tokens_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_sequence("h2o(budget=40, recent=0.5)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "h2o(budget=40, recent=0.5)", ids)
     for layer in cache.layers:
         assert layer.positions.shape == (1, 2, 40)
         for head in layer.positions[0].tolist():
             assert head[-20:] == list(range(140, 160))
     engine.prefill_chunk = 64  # three chunks: every chunk's queries vote, as in one chunk
-    chunked = engine.new_sequence("h2o(budget=40, recent=0.5)")
-    engine.prefill(chunked, ids, compress=True)
+    chunked = prefilled(engine, "h2o(budget=40, recent=0.5)", ids)
     for one, three in zip(cache.layers, chunked.layers):
         assert torch.equal(one.positions, three.positions)
         torch.testing.assert_close(one.side[h2o.SCORES].scores, three.side[h2o.SCORES].scores)

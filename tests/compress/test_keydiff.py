@@ -3,7 +3,7 @@
 import torch
 
 from tests.layers import random_layer
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from kvlab.compress.keydiff import KeyDiff
 from kvlab.position.dynamic_ntk import DynamicNTK
 
@@ -84,8 +84,7 @@ def test_engine_keeps_the_keys_least_similar_to_their_heads_mean_direction():
     run = eager_run(ids)
     engine = tiny_engine()
     for window in (0, 5):
-        cache = engine.new_sequence(f"keydiff(budget={budget}, window={window})")
-        engine.prefill(cache, ids, compress=True)
+        cache = prefilled(engine, f"keydiff(budget={budget}, window={window})", ids)
         for index, layer in enumerate(cache.layers):
             for kept, keys in zip(head_positions(layer), run.keys[index]):
                 anchor = (keys / keys.norm(dim=-1, keepdim=True)).mean(dim=0)  # every entry

@@ -3,7 +3,7 @@
 import torch
 
 from tests.layers import random_layer
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from kvlab.compress.knorm import KNorm
 
 
@@ -54,8 +54,7 @@ def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
     whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
-    cache = engine.new_sequence("knorm(budget=40, skip_layers=0)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "knorm(budget=40, skip_layers=0)", ids)
     assert all(layer.positions.shape == (1, 2, 40) for layer in cache.layers)
     small = engine.generate_ids(ids, "knorm(budget=40, skip_layers=0)", max_new_tokens=1).stats
     # 40/160 of the entries, plus one int32 position per kept entry, KV head and layer
@@ -80,8 +79,7 @@ def test_engine_keeps_the_lowest_norm_keys_past_the_skipped_layers():
     ids = prompt_ids(n, seed=2)
     run = eager_run(ids, num_hidden_layers=3)
     engine = tiny_engine(num_hidden_layers=3)
-    cache = engine.new_sequence(f"knorm(budget={budget}, window={window}, skip_layers=1)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"knorm(budget={budget}, window={window}, skip_layers=1)", ids)
     assert cache.layers[0].num_entries == n  # skipped: every entry stays
     for index in (1, 2):
         heads = head_positions(cache.layers[index])

@@ -11,7 +11,7 @@ from kvlab.compress.kvmerger import KVMerger
 from kvlab.compress.snapkv import SnapKV
 from kvlab.recipe import parse_recipe
 from tests.layers import probs_of, random_layer, rotary
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 
 
 LISTED = "kvmerger(budget=30, window=8)"
@@ -130,10 +130,8 @@ def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
     recipe = "kvmerger(budget=40, window=8, threshold=-1.0)"
-    cache = engine.new_sequence(recipe)
-    engine.prefill(cache, ids, compress=True)
-    base = engine.new_sequence("snapkv(budget=40, window=8, kernel=1)")
-    engine.prefill(base, ids, compress=True)
+    cache = prefilled(engine, recipe, ids)
+    base = prefilled(engine, "snapkv(budget=40, window=8, kernel=1)", ids)
     for layer in cache.layers:
         assert layer.positions.shape == (1, 2, 40)  # the same count in every head
         assert layer.positions[0, :, -8:].tolist() == [list(range(152, 160))] * 2

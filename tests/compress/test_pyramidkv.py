@@ -4,7 +4,7 @@ import pytest
 
 from tests.layers import random_layer, rotary
 from tests.compress.test_snapkv import reference_keep as snapkv_reference
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from kvlab.compress.pyramidkv import PyramidKV, pyramid_budgets
 
 
@@ -43,8 +43,7 @@ def test_each_layer_chooses_as_snapkv_with_its_budget():
 def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
-    cache = engine.new_sequence("pyramidkv(budget=40, window=8)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "pyramidkv(budget=40, window=8)", ids)
     # C=32, min=1.6, max=62.4 (< 152), L=2: layer 0 keeps 62 + 8, layer 1 keeps 2 + 8
     assert [layer.positions.shape for layer in cache.layers] == [(1, 2, 70), (1, 2, 10)]
     for layer in cache.layers:
@@ -77,8 +76,7 @@ def test_engine_layers_keep_snapkv_choices_with_the_pyramid_budgets_of_their_dep
     ids = prompt_ids(120, seed=2)
     run = eager_run(ids, num_hidden_layers=4)
     engine = tiny_engine(num_hidden_layers=4)
-    cache = engine.new_sequence("pyramidkv(budget=40, window=8, kernel=5)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "pyramidkv(budget=40, window=8, kernel=5)", ids)
     for index, (layer, budget) in enumerate(zip(cache.layers, [70, 50, 30, 10])):
         votes = engine_votes(run, index, 8, 5)
         assert_top_plus_window(head_positions(layer), votes, budget, 8, 120)

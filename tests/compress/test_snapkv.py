@@ -8,7 +8,7 @@ from kvlab.compress.snapkv import SnapKV
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import Phase
 from tests.layers import layer_context, rotary as random_rotary
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 
 
 LISTED = "snapkv(budget=30, window=8)"
@@ -85,8 +85,7 @@ def test_equals_full_when_the_budget_covers_the_context():
     squeezed = engine.prefill(engine.new_sequence("snapkv(budget=20, window=4)"), ids, compress=True)
     dense = engine.prefill(engine.new_sequence("full"), ids, compress=True)
     torch.testing.assert_close(squeezed, dense)  # compression happens after the prompt's logits
-    cache = engine.new_sequence("snapkv(budget=20, window=4)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "snapkv(budget=20, window=4)", ids)
     after = engine.forward(cache, [5], Phase.DECODE)
     ref = engine.new_sequence("full")
     engine.prefill(ref, ids, compress=False)

@@ -3,7 +3,7 @@
 import torch
 
 from tests.layers import probs_of, random_layer, rotary
-from tests.conftest import prompt_ids, tiny_engine
+from tests.conftest import prefilled, prompt_ids, tiny_engine
 from kvlab.compress.tova import TOVA
 
 
@@ -56,8 +56,7 @@ def test_physical_size_in_the_engine():
     engine = tiny_engine()
     ids = prompt_ids(160)
     whole = engine.generate_ids(ids, "full", max_new_tokens=1).stats.kv_bytes
-    cache = engine.new_sequence("tova(budget=40)")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, "tova(budget=40)", ids)
     assert all(layer.positions.shape == (40,) for layer in cache.layers)
     assert cache.layers[0].positions.tolist() != cache.layers[1].positions.tolist()
     small = engine.generate_ids(ids, "tova(budget=40)", max_new_tokens=1).stats

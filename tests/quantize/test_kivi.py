@@ -8,7 +8,7 @@ from kvlab.engine.context import Phase
 import kvlab
 from kvlab.engine.cache import LayerKV
 from kvlab.quantize.kivi import Kivi, KiviLayerKV
-from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
+from tests.conftest import prefilled, prompt_ids, teacher_logprobs, tiny_engine
 
 
 LISTED = "kivi(group=8, residual=16)"
@@ -278,8 +278,7 @@ def test_engine_quantises_keys_per_channel_groups_and_values_per_token_the_resid
     ids = prompt_ids(n, seed=2)
     run = eager_run(ids)
     engine = tiny_engine()
-    cache = engine.new_sequence(f"kivi(bits={bits}, group={group}, residual={residual})")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"kivi(bits={bits}, group={group}, residual={residual})", ids)
     levels = 2**bits - 1
     for index, layer in enumerate(cache.layers):
         keys, values = run.keys[index], run.values[index]  # [Hkv, n, d]

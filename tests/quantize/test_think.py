@@ -7,7 +7,7 @@ import torch
 
 import kvlab
 from kvlab.quantize.think import ThinK, ThinKLayerKV
-from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
+from tests.conftest import prefilled, prompt_ids, teacher_logprobs, tiny_engine
 from tests.layers import probs_of, random_layer
 
 
@@ -334,8 +334,7 @@ def test_engine_keeps_each_kv_heads_channels_of_largest_query_key_interaction():
     ids = prompt_ids(n, seed=2)
     run = eager_run(ids)
     engine = tiny_engine()
-    cache = engine.new_sequence(f"think(ratio={ratio}, window={window})")
-    engine.prefill(cache, ids, compress=True)
+    cache = prefilled(engine, f"think(ratio={ratio}, window={window})", ids)
     for index, layer in enumerate(cache.layers):
         keys = run.keys[index]  # [Hkv, n, d]
         q_power = run.grouped(run.rotated_queries[index][:, -window:].pow(2).mean(1), "sum")
