@@ -23,8 +23,20 @@ bytes, labelled as bounds; every time is a wall-clock measurement.
     python benchmarks/speed.py --lengths 1k,2k,4k,8k --new-tokens 32 --repeats 2
     python benchmarks/speed.py --recipes "snapkv(budget=0.125); quest(budget=0.125)"
 
+Past the model's window (``--window``, default its trained length: 8k for the default model),
+the kvlab variants get a position method added, YaRN with the smallest power-of-two factor that
+reaches the length (``yarn(factor=2)`` at 16k, ``yarn(factor=4)`` at 32k; a recipe with its own
+position method keeps it), and plain transformers the same YaRN through
+``config.rope_parameters``; the output says so.
+
+    python benchmarks/speed.py --lengths 16k --new-tokens 4         # yarn(factor=2) added
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --lengths 4k,8k,16k,32k
+
 Writes ``benchmarks/results/speed.json`` (every measurement and the machine's load), ``.md``
-(the table) and ``.png`` (time vs length, log-log, per variant, with the limit lines).
+(the table) and ``.png`` (time vs length, log-log, per variant, with the limit lines), and adds
+one row per measurement to the ``speed`` table of ``--store DIR``'s ``results.duckdb``
+(default ``benchmarks/results/speed-store``): ``kvlab report DIR`` draws its "Time vs length"
+section (:mod:`kvlab.bench.timing`).
 """
 
 from __future__ import annotations
@@ -35,9 +47,9 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import torch
@@ -46,35 +58,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kvlab  # noqa: E402
+from kvlab.bench import timing  # noqa: E402
 from kvlab.bench.lengths import format_length, parse_length  # noqa: E402
 from kvlab.corpus import prose_text  # noqa: E402
 from kvlab.engine.sampling import Sampling  # noqa: E402
 
 DEFAULT_RECIPES = ("snapkv(budget=0.125)", "quest(budget=0.125)", "ashape(sink=4, window=512)")
 OUT = ROOT / "benchmarks" / "results" / "speed"
+STORE = ROOT / "benchmarks" / "results" / "speed-store"
 
 
 # -- the machine's rates ---------------------------------------------------------------------------
-def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5, device: torch.device | None = None) -> float:
     """Bytes per second of a large tensor copy (read + write), the best of ``repeats``."""
-    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    device = device or torch.device("cpu")
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * src.element_size() / best
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of ``n x n`` matmuls (2 n^3 FLOPs each), the best of ``repeats``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> float:
+    """FLOP/s of ``n x n`` matmuls in ``dtype`` (2 n^3 FLOPs each), the best of ``repeats``."""
+    device = device or torch.device("cpu")
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -123,12 +150,15 @@ def prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
 
 def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[int]) -> dict[str, Any]:
     sequence = engine.new_sequence(recipe if recipe != "full" else None)
+    _sync(engine.device)
     start = time.perf_counter()
     logits = engine.prefill(sequence, ids, compress=True, progress=False)
+    _sync(engine.device)
     prefill_s = time.perf_counter() - start
     kv_bytes = sequence.nbytes()
     start = time.perf_counter()
     engine.teacher_force(sequence, logits, forced + [forced[-1]])  # len(forced) decoding steps
+    _sync(engine.device)
     decode_s = time.perf_counter() - start
     return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
             "kv_bytes": kv_bytes}
@@ -141,17 +171,57 @@ def run_transformers(model: Any, ids: list[int], forced: list[int]) -> dict[str,
     machinery, so it is the floor of any engine on this model."""
     from transformers import DynamicCache
 
+    device = model.device
     cache = DynamicCache(config=model.config)
+    _sync(device)
     start = time.perf_counter()
-    model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    _sync(device)
     prefill_s = time.perf_counter() - start
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     start = time.perf_counter()
     for token in forced:
-        model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True,
+              logits_to_keep=1)
+    _sync(device)
     decode_s = time.perf_counter() - start
     return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
             "kv_bytes": kv_bytes}
+
+
+def position_for(length: int, window: int) -> str | None:
+    """The position method a recipe needs at ``length`` past the model's ``window``: YaRN with
+    the smallest power-of-two factor that reaches it (None within the window)."""
+    if length <= window:
+        return None
+    factor = 2
+    while window * factor < length:
+        factor *= 2
+    return f"yarn(factor={factor})"
+
+
+def with_position(recipe: str, position: str | None) -> str:
+    """``recipe`` with ``position`` added (a recipe that has its own position method keeps it)."""
+    if position is None:
+        return recipe
+    if recipe == "full":
+        return position
+    if kvlab.parse_recipe(recipe).position is not None:
+        return recipe
+    return f"{recipe} + {position}"
+
+
+def plain_rope(plain: Any, position: str | None, original: dict[str, Any]) -> None:
+    """Give plain transformers the rope parameters of ``position`` (its YaRN through
+    ``config.rope_parameters``, as kvlab's position method defines them), or its own."""
+    config = plain.config
+    params = dict(original)
+    if position is not None:
+        params.update(kvlab.parse_recipe(position).position.rope_parameters(config))
+    if params != config.rope_parameters:
+        config.rope_parameters = params
+        rotary = plain.model.rotary_emb
+        plain.model.rotary_emb = type(rotary)(config=config, device=rotary.inv_freq.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,13 +231,29 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"recipes besides full, ';'-separated (default: {'; '.join(DEFAULT_RECIPES)})")
     parser.add_argument("--new-tokens", type=int, default=16, help="decoding steps timed (default: 16)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per length; medians kept (default: 1)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16 "
+                             "(CUDA only) (default: auto)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="treat the model's window as this many tokens (default: its trained "
+                             "length); past it kvlab variants get a position method added")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the plain transformers variant")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output path stem (default: {OUT.relative_to(ROOT)})")
+    parser.add_argument("--store", type=Path, default=STORE,
+                        help="results directory: the rows go to its results.duckdb, table speed, and "
+                             f"`kvlab report DIR` draws them (default: {STORE.relative_to(ROOT)})")
     args = parser.parse_args(argv)
+    from kvlab.engine.loading import resolve_device, resolve_dtype
+
     try:
         lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
         recipes = [r.strip() for r in args.recipes.split(";") if r.strip()]
         for recipe in recipes:
             kvlab.parse_recipe(recipe)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
     except kvlab.KvlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -177,22 +263,36 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM
 
+    from kvlab.bench.store import ResultStore
     from kvlab.engine.loading import converted_gguf, default_gguf, quiet_loading
 
-    engine = kvlab.load(progress=False)
-    directory = converted_gguf(default_gguf(), progress=False)
-    with quiet_loading():
-        plain = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
-        ).eval()
+    dtype_name = str(dtype).removeprefix("torch.")
+    try:
+        store = ResultStore(args.store)
+    except kvlab.KvlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = kvlab.load(device=str(device), dtype=dtype_name, progress=False)
+    window = args.window or engine.trained_length
+    plain = None
+    if not args.no_transformers:
+        directory = converted_gguf(default_gguf(), progress=False)
+        with quiet_loading():
+            plain = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+            ).eval().to(device)
+        plain_params = dict(plain.config.rope_parameters or {})
     tokenizer = engine.tokenizer
-    bandwidth, flops = memory_bandwidth(), matmul_flops()
+    bandwidth, flops = memory_bandwidth(device=device), matmul_flops(device=device, dtype=dtype)
     weights = weight_bytes(engine.model)
-    variants = ["transformers", "full", *recipes]
+    variants = (["transformers"] if plain is not None else []) + ["full", *recipes]
     load_start = os.getloadavg()
-    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s, "
-          f"weights {weights / 2**20:.0f} MiB, torch threads {torch.get_num_threads()}, "
-          f"load average {load_start[0]:.2f}", flush=True)
+    started = dt.datetime.now().astimezone()
+    run_id = f"{started.isoformat(timespec='seconds')} {platform.node()}"
+    print(f"run {run_id}: {engine.name} {dtype_name} on {device}; memory bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s, weights "
+          f"{weights / 2**20:.0f} MiB, torch threads {torch.get_num_threads()}, "
+          f"load average {load_start[0]:.2f}; window {window} tokens", flush=True)
     warm = prompt_ids(tokenizer, 64)
     for variant in variants:  # one short untimed run each: first-call costs stay out of the table
         if variant == "transformers":
@@ -201,122 +301,70 @@ def main(argv: list[str] | None = None) -> int:
             run_kvlab(engine, variant, warm, warm[:1])
     measured: list[dict[str, Any]] = []
     for length in lengths:
+        position = position_for(length, window)
+        if position is not None:
+            print(f"{format_length(length)} is past the {window}-token window: kvlab variants run "
+                  f"with {position} added; transformers with the same YaRN rope parameters "
+                  "(config.rope_parameters)", flush=True)
+        if plain is not None:
+            plain_rope(plain, position, plain_params)
         ids = prompt_ids(tokenizer, length - args.new_tokens - 1)
         forced = prompt_ids(tokenizer, args.new_tokens + 7)[7:]
+        rows = []
         for repeat in range(args.repeats):
             order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
             for variant in order:
-                if variant == "transformers":
+                recipe = None if variant == "transformers" else with_position(variant, position)
+                if recipe is None:
                     row = run_transformers(plain, ids, forced)
                 else:
-                    row = run_kvlab(engine, variant, ids, forced)
-                row.update(variant=variant, length=length, repeat=repeat)
-                measured.append(row)
-                print(f"{format_length(length):>5} {variant:<32} prefill {row['prefill_s']:7.3f} s"
+                    row = run_kvlab(engine, recipe, ids, forced)
+                attended = attended_pairs(recipe or "transformers", length)
+                work = prefill_flops(engine.config, length, attended)
+                row.update(
+                    run_id=run_id, model=engine.name, device=str(device), dtype=dtype_name,
+                    threads=torch.get_num_threads(), context_length=length, variant=variant,
+                    recipe=recipe, position=position, repeat_index=repeat,
+                    new_tokens=args.new_tokens, prefill_flops=work, prefill_bound_s=work / flops,
+                    decode_bound_ms_per_token=1000 * (weights + row["kv_bytes"]) / bandwidth,
+                    weight_bytes=weights, memory_bandwidth_bytes_per_s=bandwidth,
+                    matmul_flops_per_s=flops, load_average=os.getloadavg()[0],
+                )
+                rows.append(row)
+                print(f"{format_length(length):>5} {recipe or variant:<40} prefill {row['prefill_s']:7.3f} s"
                       f"   decode {row['decode_ms_per_token']:8.1f} ms/token"
-                      f"   KV {row['kv_bytes'] / 2**20:7.1f} MiB", flush=True)
-    rows = summarise(measured, engine.config, bandwidth, flops, weights, variants, lengths)
+                      f"   KV {row['kv_bytes'] / 2**20:7.1f} MiB   load {row['load_average']:.2f}",
+                      flush=True)
+        store.add_speed(rows)  # one length at a time: an interrupted run keeps what it measured
+        measured += rows
+    store.close()
+    summary = timing.summarise(measured)
     record = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": started.isoformat(timespec="seconds"), "run_id": run_id,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg()},
         "versions": {"kvlab": kvlab.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
-        "model": engine.name, "dtype": "float32", "new_tokens": args.new_tokens,
-        "memory_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
-        "weight_bytes": weights, "measurements": measured, "summary": rows,
+        "model": engine.name, "device": str(device), "dtype": dtype_name, "window": window,
+        "new_tokens": args.new_tokens, "memory_bandwidth_bytes_per_s": bandwidth,
+        "matmul_flops_per_s": flops, "weight_bytes": weights, "measurements": measured,
+        "summary": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    table = markdown(rows, record)
+    text = textwrap.fill(f"Measured {record['date']}: {timing.describe(measured)}", 96)
+    added = timing.positions_added(measured)
+    if added:
+        text += "\n\n" + textwrap.fill(f"Past the {window}-token window, position method added: {added}.", 96)
+    table = text + "\n\n" + timing.markdown(summary)
     args.out.with_suffix(".md").write_text(table)
-    plot(rows, variants, args.out.with_suffix(".png"))
+    fig = timing.time_figure(summary)
+    fig.savefig(args.out.with_suffix(".png"), dpi=110, facecolor="white")
     print(table)
-    print(f"wrote {args.out.with_suffix('.json')}, .md, .png")
+    print(f"wrote {args.out.with_suffix('.json')}, .md, .png and the speed table of "
+          f"{args.store / 'results.duckdb'} (render: kvlab report {args.store})")
     return 0
-
-
-def summarise(measured: list[dict[str, Any]], config: Any, bandwidth: float, flops: float,
-              weights: int, variants: list[str], lengths: list[int]) -> list[dict[str, Any]]:
-    """Medians per (variant, length), ratios to kvlab full and to transformers, and limits."""
-    rows = []
-    for length in lengths:
-        base = {}
-        for variant in variants:
-            picked = [m for m in measured if m["variant"] == variant and m["length"] == length]
-            prefill = median(m["prefill_s"] for m in picked)
-            decode = median(m["decode_ms_per_token"] for m in picked)
-            kv = median(m["kv_bytes"] for m in picked)
-            base[variant] = (prefill, decode)
-            rows.append({
-                "variant": variant, "length": length, "n": len(picked), "prefill_s": prefill,
-                "decode_ms_per_token": decode, "kv_bytes": kv,
-                "prefill_limit_s": prefill_flops(config, length, attended_pairs(variant, length)) / flops,
-                "decode_limit_ms_per_token": 1000 * (weights + kv) / bandwidth,
-            })
-        for row in rows:
-            if row["length"] == length:
-                full, plain = base["full"], base["transformers"]
-                row["prefill_vs_full"] = row["prefill_s"] / full[0]
-                row["decode_vs_full"] = row["decode_ms_per_token"] / full[1]
-                row["prefill_vs_transformers"] = row["prefill_s"] / plain[0]
-                row["decode_vs_transformers"] = row["decode_ms_per_token"] / plain[1]
-    return rows
-
-
-def markdown(rows: list[dict[str, Any]], record: dict[str, Any]) -> str:
-    head = (
-        f"Measured {record['date']}: {record['model']} float32 on {record['machine']['cpus']} CPUs "
-        f"({record['machine']['torch_threads']} torch threads), load average "
-        f"{record['machine']['load_average_start'][0]:.2f} -> {record['machine']['load_average_end'][0]:.2f}; "
-        f"memory bandwidth {record['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
-        f"{record['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (both measured in the run); "
-        f"{record['new_tokens']} decoding steps timed per variant.\n\n"
-    )
-    lines = [
-        "| length | variant | prefill (s) | vs full | vs transformers | prefill bound (s) "
-        "| decode (ms/token) | vs full | vs transformers | decode bound (ms/token) | KV (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {format_length(r['length'])} | `{r['variant']}` | {r['prefill_s']:.3f} | "
-            f"{r['prefill_vs_full']:.2f}x | {r['prefill_vs_transformers']:.2f}x | {r['prefill_limit_s']:.3f} | "
-            f"{r['decode_ms_per_token']:.1f} | {r['decode_vs_full']:.2f}x | {r['decode_vs_transformers']:.2f}x | "
-            f"{r['decode_limit_ms_per_token']:.2f} | {r['kv_bytes'] / 2**20:.1f} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict[str, Any]], variants: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, variant in enumerate(variants):
-        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["length"])
-        x = [r["length"] for r in mine]
-        colour = colours[i % len(colours)]
-        axes[0].plot(x, [r["prefill_s"] for r in mine], "o-", color=colour, label=variant)
-        axes[0].plot(x, [r["prefill_limit_s"] for r in mine], ":", color=colour, linewidth=1)
-        axes[1].plot(x, [r["decode_ms_per_token"] for r in mine], "o-", color=colour, label=variant)
-        axes[1].plot(x, [r["decode_limit_ms_per_token"] for r in mine], ":", color=colour, linewidth=1)
-    for ax, title, unit in ((axes[0], "prefill", "seconds"), (axes[1], "decode", "ms per token")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        lengths = sorted({r["length"] for r in rows})
-        ax.set_xticks(lengths, [format_length(n) for n in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(f"{title}\n(dotted: physical bound from measured rates)", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ self-contained page (PNG plots embedded as base64, inline CSS, no JavaScript) wi
 - accuracy per turn, for cases with more than one turn;
 - needle heat maps: accuracy on a context length x needle depth grid, one panel per recipe;
 - speed and memory bars: context prefill, decode per token, KV memory, peak RSS;
+- time vs context length (when the store holds ``speed`` rows of ``benchmarks/speed.py``):
+  prefill and decode against length, log-log, with the physical bounds, and the table
+  (:mod:`kvlab.bench.timing`);
 - fidelity to the ``full`` recipe: token agreement and KL;
 - accuracy per task and per context length (recipe x task, recipe x length tables);
 - every answer next to its gold answers (collapsed per recipe);
@@ -47,11 +50,14 @@ from kvlab.bench.report_context import ReportContext, Rows, escape, join, tokens
 from kvlab.bench.store import DB_NAME, ResultStore
 from kvlab.bench.summary import first_seen
 from kvlab.bench.tables import cases_section, run_section, summary_section, tasks_section
+from kvlab.bench.timing import time_section
 from kvlab.errors import InputError
 
-__all__ = ["REPORT_NAME", "RUN_NAME", "SECTIONS", "build_report", "pareto_front",
+__all__ = ["REPORT_NAME", "RUN_NAME", "SECTIONS", "TIME_SECTION", "build_report", "pareto_front",
            "read_runs", "record_run", "render_report"]
 
+TIME_SECTION = ("time", "Time vs length")
+"""The section of ``benchmarks/speed.py``'s rows: on the page only when the store has some."""
 REPORT_NAME = "report.html"
 RUN_NAME = "run.json"
 
@@ -119,11 +125,11 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
     if not db.exists():
         raise InputError(f"no results store {db}: run `kvlab bench` into {directory} first")
     with ResultStore(directory, read_only=True) as store:  # never writes: archives render
-        rows = store.rows()
-    if not rows:
+        rows, speed = store.rows(), store.speed_rows()
+    if not rows and not speed:
         raise InputError(f"{db} holds no results yet: nothing to report")
     output = Path(output) if output is not None else directory / REPORT_NAME
-    page = render_report(rows, source=str(db), runs=read_runs(directory))
+    page = render_report(rows, source=str(db), runs=read_runs(directory), speed=speed)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(page, encoding="utf-8")
@@ -137,21 +143,26 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
 
 def render_report(
     rows: Rows, source: str | None = None, generated: dt.datetime | None = None,
-    runs: dict[str, dict[str, Any]] | None = None,
+    runs: dict[str, dict[str, Any]] | None = None, speed: Rows | None = None,
 ) -> str:
-    """The report page of ``rows`` (as :meth:`ResultStore.rows` returns them), as HTML."""
-    if not rows:
+    """The report page of ``rows`` (as :meth:`ResultStore.rows` returns them) and of the
+    ``speed`` rows (:meth:`ResultStore.speed_rows`; the "Time vs length" section is there when
+    there are some), as HTML."""
+    if not rows and not speed:
         raise InputError("no result rows: nothing to report")
     generated = generated or dt.datetime.now().astimezone()
+    if not rows:
+        return _speed_page(speed or [], source, generated)
     ctx = ReportContext(rows)
     with matplotlib.rc_context(PLOT_STYLE):
         body = [
-            _header(ctx, source, generated, runs or {}),
+            _header(ctx, source, generated, runs or {}, has_time=bool(speed)),
             _section("summary", summary_section(ctx)),
             _section("pareto", pareto_section(ctx)),
             _section("turns", turns_section(ctx)),
             _section("needle", needle_section(ctx)),
             _section("speed", speed_section(ctx)),
+            *([_section("time", time_section(speed))] if speed else []),
             _section("fidelity", fidelity_section(ctx)),
             _section("tasks", tasks_section(ctx)),
             _section("cases", cases_section(ctx)),
@@ -162,12 +173,36 @@ def render_report(
             + "\n".join(body) + _PAGE_TAIL)
 
 
+def _speed_page(speed: Rows, source: str | None, generated: dt.datetime) -> str:
+    """The page of a store holding only speed rows: a short header and "Time vs length"."""
+    models = list(dict.fromkeys(str(r["model"]) for r in speed))
+    items = [
+        ("model" if len(models) == 1 else "models", join(models)),
+        ("devices", join(dict.fromkeys(str(r["device"]) for r in speed))),
+        ("dtypes", join(dict.fromkeys(str(r["dtype"]) for r in speed))),
+        ("context lengths (tokens)",
+         join(tokens(n) for n in sorted({r["context_length"] for r in speed}))),
+        ("results", f"{len(speed):,} speed rows (benchmarks/speed.py), no accuracy rows"),
+        ("report generated", f"{generated:%Y-%m-%d %H:%M %Z}".strip()),
+    ]
+    if source:
+        items.append(("source", source))
+    dl = "\n".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
+    with matplotlib.rc_context(PLOT_STYLE):
+        body = [f"<header><h1>kvlab benchmark report</h1>\n<dl>{dl}</dl></header>",
+                _section("time", time_section(speed))]
+    title = escape(f"kvlab speed report: {', '.join(models)}")
+    return (_PAGE_HEAD.replace("@CSS@", _CSS).replace("@TITLE@", title)
+            + "\n".join(body) + _PAGE_TAIL)
+
+
 def _section(key: str, content: str) -> str:
-    return f'<section id="{key}">\n<h2>{escape(SECTIONS[key])}</h2>\n{content}\n</section>'
+    title = SECTIONS.get(key) or dict([TIME_SECTION])[key]
+    return f'<section id="{key}">\n<h2>{escape(title)}</h2>\n{content}\n</section>'
 
 
 def _header(ctx: ReportContext, source: str | None, generated: dt.datetime,
-            runs: dict[str, dict[str, Any]]) -> str:
+            runs: dict[str, dict[str, Any]], has_time: bool = False) -> str:
     rows = ctx.rows
     tasks = list(dict.fromkeys((r["task"], r["family"]) for r in rows))
     devices = first_seen(rows, "device")
@@ -204,7 +239,10 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime,
     if source:
         items.append(("source", source))
     dl = "\n".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
-    nav = " · ".join(f'<a href="#{k}">{escape(v)}</a>' for k, v in SECTIONS.items())
+    shown = list(SECTIONS.items())
+    if has_time:
+        shown.insert(list(SECTIONS).index("speed") + 1, TIME_SECTION)
+    nav = " · ".join(f'<a href="#{k}">{escape(v)}</a>' for k, v in shown)
     return f"<header><h1>kvlab benchmark report</h1>\n<dl>{dl}</dl>\n<nav>{nav}</nav></header>"
 
 

@@ -1,4 +1,9 @@
-"""The results store: one DuckDB table, one row per case x recipe x turn.
+"""The results store: DuckDB tables ``results`` (one row per case x recipe x turn) and ``speed``.
+
+``speed`` holds the timings of ``benchmarks/speed.py`` (time vs context length): one row per
+run x context length x variant x repeat, with the physical bounds and machine rates measured in
+the same run (:data:`SPEED_COLUMNS`; :meth:`ResultStore.add_speed`, :meth:`ResultStore.speed_rows`).
+A store may hold either table or both; ``kvlab report`` renders what it holds.
 
 A benchmark directory holds ``results.duckdb``. Rows of one (case, recipe) pair are written in
 one transaction when the pair finishes, so an interrupted run loses only the pair in flight and
@@ -65,6 +70,37 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
+
+SPEED_TABLE = "speed"
+SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("run_id", "VARCHAR", "one speed.py run: its start time (ISO 8601) and host"),
+    ("model", "VARCHAR", "model name"),
+    ("device", "VARCHAR", "cpu or cuda:N"),
+    ("dtype", "VARCHAR", "weights and KV dtype: float32, bfloat16 or float16"),
+    ("threads", "INTEGER", "torch CPU threads"),
+    ("context_length", "INTEGER", "context tokens: prompt + decoded tokens"),
+    ("variant", "VARCHAR", "transformers, full or the recipe as given"),
+    ("recipe", "VARCHAR", "the recipe run, with any position method added past the window "
+                          "(NULL for transformers)"),
+    ("position", "VARCHAR", "position method added past the model's window (NULL: none)"),
+    ("repeat_index", "INTEGER", "0-based round at this length"),
+    ("new_tokens", "INTEGER", "decoding steps timed"),
+    ("prefill_s", "DOUBLE", "seconds to prefill the prompt"),
+    ("decode_ms_per_token", "DOUBLE", "milliseconds per decoding step"),
+    ("prefill_bound_s", "DOUBLE", "lower bound: matmul FLOPs / measured matmul FLOP/s"),
+    ("decode_bound_ms_per_token", "DOUBLE",
+     "lower bound: (weight + KV bytes) / measured memory bandwidth, ms"),
+    ("kv_bytes", "BIGINT", "bytes the cache held after the prefill"),
+    ("weight_bytes", "BIGINT", "bytes of the weights one decoding step reads"),
+    ("prefill_flops", "DOUBLE", "matmul FLOPs of the prefill (linear layers + attention)"),
+    ("memory_bandwidth_bytes_per_s", "DOUBLE", "measured in the run: tensor copy bytes / s"),
+    ("matmul_flops_per_s", "DOUBLE", "measured in the run: square matmul FLOP/s"),
+    ("load_average", "DOUBLE", "1-minute load average when the measurement ended"),
+    ("created_at", "TIMESTAMP", "when the row was written"),
+)
+SPEED_NAMES = tuple(name for name, _, _ in SPEED_COLUMNS)
+SPEED_INSERTED = tuple(name for name in SPEED_NAMES if name != "created_at")
+_SPEED_KEY = ("run_id", "context_length", "variant", "repeat_index")
 
 INSERTED = tuple(name for name in COLUMN_NAMES if name != "created_at")
 # columns added after the first release: a store written before lacks them (filled on open)
@@ -180,11 +216,25 @@ class ResultStore:
     def _prepare(self, read_only: bool) -> None:
         """Check (read-only) or create the table; add columns that an older store lacks."""
         self._defaults: dict[str, str] = {}
-        present = {name for (name,) in self._db.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'results'"
-        ).fetchall()}
+        present = self._columns("results")
+        speed = self._columns(SPEED_TABLE)
+        self.has_speed = bool(speed)
+        if speed and any(c not in speed for c in SPEED_NAMES):
+            missing = ", ".join(c for c in SPEED_NAMES if c not in speed)
+            raise StoreError(
+                f"{self.path} holds a speed table without the columns {missing} (not written "
+                "by benchmarks/speed.py?); it was left untouched: pick another --store"
+            )
+        if not speed and not read_only:
+            columns = ", ".join(f"{name} {kind}" for name, kind, _ in SPEED_COLUMNS)
+            self._db.execute(f"CREATE TABLE {SPEED_TABLE} ({columns}, "
+                             f"PRIMARY KEY ({', '.join(_SPEED_KEY)}))")
+            self.has_speed = True
+        self.has_results = bool(present)
         if not present:
             if read_only:
+                if speed:
+                    return  # speed timings only (benchmarks/speed.py --store)
                 raise StoreError(
                     f"{self.path} is a DuckDB file but holds no kvlab results table (not "
                     "written by kvlab bench?); point kvlab report at a kvlab bench --out directory"
@@ -193,6 +243,7 @@ class ResultStore:
             self._db.execute(
                 f"CREATE TABLE results ({columns}, PRIMARY KEY ({', '.join(_KEY)}))"
             )
+            self.has_results = True
             return
         missing = [c for c in COLUMN_NAMES if c not in present and c not in _ADDED]
         if missing:
@@ -208,6 +259,11 @@ class ResultStore:
             self._defaults = {n: d.strip("'") for n, d in _ADDED.items() if n not in present}
         # read every stored value once, so a truncated or damaged file is found here
         self._db.execute("SELECT max(length(CAST(COLUMNS(*) AS VARCHAR))) FROM results").fetchall()
+
+    def _columns(self, table: str) -> set[str]:
+        return {name for (name,) in self._db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        ).fetchall()}
 
     def _run(self, sql: str, params: list[Any] | None = None) -> duckdb.DuckDBPyConnection:
         try:
@@ -281,10 +337,52 @@ class ResultStore:
                     row.setdefault(name, value)
         return rows
 
+    def add_speed(self, rows: list[dict[str, Any]]) -> None:
+        """Write speed rows (:data:`SPEED_COLUMNS`, ``created_at`` filled here) atomically;
+        a row whose (run, length, variant, repeat) is already stored is refused, nothing
+        written."""
+        if not rows:
+            return
+        if self.read_only:
+            raise StoreError(f"the results store {self.path} was opened read-only")
+        missing = [c for c in SPEED_INSERTED if c not in rows[0]]
+        if missing:
+            raise ValueError(f"speed rows lack columns: {', '.join(missing)}")
+        placeholders = ", ".join("?" for _ in SPEED_INSERTED)
+        self._run("BEGIN TRANSACTION")
+        try:
+            self._db.executemany(
+                f"INSERT INTO {SPEED_TABLE} ({', '.join(SPEED_INSERTED)}, created_at) "
+                f"VALUES ({placeholders}, now())",
+                [[row[c] for c in SPEED_INSERTED] for row in rows],
+            )
+            self._db.execute("COMMIT")
+        except (duckdb.Error, OSError) as exc:
+            self._db.execute("ROLLBACK")
+            if isinstance(exc, duckdb.ConstraintException):
+                raise StoreError(
+                    f"{self.path} already holds speed rows of run {rows[0]['run_id']!r}; kvlab "
+                    "never replaces a stored row"
+                ) from None
+            raise store_error(self.path, exc, read_only=False) from None
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def speed_rows(self) -> list[dict[str, Any]]:
+        """Every speed row, by run and in the order written (empty when there are none)."""
+        if not self.has_speed:
+            return []
+        return self.query(f"SELECT * FROM {SPEED_TABLE} ORDER BY run_id, rowid")
+
     def rows(self) -> list[dict[str, Any]]:
+        if not self.has_results:
+            return []
         return self.query("SELECT * FROM results ORDER BY task, target_tokens, case_id, recipe, turn")
 
     def count(self) -> int:
+        if not self.has_results:
+            return 0
         return int(self._run("SELECT count(*) FROM results").fetchone()[0])
 
     def close(self) -> None:
