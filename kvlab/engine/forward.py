@@ -34,6 +34,10 @@ class ForwardContext:
     prepared: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if type(self.rotary).cos_sin is Rotary.cos_sin:  # a method's own cos_sin is kept as is
+            self.rotary = self.rotary.pinned(self.positions)
+
     @property
     def position(self) -> PositionMethod:
         return self.recipe.position or TRAINED_ROPE

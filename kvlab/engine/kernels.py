@@ -6,6 +6,8 @@ attention with them, and the methods of the other stages score entries with them
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,11 +22,41 @@ def causal_allowed(q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return k_pos[..., None, :] <= q_pos[:, None]
 
 
+def _is_arange(pos: Tensor) -> bool:
+    """``pos`` ``[n]`` is ``start, start + 1, ..., start + n - 1``."""
+    n = pos.numel()
+    return n > 0 and int(pos[-1]) - int(pos[0]) == n - 1 and bool((pos[1:] > pos[:-1]).all())
+
+
+_CHUNK_MASKS: dict[tuple[Any, ...], Tensor] = {}
+_CHUNK_MASK_BYTES = 64 * 2**20  # masks larger than this are built per call, never kept
+
+
+def chunk_mask(q_start: int, t: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive mask ``[t, n]`` (0 allowed, -inf not) of queries at ``q_start .. q_start + t``
+    over keys at ``0 .. n``: a prefill chunk over the whole cache. Every layer of a forward
+    asks for the same one, so the last two are kept (when small), and SDPA gets a float
+    mask it adds as is (a boolean one it converts on every call)."""
+    key = (q_start, t, n, dtype, device)
+    mask = _CHUNK_MASKS.get(key)
+    if mask is None:
+        q = torch.arange(q_start, q_start + t, device=device)
+        allowed = torch.arange(n, device=device)[None, :] <= q[:, None]
+        mask = torch.zeros(t, n, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        if t * n * mask.element_size() <= _CHUNK_MASK_BYTES:
+            while len(_CHUNK_MASKS) >= 2:
+                _CHUNK_MASKS.pop(next(iter(_CHUNK_MASKS)))
+            _CHUNK_MASKS[key] = mask
+    return mask
+
+
 def causal_mask(
-    q_pos: Tensor, k_pos: Tensor, allowed: Tensor | None
+    q_pos: Tensor, k_pos: Tensor, allowed: Tensor | None, dtype: torch.dtype | None = None
 ) -> tuple[Tensor | None, bool]:
     """The mask for attention of queries at ``q_pos`` over keys at ``k_pos``: returns
-    ``(mask, is_causal)`` and avoids building a mask where none is needed."""
+    ``(mask, is_causal)`` and avoids building a mask where none is needed. With ``dtype``, a
+    prefill chunk over a whole contiguous cache gets the float mask of :func:`chunk_mask`
+    (else a boolean one)."""
     if q_pos.numel() == 1:  # a decoding step: every stored key is at or before the query
         return allowed, False
     if allowed is None:
@@ -32,6 +64,9 @@ def causal_mask(
             return None, False
         if k_pos.dim() == 1 and k_pos.shape == q_pos.shape and torch.equal(k_pos, q_pos):
             return None, True
+        if (dtype is not None and k_pos.dim() == 1 and q_pos.dim() == 1 and int(k_pos[0]) == 0
+                and _is_arange(k_pos) and _is_arange(q_pos)):
+            return chunk_mask(int(q_pos[0]), q_pos.numel(), k_pos.numel(), dtype, q_pos.device), False
     mask = causal_allowed(q_pos, k_pos)
     if allowed is not None:
         mask = mask & allowed
@@ -49,7 +84,8 @@ def dense_attention(
     q: Tensor, k: Tensor, v: Tensor, scaling: float, allowed: Tensor | None, is_causal: bool = False
 ) -> Tensor:
     """Exact softmax attention of rotated ``q`` ``[b, Hq, t, d]`` over rotated ``k``/``v``
-    ``[b, Hk, n, d]`` (``Hq`` a multiple of ``Hk``). ``allowed`` is a boolean mask or None."""
+    ``[b, Hk, n, d]`` (``Hq`` a multiple of ``Hk``). ``allowed`` is a boolean mask, an
+    additive float mask in q's dtype (:func:`chunk_mask`) or None."""
     if allowed is not None:
         allowed = expand_heads(allowed, q.shape[1])
     return F.scaled_dot_product_attention(
@@ -71,4 +107,4 @@ def masked_logits(
     return logits
 
 
-__all__ = ["causal_allowed", "causal_mask", "dense_attention", "expand_heads", "masked_logits"]
+__all__ = ["causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads", "masked_logits"]

@@ -41,6 +41,32 @@ class Rotary:
         cos, sin = self.cos_sin(positions, x.dtype)
         return apply_rotation(x, cos, sin)
 
+    def pinned(self, positions: Tensor) -> Rotary:
+        """This rotary for one forward: cos and sin of ``positions`` (that very tensor, which
+        the forward owns and nobody modifies) are computed once and shared by every layer's
+        keys and queries; any other positions are computed as usual."""
+        return PinnedRotary(self, positions)
+
+
+class PinnedRotary(Rotary):
+    """A :class:`Rotary` that computes the cos and sin of one forward's positions once."""
+
+    def __init__(self, base: Rotary, positions: Tensor) -> None:
+        self.inv_freq = base.inv_freq
+        self.attention_factor = base.attention_factor
+        self.positions = positions
+        self._tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if positions is not self.positions:
+            return super().cos_sin(positions, dtype)
+        if dtype not in self._tables:
+            self._tables[dtype] = super().cos_sin(positions, dtype)
+        return self._tables[dtype]
+
+    def pinned(self, positions: Tensor) -> Rotary:
+        return self if positions is self.positions else PinnedRotary(self, positions)
+
 
 def rotate_half(x: Tensor) -> Tensor:
     """RoPE's pairing in transformers' layout: ``(x1, x2) -> (-x2, x1)``."""

@@ -63,7 +63,7 @@ class PositionMethod(Method):
         q = rotary.rotate(q, q_pos)
         if self.stores_pre_rope:
             keys = rotary.rotate(keys, k_pos)
-        mask, is_causal = causal_mask(q_pos, k_pos, allowed)
+        mask, is_causal = causal_mask(q_pos, k_pos, allowed, q.dtype)
         return dense_attention(q, keys, values, scaling, mask, is_causal)
 
 
