@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import kvlab
@@ -343,6 +344,10 @@ CLI_BENCH: list[tuple[str, list[str], str]] = [
     ("bench-past-window", ["bench", "--model", "{model}", "--recipes", "yarn(factor=2)", "--lengths", "3k",
                            "--out", "{tmp}/run"], "--reference 'yarn(factor=2)'"),
     ("bench-reference-unknown", ["bench", "--reference", "warp(factor=2)"], "unknown method 'warp'"),
+    ("bench-dtype-unknown", ["bench", "--model", "{model}", "--dtype", "fp8", "--out", "{tmp}/run"],
+     "dtype='fp8': use one of auto, float32, bfloat16, float16"),
+    ("bench-dtype-float16-on-cpu", ["bench", "--model", "{model}", "--device", "cpu", "--dtype", "float16",
+                                    "--out", "{tmp}/run"], "float16 runs on CUDA only"),
 ]
 PREPARE.update({
     "bench-config-recipes-int": _writes("b.yaml", "recipes: 5\n"),
@@ -382,6 +387,12 @@ API_TYPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
         "overflow-suggests-a-factor-yarn-has",
         lambda: engine().generate_ids([1] * 600, max_new_tokens=4), InputError, "'yarn(factor=4)'",
     ),
+    ("load-dtype-unknown", lambda: kvlab.load(dtype="int3", progress=False), InputError,
+     "dtype='int3': use one of auto, float32, bfloat16, float16"),
+    ("load-dtype-torch-unknown", lambda: kvlab.load(dtype=torch.int8, progress=False), InputError,
+     "dtype=torch.int8: use one of float32, bfloat16, float16"),
+    ("load-dtype-float16-on-cpu", lambda: kvlab.load(device="cpu", dtype="float16", progress=False),
+     InputError, "dtype=float16 on cpu: float16 runs on CUDA only; on the CPU use bfloat16"),
     (
         "overflow-beyond-every-position-method",
         lambda: engine().generate_ids([1] * (256 * 64 + 1), max_new_tokens=4), InputError,

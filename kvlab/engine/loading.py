@@ -88,15 +88,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The weights' (and so the KV cache's) dtype: ``auto`` is bfloat16 on CUDA, float32 on
+    CPU; float32 and bfloat16 run anywhere, float16 on CUDA only (CPUs have no fast float16
+    matmuls, and bfloat16 takes the same 2 bytes a value with float32's range)."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise InputError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
+        resolved = dtype
+    elif dtype not in DTYPES:
         raise InputError(f"dtype={dtype!r}: use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    else:
+        resolved = DTYPES[dtype]
+    if resolved == torch.float16 and device.type != "cuda":
+        raise InputError(
+            f"dtype=float16 on {device.type}: float16 runs on CUDA only; on the CPU use "
+            "bfloat16 (also 2 bytes a value) or float32"
+        )
+    return resolved
 
 
 # -- checking model files ---------------------------------------------------------------------
