@@ -221,7 +221,7 @@ def plain_rope(plain: Any, position: str | None, original: dict[str, Any]) -> No
     if params != config.rope_parameters:
         config.rope_parameters = params
         rotary = plain.model.rotary_emb
-        plain.model.rotary_emb = type(rotary)(config=config, device=rotary.inv_freq.device)
+        plain.model.rotary_emb = type(rotary)(config).to(rotary.inv_freq.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    text = textwrap.fill(f"Measured {record['date']}: {timing.describe(measured)}", 96)
+    text = textwrap.fill(f"Measured {record['date']}: {timing.describe(measured)}", 80)
     added = timing.positions_added(measured)
     if added:
-        text += "\n\n" + textwrap.fill(f"Past the {window}-token window, position method added: {added}.", 96)
+        text += "\n\n" + textwrap.fill(
+            f"Past the {window}-token window, position method added: {added}.", 80)
     table = text + "\n\n" + timing.markdown(summary)
     args.out.with_suffix(".md").write_text(table)
     fig = timing.time_figure(summary)

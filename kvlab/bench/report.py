@@ -176,10 +176,12 @@ def render_report(
 def _speed_page(speed: Rows, source: str | None, generated: dt.datetime) -> str:
     """The page of a store holding only speed rows: a short header and "Time vs length"."""
     models = list(dict.fromkeys(str(r["model"]) for r in speed))
+    devices = list(dict.fromkeys(str(r["device"]) for r in speed))
+    dtypes = list(dict.fromkeys(str(r["dtype"]) for r in speed))
     items = [
         ("model" if len(models) == 1 else "models", join(models)),
-        ("devices", join(dict.fromkeys(str(r["device"]) for r in speed))),
-        ("dtypes", join(dict.fromkeys(str(r["dtype"]) for r in speed))),
+        ("device" if len(devices) == 1 else "devices", join(devices)),
+        ("dtype" if len(dtypes) == 1 else "dtypes", join(dtypes)),
         ("context lengths (tokens)",
          join(tokens(n) for n in sorted({r["context_length"] for r in speed}))),
         ("results", f"{len(speed):,} speed rows (benchmarks/speed.py), no accuracy rows"),

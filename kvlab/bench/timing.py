@@ -78,7 +78,8 @@ def describe(rows: Rows) -> str:
         f"threads); 1-minute load average {load} during the run; memory bandwidth "
         f"{first['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s and matmul "
         f"{first['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, both measured in the run; "
-        f"{first['new_tokens']} decoding steps timed per variant."
+        f"{first['new_tokens']} decoding step{'s' if first['new_tokens'] != 1 else ''} timed per "
+        "variant."
     )
 
 
@@ -88,6 +89,17 @@ def positions_added(rows: Rows) -> str | None:
     if not added:
         return None
     return "; ".join(f"{format_length(n)}: {p}" for n, p in added)
+
+
+def display_name(row: dict[str, Any]) -> str:
+    """The variant, with the position method added past the window (a recipe that kept its
+    own position method shows as run)."""
+    position = row.get("position")
+    if not position:
+        return str(row["variant"])
+    if row["variant"] in (PLAIN, FULL) or not row.get("recipe"):
+        return f"{row['variant']} + {position}"
+    return str(row["recipe"])
 
 
 def _ratio(value: float | None) -> str:
@@ -102,7 +114,7 @@ def markdown(summary: Rows) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary:
-        name = r["recipe"] if r.get("position") else r["variant"]
+        name = display_name(r)
         lines.append(
             f"| {format_length(r['context_length'])} | `{name}` | {r['prefill_s']:.3f} | "
             f"{_ratio(r['prefill_vs_full'])} | {_ratio(r['prefill_vs_transformers'])} | "
@@ -152,8 +164,8 @@ def time_figure(summary: Rows) -> Figure:
         ax.set_yscale("log")
         ax.set_xticks(lengths, [format_length(n) for n in lengths])
         ax.xaxis.set_minor_locator(NullLocator())
-        # 1-2-5 ticks with plain numbers: readable even when the times span less than a decade
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # 1-2-3-5 ticks with plain numbers: readable even when the times span less than a decade
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
         ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("context length (tokens, log scale)")
