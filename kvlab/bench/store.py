@@ -90,7 +90,7 @@ SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prefill_bound_s", "DOUBLE", "lower bound: matmul FLOPs / measured matmul FLOP/s"),
     ("decode_bound_ms_per_token", "DOUBLE",
      "lower bound: (weight + KV bytes) / measured memory bandwidth, ms"),
-    ("kv_bytes", "BIGINT", "bytes the cache held after the prefill"),
+    ("kv_bytes", "BIGINT", "bytes the cache held after the decoding steps (side indexes included)"),
     ("weight_bytes", "BIGINT", "bytes of the weights one decoding step reads"),
     ("prefill_flops", "DOUBLE", "matmul FLOPs of the prefill (linear layers + attention)"),
     ("memory_bandwidth_bytes_per_s", "DOUBLE", "measured in the run: tensor copy bytes / s"),

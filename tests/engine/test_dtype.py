@@ -46,6 +46,19 @@ def test_full_holds_half_the_bytes_in_bfloat16():
     assert stored == layer.keys.numel() * 2 * 2  # keys and values, 2 bytes a value
 
 
+def test_side_indexes_are_counted_in_their_own_dtype():
+    """Quest's page bounds (built at the first decoding step) are min/max of the stored keys:
+    they follow the model's dtype and count in nbytes as they are stored."""
+    recipe = "quest(budget=32, page=16, dense_layers=0)"
+    (seq16, _), (seq32, _) = run(engine(torch.bfloat16), recipe), run(engine(torch.float32), recipe)
+    index = seq16.cache.layers[0].side["quest.page_bounds"]
+    assert index.mins.dtype == torch.bfloat16
+    full16, _ = run(engine(torch.bfloat16), None)
+    assert seq16.nbytes() == full16.nbytes() + sum(
+        layer.side["quest.page_bounds"].nbytes() for layer in seq16.cache.layers) > full16.nbytes()
+    assert seq16.nbytes() * 2 == seq32.nbytes()
+
+
 def test_chunked_prefill_equals_one_chunk_in_each_dtype():
     """The prefill chunk's float mask (kernels.chunk_mask) is in the model's dtype."""
     for dtype in (torch.float32, torch.bfloat16):
