@@ -53,8 +53,8 @@ from kvlab.bench.tables import cases_section, run_section, summary_section, task
 from kvlab.bench.timing import time_section
 from kvlab.errors import InputError
 
-__all__ = ["REPORT_NAME", "RUN_NAME", "SECTIONS", "TIME_SECTION", "build_report", "pareto_front",
-           "read_runs", "record_run", "render_report"]
+__all__ = ["REPORT_NAME", "RUN_NAME", "SECTIONS", "TIME_SECTION", "build_report",
+           "pareto_front", "read_runs", "record_run", "render_report"]
 
 TIME_SECTION = ("time", "Time vs length")
 """The section of ``benchmarks/speed.py``'s rows: on the page only when the store has some."""

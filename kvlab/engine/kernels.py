@@ -66,7 +66,8 @@ def causal_mask(
             return None, True
         if (dtype is not None and k_pos.dim() == 1 and q_pos.dim() == 1 and int(k_pos[0]) == 0
                 and _is_arange(k_pos) and _is_arange(q_pos)):
-            return chunk_mask(int(q_pos[0]), q_pos.numel(), k_pos.numel(), dtype, q_pos.device), False
+            start, t, n = int(q_pos[0]), q_pos.numel(), k_pos.numel()
+            return chunk_mask(start, t, n, dtype, q_pos.device), False
     mask = causal_allowed(q_pos, k_pos)
     if allowed is not None:
         mask = mask & allowed
@@ -107,4 +108,5 @@ def masked_logits(
     return logits
 
 
-__all__ = ["causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads", "masked_logits"]
+__all__ = ["causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads",
+           "masked_logits"]

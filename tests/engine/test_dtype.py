@@ -29,7 +29,8 @@ def run(e: kvlab.Engine, recipe: str | None):
 
 @pytest.mark.parametrize("recipe", [None, "snapkv(budget=0.5)", "quest(budget=0.5)"])
 def test_bfloat16_runs_prefill_and_decode_close_to_float32(recipe):
-    (seq16, lp16), (seq32, lp32) = run(engine(torch.bfloat16), recipe), run(engine(torch.float32), recipe)
+    seq16, lp16 = run(engine(torch.bfloat16), recipe)
+    _, lp32 = run(engine(torch.float32), recipe)
     layer = seq16.cache.layers[0]
     assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
     assert lp16.dtype == torch.float32 and torch.isfinite(lp16).all()
