@@ -116,3 +116,40 @@ def test_a_store_of_speed_rows_only_renders_with_kvlab_report(tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert TITLE in page and "6 speed rows" in page
     assert page.count('<img src="data:image/png;base64,') == 1
+
+
+def test_speed_py_gives_transformers_the_yarn_kvlab_runs():
+    """Past the window speed.py adds yarn(factor=F) to kvlab's variants and sets the same
+    rope parameters on plain transformers: the two compute the same log-probabilities."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    import kvlab
+    from tests.conftest import prompt_ids, tiny_model
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_script", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    assert speed.position_for(8192, 8192) is None
+    assert speed.position_for(16384, 8192) == "yarn(factor=2)"
+    assert speed.position_for(32768, 8192) == "yarn(factor=4)"
+    assert speed.with_position("full", "yarn(factor=2)") == "yarn(factor=2)"
+    assert speed.with_position("snapkv(budget=0.5)", "yarn(factor=2)") == "snapkv(budget=0.5) + yarn(factor=2)"
+    assert speed.with_position("dynamic_ntk(factor=8)", "yarn(factor=2)") == "dynamic_ntk(factor=8)"
+
+    ids = prompt_ids(100)
+    plain = tiny_model(max_position_embeddings=64, attn_implementation="sdpa")
+    original = dict(plain.config.rope_parameters)
+    speed.plain_rope(plain, "yarn(factor=2)", original)
+    assert plain.config.rope_parameters["rope_type"] == "yarn"
+    with torch.inference_mode():
+        theirs = torch.log_softmax(plain(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    engine = kvlab.Engine(tiny_model(max_position_embeddings=64), None, progress=False)
+    sequence = engine.new_sequence("yarn(factor=2)")
+    logits = engine.prefill(sequence, ids, compress=True)
+    assert torch.allclose(torch.log_softmax(logits, -1), theirs[-1], atol=1e-4)
+    speed.plain_rope(plain, None, original)  # back to the model's own rope
+    assert plain.config.rope_parameters == original
