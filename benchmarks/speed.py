@@ -61,7 +61,6 @@ import kvlab  # noqa: E402
 from kvlab.bench import timing  # noqa: E402
 from kvlab.bench.lengths import format_length, parse_length  # noqa: E402
 from kvlab.corpus import prose_text  # noqa: E402
-from kvlab.engine.sampling import Sampling  # noqa: E402
 
 DEFAULT_RECIPES = ("snapkv(budget=0.125)", "quest(budget=0.125)", "ashape(sink=4, window=512)")
 OUT = ROOT / "benchmarks" / "results" / "speed"
