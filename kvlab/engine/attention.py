@@ -11,7 +11,8 @@ computes this call:
 
 and then lets the **compress** method see every chunk of the context prefill (``observe``) and
 every decoding step (``after_decode_step``), and shrink the layer at the end of that prefill,
-where the **quantize** method converts what is kept. Attention itself is always computed by
+where the **quantize** method converts what is kept, and the **retrieve** method builds its
+index over the finished context (``end_context``). Attention itself is always computed by
 the **position** method (it knows how to rotate q and k), through :meth:`LayerContext.attend`.
 """
 
@@ -73,6 +74,8 @@ def kvlab_attention(
             recipe.quantize.convert(query, ctx)
         else:
             ctx.layer.end_prefill()
+        if recipe.retrieve is not None:
+            recipe.retrieve.end_context(query, ctx)
     return out.transpose(1, 2).contiguous(), None
 
 
