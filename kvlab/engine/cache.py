@@ -90,8 +90,10 @@ class LayerKV:
         return self.keys.shape[1]
 
     def head_entries(self) -> list[int]:
-        """Entries held by each KV head (all equal unless the layer is ragged)."""
-        n = self.num_entries
+        """Entries held by each KV head (all equal unless the layer is ragged), those a side
+        index holds on the offloaded tier in place of the storage included (its optional
+        ``offloaded_entries``: a retrieve method that moved context entries out)."""
+        n = self.num_entries + sum(getattr(i, "offloaded_entries", 0) for i in self.side.values())
         return [n] * self.kv_heads if n else []
 
     @property

@@ -86,6 +86,11 @@ class QuantisedKeys:
     def entries(self) -> int:
         return self.codes.shape[2]
 
+    @property
+    def offloaded_entries(self) -> int:
+        """Context entries held here only (see :meth:`LayerKV.head_entries`)."""
+        return self.entries
+
     def nbytes(self) -> int:
         return offload.nbytes(self.codes, self.codebooks, self.positions)
 

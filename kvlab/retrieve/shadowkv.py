@@ -54,6 +54,7 @@ class ShadowIndex:
         self.u, self.svt, self.landmarks, self.chunk_ids = u, svt, landmarks, chunk_ids
         self.positions, self.values, self.chunk, self.entries = positions, values, chunk, entries
         self.exact_entries = 0  # entries of the layer's storage when the index was built
+        self.offloaded_entries = 0  # context entries held here only (not outliers)
 
     def nbytes(self) -> int:
         return offload.nbytes(self.u, self.svt, self.landmarks, self.chunk_ids, self.positions)
@@ -121,6 +122,7 @@ class ShadowKV(RetrieveMethod):
         local_rows = torch.arange(region, n, device=layer.keys.device).expand(b, kv_heads, -1)
         layer.select(torch.cat([outlier_rows, local_rows], dim=-1))
         index.exact_entries = layer.num_entries
+        index.offloaded_entries = region - self.outliers * c
         layer.side[INDEX_KEY] = index
 
     def chunk_scores(self, q_rotated: Tensor, index: ShadowIndex, scaling: float) -> Tensor:

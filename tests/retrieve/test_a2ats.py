@@ -10,6 +10,7 @@ top ``budget`` per KV head, exact attention with true RoPE.
 import pytest
 import torch
 
+from kvlab.errors import RecipeError
 from kvlab.retrieve.a2ats import kmeans
 from tests.compress.reference import reference_logits
 from tests.conftest import prompt_ids, tiny_engine
@@ -138,3 +139,10 @@ def test_codes_on_the_accelerator_keys_and_values_offloaded():
     index_bytes = kv_heads * m * subspaces + kv_heads * codewords * d * f32 + kv_heads * m * 4
     assert sequence.nbytes() == 2 * (layer_bytes + index_bytes)
     assert sequence.offloaded_nbytes() == 2 * 2 * kv_heads * m * d * f32
+    assert sequence.mean_entries() == prompt  # nothing evicted: moved to the offloaded tier
+
+
+def test_subspaces_must_divide_the_head_size():
+    engine = tiny_engine()
+    with pytest.raises(RecipeError, match="must divide the head size 16"):
+        engine.generate_ids(prompt_ids(120), "a2ats(subspaces=3)", max_new_tokens=2)

@@ -144,6 +144,7 @@ def test_full_keys_leave_the_accelerator_and_values_are_offloaded():
     assert shadow.stats.kv_offloaded_bytes == 2 * kv_heads * region * d * f32
     assert shadow.stats.kv_bytes < 0.55 * full.stats.kv_bytes  # rank 8 of 32, values out
     assert full.stats.kv_offloaded_bytes == 0
+    assert shadow.stats.kv_tokens == full.stats.kv_tokens  # nothing evicted: moved to a tier
 
 
 def test_short_context_stays_dense():
