@@ -4,7 +4,8 @@ Every attention layer of a model run by kvlab calls :func:`kvlab_attention`. It 
 forward's new keys and values, then asks the recipe's methods, in lifecycle order, who
 computes this call:
 
-1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache;
+1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache
+   (and prompt tokens appended after the context, to entries its index moved out of storage);
 2. **prefill** — a prompt forward on an uncompressed layer may use a sparse pattern;
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
@@ -54,7 +55,9 @@ def kvlab_attention(
     out: Tensor | None = None
     if decoding and recipe.retrieve is not None:
         out = recipe.retrieve.attend(query, ctx)
-    elif ctx.phase.is_prefill and recipe.prefill is not None and ctx.layer.is_contiguous:
+    elif ctx.phase is Phase.APPEND and recipe.retrieve is not None:
+        out = recipe.retrieve.attend_appended(query, ctx)
+    if out is None and ctx.phase.is_prefill and recipe.prefill is not None and ctx.layer.is_contiguous:
         out = recipe.prefill.attend(query, ctx)
     if out is None:
         layer = ctx.layer

@@ -173,12 +173,25 @@ class A2ATS(RetrieveMethod):
         b, hq = q.shape[:2]
         kv_heads = index.codes.shape[1]
         if top >= index.entries:
-            rows = torch.arange(index.entries, device=q.device).expand(b, kv_heads, -1)
-        else:
-            window = torch.tensor([self.window], device=q.device)
-            scores = approximate_scores(ctx.rotary.rotate(q, window), index).float() * ctx.scaling
-            votes = scores.softmax(dim=-1).reshape(b, kv_heads, hq // kv_heads, -1).sum(dim=2)
-            rows = votes.topk(top, dim=-1).indices
+            return self.attend_appended(q, ctx)
+        window = torch.tensor([self.window], device=q.device)
+        scores = approximate_scores(ctx.rotary.rotate(q, window), index).float() * ctx.scaling
+        votes = scores.softmax(dim=-1).reshape(b, kv_heads, hq // kv_heads, -1).sum(dim=2)
+        rows = votes.topk(top, dim=-1).indices
+        return self.attend_rows(q, ctx, index, rows)
+
+    def attend_appended(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        """Appended prompt tokens read every offloaded entry exactly (kvlab's choice: the paper
+        prefills the whole prompt at once)."""
+        index = ctx.layer.side.get(INDEX_KEY)
+        if not isinstance(index, QuantisedKeys):
+            return None
+        b, kv_heads = index.codes.shape[:2]
+        rows = torch.arange(index.entries, device=q.device).expand(b, kv_heads, -1)
+        return self.attend_rows(q, ctx, index, rows)
+
+    def attend_rows(self, q: Tensor, ctx: LayerContext, index: QuantisedKeys, rows: Tensor) -> Tensor:
+        """Exact attention over the layer's entries and the offloaded ``rows`` ``[b, kv, k]``."""
         keys = offload.fetch(index.keys, rows)
         values = offload.fetch(index.values, rows)
         positions = index.positions.gather(-1, rows)

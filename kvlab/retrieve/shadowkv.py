@@ -146,9 +146,22 @@ class ShadowKV(RetrieveMethod):
         else:
             scores = self.chunk_scores(ctx.rotary.rotate(q, ctx.positions), index, ctx.scaling)
             chosen = index.chunk_ids.gather(-1, scores.topk(picked, dim=-1).indices)
+        return self.attend_chunks(q, ctx, index, chosen)
+
+    def attend_appended(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        """Appended prompt tokens read every context chunk (rebuilt keys): kvlab's choice,
+        the paper prefills the whole prompt at once."""
+        index = ctx.layer.side.get(INDEX_KEY)
+        if not isinstance(index, ShadowIndex):
+            return None
+        return self.attend_chunks(q, ctx, index, index.chunk_ids)
+
+    def attend_chunks(self, q: Tensor, ctx: LayerContext, index: ShadowIndex, chosen: Tensor) -> Tensor:
+        """Exact attention over the layer's entries and the chunks ``chosen`` ``[b, kv_heads,
+        k]``, their keys rebuilt from the low-rank factors and values fetched."""
         steps = torch.arange(self.chunk, device=q.device)
         rows = (chosen[..., None] * self.chunk + steps).flatten(-2)  # [b, kv_heads, k]
-        b, kv_heads, k = rows.shape
+        kv_heads = rows.shape[1]
         u = index.u[:, None].expand(-1, kv_heads, -1, -1)
         keys = torch.matmul(offload.gather_rows(u, rows), index.svt)  # U[idx] S V^T, per head
         positions = index.positions.gather(-1, rows)

@@ -153,3 +153,36 @@ def test_short_context_stays_dense():
     full = engine.generate_ids(ids, "full", max_new_tokens=4)
     short = engine.generate_ids(ids, "shadowkv(budget=8)", max_new_tokens=4)  # 7 chunks < 48 + 4
     assert short.token_ids == full.token_ids and short.stats.kv_bytes == full.stats.kv_bytes
+
+
+@pytest.mark.parametrize("recipe", ["shadowkv(budget=16, outliers=2, local=2)", "a2ats(budget=16, window=16)"])
+def test_a_multi_request_session_keeps_the_context_index(recipe):
+    """The index is built at the end of the context; each question is appended and read
+    exactly, then discarded: the next identical question gets the same answer and bytes."""
+    engine = tiny_engine()
+    context = prompt_ids(130, seed=4)
+    session = engine.new_sequence(recipe)
+    logits = engine.prefill(session, context, compress=True)
+    mark, before = session.mark(), (session.nbytes(), session.offloaded_nbytes())
+    answers = []
+    for _ in range(2):
+        logits = engine.prefill(session, prompt_ids(6, seed=5), compress=False)
+        answers.append(engine.teacher_force(session, logits, prompt_ids(4, seed=6)))
+        session.rollback(mark)
+        assert (session.nbytes(), session.offloaded_nbytes()) == before
+    torch.testing.assert_close(answers[0], answers[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", ["shadowkv(budget=16, outliers=2, local=2)", "a2ats(budget=16, window=16)"])
+def test_a_question_appended_after_the_context_reads_the_whole_context(recipe):
+    """Prompt tokens appended after the context (a session's question) attend to every
+    context entry, those moved out of the layer's storage included: at full rank (ShadowKV)
+    or with the exact offloaded keys (A2ATS) their logits are the full cache's."""
+    engine = tiny_engine()
+    context, question = prompt_ids(130, seed=4), prompt_ids(6, seed=5)
+    got = []
+    for name in ("full", recipe):
+        sequence = engine.new_sequence(name)
+        engine.prefill(sequence, context, compress=True)
+        got.append(engine.prefill(sequence, question, compress=False))
+    torch.testing.assert_close(got[1], got[0], atol=1e-4, rtol=1e-4)
