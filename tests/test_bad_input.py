@@ -90,6 +90,8 @@ API_RECIPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
     ("recipe-not-a-string", lambda: parse_recipe(123), RecipeError, "recipe=123"),
     ("recipe-method-in-the-wrong-stage", lambda: Recipe(compress=method("yarn")), RecipeError, "takes a compress method"),
     ("recipe-not-a-method", lambda: Recipe(retrieve="quest"), RecipeError, "takes a retrieve method"),
+    ("recipe-shadowkv-rank-0", lambda: parse_recipe("shadowkv(rank=0)"), RecipeError, "shadowkv(rank=0): must be >= 1"),
+    ("recipe-a2ats-codewords-300", lambda: parse_recipe("a2ats(codewords=300)"), RecipeError, "<= 256"),
     (
         "recipe-built-incompatible",
         lambda: Recipe(position=method("self_extend"), retrieve=method("quest")),

@@ -4,14 +4,16 @@ Every attention layer of a model run by kvlab calls :func:`kvlab_attention`. It 
 forward's new keys and values, then asks the recipe's methods, in lifecycle order, who
 computes this call:
 
-1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache;
+1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache
+   (and prompt tokens appended after the context, to entries its index moved out of storage);
 2. **prefill** — a prompt forward on an uncompressed layer may use a sparse pattern;
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
 and then lets the **compress** method see every chunk of the context prefill (``observe``) and
 every decoding step (``after_decode_step``), and shrink the layer at the end of that prefill,
-where the **quantize** method converts what is kept. Attention itself is always computed by
+where the **quantize** method converts what is kept, and the **retrieve** method builds its
+index over the finished context (``end_context``). Attention itself is always computed by
 the **position** method (it knows how to rotate q and k), through :meth:`LayerContext.attend`.
 """
 
@@ -53,7 +55,9 @@ def kvlab_attention(
     out: Tensor | None = None
     if decoding and recipe.retrieve is not None:
         out = recipe.retrieve.attend(query, ctx)
-    elif ctx.phase.is_prefill and recipe.prefill is not None and ctx.layer.is_contiguous:
+    elif ctx.phase is Phase.APPEND and recipe.retrieve is not None:
+        out = recipe.retrieve.attend_appended(query, ctx)
+    if out is None and ctx.phase.is_prefill and recipe.prefill is not None and ctx.layer.is_contiguous:
         out = recipe.prefill.attend(query, ctx)
     if out is None:
         layer = ctx.layer
@@ -73,6 +77,8 @@ def kvlab_attention(
             recipe.quantize.convert(query, ctx)
         else:
             ctx.layer.end_prefill()
+        if recipe.retrieve is not None:
+            recipe.retrieve.end_context(query, ctx)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -3,7 +3,9 @@
 
 Savings are physical: compression replaces the stored tensors with smaller ones (per KV head
 when the method selects per head), and :meth:`LayerKV.nbytes` sums the bytes of every tensor
-the cache holds — keys, values, position indices and method-owned side indexes.
+the cache holds — keys, values, position indices and method-owned side indexes — on the
+accelerator. A side index may keep part of its tensors on a second, offloaded tier (host memory,
+ShadowKV's values): those are counted apart, by :meth:`LayerKV.offloaded_nbytes`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import Tensor
 class SideIndex(Protocol):
     """A method-owned structure stored beside a layer's entries (e.g. Quest page bounds)."""
 
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Bytes held on the accelerator tier."""
 
     def truncate(self, num_entries: int) -> None:
         """Forget everything derived from entries at index >= ``num_entries``."""
@@ -87,8 +90,10 @@ class LayerKV:
         return self.keys.shape[1]
 
     def head_entries(self) -> list[int]:
-        """Entries held by each KV head (all equal unless the layer is ragged)."""
-        n = self.num_entries
+        """Entries held by each KV head (all equal unless the layer is ragged), those a side
+        index holds on the offloaded tier in place of the storage included (its optional
+        ``offloaded_entries``: a retrieve method that moved context entries out)."""
+        n = self.num_entries + sum(getattr(i, "offloaded_entries", 0) for i in self.side.values())
         return [n] * self.kv_heads if n else []
 
     @property
@@ -200,6 +205,15 @@ class LayerKV:
         tensors = [self._key_storage, self._value_storage, self.positions]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total + sum(index.nbytes() for index in self.side.values())
+
+    def offloaded_nbytes(self) -> int:
+        """Bytes the side indexes keep on the offloaded tier (an index's optional
+        ``offloaded_nbytes()``); none of them are in :meth:`nbytes`."""
+        return sum(getattr(index, "offloaded_nbytes", _none)() for index in self.side.values())
+
+
+def _none() -> int:
+    return 0
 
 
 def decode_reserve(entries: int, new: int) -> int:

@@ -21,7 +21,9 @@ class Stats:
     - ``new_tokens``: generated tokens;
     - ``kv_tokens``: cache entries per layer and KV head when the answer ended (mean over
       layers, and over KV heads where heads hold different counts);
-    - ``kv_bytes``: bytes of every tensor the cache held then (all layers);
+    - ``kv_bytes``: bytes of every tensor the cache held then on the accelerator (all layers);
+    - ``kv_offloaded_bytes``: bytes it held on the offloaded tier (host memory: e.g. ShadowKV's
+      values), not in ``kv_bytes``; 0 for methods that offload nothing;
     - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding.
     """
 
@@ -32,6 +34,7 @@ class Stats:
     kv_bytes: int
     prefill_s: float
     decode_s: float
+    kv_offloaded_bytes: int = 0
 
     @property
     def decode_s_per_token(self) -> float:
@@ -52,6 +55,7 @@ class Stats:
             kv_bytes=sequence.nbytes(),
             prefill_s=prefill_s,
             decode_s=decoded.seconds if decoded else 0.0,
+            kv_offloaded_bytes=sequence.offloaded_nbytes(),
         )
 
     def as_dict(self) -> dict[str, Any]:

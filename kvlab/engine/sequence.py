@@ -42,6 +42,10 @@ class KVCache(Cache):
         """Bytes of every tensor the cache holds, all layers."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def offloaded_nbytes(self) -> int:
+        """Bytes held on the offloaded tier, all layers (not in :meth:`nbytes`)."""
+        return sum(layer.offloaded_nbytes() for layer in self.layers)
+
     def mean_entries(self) -> float:
         """Entries held per layer and KV head, averaged over layers."""
         per_layer = [layer.head_entries() for layer in self.layers]
@@ -95,6 +99,9 @@ class Sequence:
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
+
+    def offloaded_nbytes(self) -> int:
+        return self.cache.offloaded_nbytes()
 
     def mean_entries(self) -> float:
         return self.cache.mean_entries()
