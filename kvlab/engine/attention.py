@@ -5,7 +5,8 @@ forward's new keys and values, then asks the recipe's methods, in lifecycle orde
 computes this call:
 
 1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache;
-2. **prefill** — a prompt forward on an uncompressed layer may use a sparse pattern;
+2. **prefill** — a prompt forward on a layer nothing was evicted from may use a sparse pattern
+   (a layer after a token-selective method's propagation holds only the propagated tokens);
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import AttentionInterface
 
-from kvlab.engine.forward import ForwardContext, Phase
+from kvlab.engine.forward import ForwardContext, Phase, StopForward
 from kvlab.engine.ragged import RaggedLayerKV, ragged_attention
 
 ATTENTION_NAME = "kvlab"
@@ -49,11 +50,13 @@ def kvlab_attention(
     recipe = forward.recipe
     forward.store(module.layer_idx, key, value)
     ctx = forward.layer_context(module.layer_idx, scaling if scaling is not None else module.scaling)
+    if forward.stop_after == module.layer_idx:
+        raise StopForward(query, ctx)  # a probe of the first layers ends here (Engine.probe_layer)
     decoding = query.shape[2] == 1 and ctx.phase is Phase.DECODE
     out: Tensor | None = None
     if decoding and recipe.retrieve is not None:
         out = recipe.retrieve.attend(query, ctx)
-    elif ctx.phase.is_prefill and recipe.prefill is not None and ctx.layer.is_contiguous:
+    elif ctx.phase.is_prefill and recipe.prefill is not None and not ctx.layer.evictions:
         out = recipe.prefill.attend(query, ctx)
     if out is None:
         layer = ctx.layer

@@ -22,7 +22,9 @@ class Stats:
     - ``kv_tokens``: cache entries per layer and KV head when the answer ended (mean over
       layers, and over KV heads where heads hold different counts);
     - ``kv_bytes``: bytes of every tensor the cache held then (all layers);
-    - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding.
+    - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding;
+    - ``prefilled_per_layer``: tokens each layer ran in that prefill (a token-selective prefill
+      method runs fewer through later layers, or probes the first layers first).
     """
 
     prompt_tokens: int
@@ -32,6 +34,7 @@ class Stats:
     kv_bytes: int
     prefill_s: float
     decode_s: float
+    prefilled_per_layer: list[int] = field(default_factory=list)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -52,6 +55,7 @@ class Stats:
             kv_bytes=sequence.nbytes(),
             prefill_s=prefill_s,
             decode_s=decoded.seconds if decoded else 0.0,
+            prefilled_per_layer=list(sequence.layer_tokens),
         )
 
     def as_dict(self) -> dict[str, Any]:
