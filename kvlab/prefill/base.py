@@ -32,6 +32,9 @@ class PrefillMethod(Method, ABC):
     whole_context: ClassVar[bool] = False
     """True when the context must be prefilled in one forward (the method changes what later
     layers see of the whole context, so it cannot act chunk by chunk)."""
+    selects_tokens: ClassVar[bool] = False
+    """True when the cache ends up holding only some of the context's tokens (the method
+    chooses which tokens the model, or its later layers, run)."""
     selects_kv: ClassVar[bool] = False
     """True when the method chooses the kept KV entries itself (no compress method then)."""
 

@@ -39,6 +39,7 @@ class FastKV(PrefillMethod):
     paper: ClassVar[str] = "Jo et al., FastKV (token-selective propagation), arXiv:2502.01068"
     summary: ClassVar[str] = "Later layers run only tokens an early layer selects; SnapKV-style KV budget."
     whole_context: ClassVar[bool] = True
+    selects_tokens: ClassVar[bool] = True
     selects_kv: ClassVar[bool] = True
 
     tsp_layer: float = param(

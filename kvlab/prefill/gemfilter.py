@@ -36,6 +36,7 @@ class GemFilter(PrefillMethod):
     name: ClassVar[str] = "gemfilter"
     paper: ClassVar[str] = "Shi et al., Discovering the Gems in Early Layers (GemFilter), arXiv:2409.17422"
     summary: ClassVar[str] = "Early-layer last-query scores pick k tokens; the model re-prefills only those."
+    selects_tokens: ClassVar[bool] = True
 
     filter_layer: float = param(
         13 / 32, "filter layer r as a fraction of the depth (13/32: layer 13 of 32, the paper's)",
