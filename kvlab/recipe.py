@@ -123,6 +123,12 @@ def check_compatible(recipe: Recipe) -> None:
                 f"RoPE; choose a drop-in position method (e.g. yarn, dynamic_ntk) with {retrieve.name}"
             )
     compress = recipe.compress
+    prefill = recipe.prefill
+    if prefill is not None and compress is not None and prefill.selects_kv:
+        raise RecipeError(
+            f"{prefill.name} chooses the kept KV entries itself (its budget parameter); use "
+            f"{prefill.name} without a compress method (here {compress.name})"
+        )
     if compress is not None and compress.ragged_heads:
         for other in (recipe.quantize, retrieve):
             if other is not None:

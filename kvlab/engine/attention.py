@@ -6,7 +6,8 @@ computes this call:
 
 1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache
    (and prompt tokens appended after the context, to entries its index moved out of storage);
-2. **prefill** — a prompt forward on an uncompressed layer may use a sparse pattern;
+2. **prefill** — a prompt forward on a layer nothing was evicted from may use a sparse pattern
+   (a layer after a token-selective method's propagation holds only the propagated tokens);
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from transformers import AttentionInterface
 
-from kvlab.engine.forward import ForwardContext, Phase
+from kvlab.engine.forward import ForwardContext, Phase, StopForward
 from kvlab.engine.ragged import RaggedLayerKV, ragged_attention
 
 ATTENTION_NAME = "kvlab"
@@ -51,13 +52,15 @@ def kvlab_attention(
     recipe = forward.recipe
     forward.store(module.layer_idx, key, value)
     ctx = forward.layer_context(module.layer_idx, scaling if scaling is not None else module.scaling)
+    if forward.stop_after == module.layer_idx:
+        raise StopForward(query, ctx)  # a probe of the first layers ends here (Engine.probe_layer)
     decoding = query.shape[2] == 1 and ctx.phase is Phase.DECODE
     out: Tensor | None = None
     if decoding and recipe.retrieve is not None:
         out = recipe.retrieve.attend(query, ctx)
     elif ctx.phase is Phase.APPEND and recipe.retrieve is not None:
         out = recipe.retrieve.attend_appended(query, ctx)
-    if out is None and ctx.phase.is_prefill and recipe.prefill is not None and ctx.layer.is_contiguous:
+    if out is None and ctx.phase.is_prefill and recipe.prefill is not None and not ctx.layer.evictions:
         out = recipe.prefill.attend(query, ctx)
     if out is None:
         layer = ctx.layer

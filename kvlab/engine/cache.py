@@ -127,8 +127,12 @@ class LayerKV:
             if self.positions.dim() == 3:
                 new = new.expand(*self.positions.shape[:2], -1)
             self.positions = torch.cat([self.positions, new], dim=-1)
-        elif int(positions[0]) != self.seen:
+        elif int(positions[0]) < self.seen:
             raise AssertionError(f"{type(self).__name__}.append: tokens must be appended in order")
+        elif int(positions[-1]) - int(positions[0]) + 1 != positions.numel() or int(positions[0]) != self.seen:
+            # tokens with gaps (a token-selective prefill propagated only some): record positions
+            held = torch.arange(self.num_entries - positions.numel(), device=positions.device)
+            self.positions = torch.cat([held, positions.to(held.dtype)])
         self.seen = int(positions[-1]) + 1
 
     def select(self, keep: Tensor) -> None:

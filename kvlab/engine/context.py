@@ -52,6 +52,10 @@ class Phase(Enum):
         return self is Phase.CONTEXT_END
 
 
+PROPAGATED_ROWS = "propagated_rows"
+"""``scratch`` key of the rows :meth:`LayerContext.propagate_only` keeps for later layers."""
+
+
 @dataclass
 class LayerContext:
     """Everything a method needs to act on one layer during one forward.
@@ -74,6 +78,12 @@ class LayerContext:
     prepared: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
 
+    def propagate_only(self, rows: Tensor) -> None:
+        """Run only the forward's tokens at ``rows`` ``[k]`` (sorted indices into this forward's
+        tokens) through the layers after this one: the engine slices the hidden states and
+        positions at the next decoder layer (token-selective propagation, FastKV)."""
+        self.scratch[PROPAGATED_ROWS] = rows
+
     def attend(
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, values: Tensor,
         allowed: Tensor | None = None,
@@ -88,4 +98,4 @@ class LayerContext:
         return self.position.logits(q, q_pos, layer.keys, layer.key_positions(), self.rotary, self.scaling)
 
 
-__all__ = ["LayerContext", "Phase"]
+__all__ = ["PROPAGATED_ROWS", "LayerContext", "Phase"]

@@ -1,7 +1,12 @@
 """The engine: prefill, compress, decode — one recipe at a time, on one loaded model.
 
 The hot loop is visible here: :meth:`Engine.prefill` runs the prompt through the model in
-chunks (compressing at the end), :meth:`Engine.decode` samples one token per forward. Every
+chunks (compressing at the end), :meth:`Engine.decode` samples one token per forward.
+Token-selective prefill methods (kvlab.prefill) get two seams: the context to prefill may be
+chosen first (:meth:`PrefillMethod.select_tokens`, given :meth:`Engine.probe_layer`), and a
+layer may ask that only some tokens run through the later layers: a forward pre-hook on every
+decoder layer (:func:`_propagate_rows`) slices the hidden states there. The hook is the one
+place the residual stream is reachable (kvlab's attention function sees only q, k, v). Every
 forward goes through kvlab's attention function, with one
 :class:`~kvlab.engine.forward.ForwardContext`, on a :class:`~kvlab.engine.sequence.Sequence`
 made for the recipe.
@@ -19,7 +24,8 @@ from torch import Tensor
 
 from kvlab.engine.attention import ATTENTION_NAME, FORWARD_KWARG
 from kvlab.engine.cache import LayerKV
-from kvlab.engine.forward import ForwardContext, Phase
+from kvlab.engine.context import PROPAGATED_ROWS, LayerContext
+from kvlab.engine.forward import ForwardContext, Phase, StopForward
 from kvlab.engine.progress import progress_bar
 from kvlab.engine.prompt import PromptFormat
 from kvlab.engine.ragged import RaggedLayerKV
@@ -84,6 +90,8 @@ class Engine:
         self.stop_ids = self._stop_ids()
         model.set_attn_implementation(ATTENTION_NAME)
         model.get_decoder().rotary_emb = DeferredRotary(head_dim(self.config))
+        for layer in model.get_decoder().layers:
+            layer.register_forward_pre_hook(_propagate_rows, with_kwargs=True)
 
     def _stop_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -124,8 +132,13 @@ class Engine:
         return (recipe.position or TRAINED_ROPE).context_window(self.trained_length)
 
     @torch.inference_mode()
-    def forward(self, sequence: Sequence, ids: list[int], phase: Phase) -> Tensor:
-        """Run ``ids`` through the model on top of ``sequence``; next-token logits ``[vocab]``."""
+    def forward(
+        self, sequence: Sequence, ids: list[int], phase: Phase, stop_after: int | None = None,
+        counts: list[int] | None = None,
+    ) -> Tensor:
+        """Run ``ids`` through the model on top of ``sequence``; next-token logits ``[vocab]``.
+        With ``stop_after``, the forward ends in that layer's attention (:class:`StopForward`).
+        ``counts`` (default: the sequence's) tallies the tokens each layer ran."""
         start = sequence.seen
         positions = torch.arange(start, start + len(ids), device=self.device)
         forward = ForwardContext(
@@ -135,6 +148,8 @@ class Engine:
             rotary=sequence.rotary(self.config, start + len(ids), self.trained_length),
             phase=phase,
             prepared=sequence.prepared,
+            stop_after=stop_after,
+            counts=sequence.layer_tokens if counts is None else counts,
         )
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
@@ -167,7 +182,16 @@ class Engine:
         engine's setting) shows a progress bar for long prompts."""
         if not ids:
             raise InputError("nothing to prefill: the prompt encodes to zero tokens")
-        bounds = self.chunks(len(ids))
+        sequence.layer_tokens[:] = [0] * len(sequence.layer_tokens)
+        method = sequence.recipe.prefill
+        if compress and method is not None:
+            context = ids
+            ids = method.select_tokens(
+                context, lambda layer: self.probe_layer(sequence, context, layer),
+                self.config.num_hidden_layers,
+            )
+        whole = compress and method is not None and method.whole_context
+        bounds = [(0, len(ids))] if whole else self.chunks(len(ids))
         show = (self.progress if progress is None else progress) and len(bounds) > 2
         with progress_bar(show) as bar:
             task = bar.add_task(f"prefill {len(ids)} tokens", total=len(ids))
@@ -180,6 +204,19 @@ class Engine:
                 bar.update(task, advance=b - a)
         self.counters.prefilled_tokens += len(ids)
         return logits
+
+    def probe_layer(self, sequence: Sequence, ids: list[int], layer: int) -> tuple[Tensor, LayerContext]:
+        """Run ``ids`` chunk by chunk through layers ``0..layer`` only, on a scratch cache
+        beside ``sequence`` (same recipe, plain storage, nothing compressed); returns layer
+        ``layer``'s unrotated queries of the last chunk and its :class:`LayerContext`. The
+        tokens run are added to ``sequence.layer_tokens``."""
+        scratch = Sequence(sequence.recipe, KVCache(self.config.num_hidden_layers), sequence.prepared)
+        for a, b in self.chunks(len(ids)):
+            try:
+                self.forward(scratch, ids[a:b], Phase.APPEND, stop_after=layer, counts=sequence.layer_tokens)
+            except StopForward as stop:
+                query, ctx = stop.query, stop.ctx
+        return query, ctx
 
     def probe(self, recipe: Recipe, ids: list[int]) -> Sequence:
         """Prefill ``ids`` as a context with ``recipe`` as set-up work (a method measuring the
@@ -304,6 +341,28 @@ class Engine:
     ) -> Session:
         """Encode ``context`` once; ask it many questions (see :class:`kvlab.reuse.Session`)."""
         return Session(self, context, parse_recipe(recipe), mode, allow_overflow)
+
+
+def _propagate_rows(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of every decoder layer: once a layer of this forward called
+    :meth:`LayerContext.propagate_only`, the hidden states ``[b, t, D]`` and the positions of
+    the forward are cut to those rows (original positions kept), and so are the per-token
+    arguments every later layer receives (the rotary placeholders; the mask is unused by
+    kvlab's attention and dropped)."""
+    forward = kwargs.get(FORWARD_KWARG)
+    rows = forward.scratch.get(PROPAGATED_ROWS) if isinstance(forward, ForwardContext) else None
+    if rows is None:
+        return None
+    hidden, *rest = args
+    if hidden.shape[1] != rows.numel():
+        hidden = hidden[:, rows]
+        forward.positions = forward.positions[rows]
+    kwargs["position_ids"] = forward.positions[None]
+    cos, sin = kwargs["position_embeddings"]
+    if cos.shape[-2] != rows.numel():
+        kwargs["position_embeddings"] = (cos[..., rows, :], sin[..., rows, :])
+    kwargs["attention_mask"] = None
+    return (hidden, *rest), kwargs
 
 
 def _param_max(cls: type, name: str) -> float:

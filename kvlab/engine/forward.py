@@ -5,6 +5,12 @@ keyword argument, which transformers passes through to every attention call. It 
 recipe, the new tokens' positions, the RoPE frequencies, the :class:`Phase`, what the methods
 prepared, and a scratch space shared by the layers of this forward. The cache holds storage
 only; the engine holds nothing of one forward.
+
+Two seams let a prefill method change what the layers of a forward see (token-selective
+prefill): ``stop_after`` ends the forward inside that layer's attention with
+:class:`StopForward` (a probe through the first layers, GemFilter), and a layer that asks for
+it (:meth:`LayerContext.propagate_only`) makes the engine run only those tokens through the
+later layers (FastKV). ``counts`` tallies the tokens each layer ran (``Stats.prefilled_per_layer``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ class ForwardContext:
     phase: Phase
     prepared: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
+    stop_after: int | None = None
+    """Stop the forward in this layer's attention, once its keys are stored (a probe)."""
+    counts: list[int] | None = None
+    """Tokens each layer ran in this prefill, added to as layers store (None: not counted)."""
 
     def __post_init__(self) -> None:
         if type(self.rotary).cos_sin is Rotary.cos_sin:  # a method's own cos_sin is kept as is
@@ -50,6 +60,8 @@ class ForwardContext:
             keys = self.rotary.rotate(keys, self.positions)
         layer = self.cache.layers[index]
         layer.append(keys, values, self.positions)
+        if self.counts is not None and self.phase.is_prefill:
+            self.counts[index] += keys.shape[2]
         return layer
 
     def layer_context(self, index: int, scaling: float) -> LayerContext:
@@ -61,4 +73,14 @@ class ForwardContext:
         )
 
 
-__all__ = ["ForwardContext", "Phase"]
+class StopForward(Exception):
+    """Raised in the attention of layer ``ForwardContext.stop_after``: carries that layer's
+    unrotated queries ``[b, Hq, t, d]`` and its :class:`LayerContext` (keys stored)."""
+
+    def __init__(self, query: Tensor, ctx: LayerContext) -> None:
+        super().__init__(f"forward stopped after storing layer {ctx.index}")
+        self.query = query
+        self.ctx = ctx
+
+
+__all__ = ["ForwardContext", "Phase", "StopForward"]

@@ -24,7 +24,9 @@ class Stats:
     - ``kv_bytes``: bytes of every tensor the cache held then on the accelerator (all layers);
     - ``kv_offloaded_bytes``: bytes it held on the offloaded tier (host memory: e.g. ShadowKV's
       values), not in ``kv_bytes``; 0 for methods that offload nothing;
-    - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding.
+    - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding;
+    - ``prefilled_per_layer``: tokens each layer ran in that prefill (a token-selective prefill
+      method runs fewer through later layers, or probes the first layers first).
     """
 
     prompt_tokens: int
@@ -35,6 +37,7 @@ class Stats:
     prefill_s: float
     decode_s: float
     kv_offloaded_bytes: int = 0
+    prefilled_per_layer: list[int] = field(default_factory=list)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -56,6 +59,7 @@ class Stats:
             prefill_s=prefill_s,
             decode_s=decoded.seconds if decoded else 0.0,
             kv_offloaded_bytes=sequence.offloaded_nbytes(),
+            prefilled_per_layer=list(sequence.layer_tokens),
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -73,6 +73,9 @@ class Sequence:
         self.recipe = recipe
         self.cache = cache
         self.prepared = prepared
+        self.layer_tokens: list[int] = [0] * len(cache.layers)
+        """Tokens each layer ran in the last prefill (fewer in later layers when a prefill
+        method selects tokens)."""
         self._rotary: tuple[Any, Rotary] | None = None
 
     @property
