@@ -18,22 +18,29 @@ Faithful to the paper:
 Different from the paper:
 
 - **Identification is training-free.** The paper learns one gate per KV head by optimising a
-  mix of full and streaming attention on synthetic passkey data, which needs training. kvlab
-  runs ``probes`` synthetic passkey prompts (the needle "The pass key is 71432. Remember it.
-  71432 is the pass key." at several depths of prose filler, the question at the end and the
-  answer digits fed as the last tokens) and scores each KV head by the attention probability
-  that the *answer* queries (those predicting the passkey digits) put on the entries that
-  matter, averaged over the query heads of the KV head, the answer queries and the probes;
-  the heads with the highest scores are the retrieval heads. ``score`` chooses the entries:
-  ``needle`` (default), the needle's tokens (the retrieval-head score of Wu et al.,
-  arXiv:2404.15574, in attention-mass form); ``far``, every entry a streaming head would not
-  keep (after the sinks, before the recent window). Needles always lie outside the streaming
-  window of the answer queries. Without a tokenizer (tiny random test models) the filler is
-  random tokens and the needle 8 random tokens repeated at the end.
+  mix of full and streaming attention on synthetic data (passkeys inserted in long text),
+  which needs training. kvlab runs ``probes`` synthetic prompts of the families named by
+  ``probe_set`` (:mod:`kvlab.compress.duo_probes`: ``passkey`` digits, ``words`` a word-valued
+  fact, ``multikey`` one of four keyed passkeys, ``multihop`` a two-step fact; the default
+  mixes all four, cycling through them), each with its needles at a fixed depth of prose
+  filler, the question at the end and the answer fed as the last tokens, and scores each KV
+  head by the attention probability that the *answer* queries (those predicting the answer's
+  tokens) put on the entries that matter, averaged over the query heads of the KV head, the
+  answer queries and the probes; the heads with the highest scores are the retrieval heads.
+  ``score`` chooses the entries: ``needle`` (default), the tokens of the needles the answer
+  needs (never a distractor; the retrieval-head score of Wu et al., arXiv:2404.15574, in
+  attention-mass form); ``far``, every entry a streaming head would not keep (after the sinks,
+  before the recent window). Needles always lie outside the streaming window of the answer
+  queries. Without a tokenizer (tiny random test models) the filler is random tokens and each
+  family a random-token analogue (the passkey: 8 random tokens repeated at the end).
   Measured on SmolLM2-135M-Instruct (10 passkey prompts of ~1k tokens, needle at 20-60% depth,
-  default sink/recent): full attention finds 8/10 keys; ``needle`` finds 7/10 at
-  ``retrieval=0.5`` (6/10 at 0.25); ``far`` finds 2/10 at 0.5 (7/10 at 0.75): ``far`` mostly
-  picks diffuse heads of the first layers, whose mass spreads far without retrieving anything.
+  default sink/recent, heads found on 4 passkey probes): full attention finds 8/10 keys;
+  ``needle`` finds 7/10 at ``retrieval=0.5`` (6/10 at 0.25); ``far`` finds 2/10 at 0.5 (7/10
+  at 0.75): ``far`` mostly picks diffuse heads of the first layers, whose mass spreads far
+  without retrieving anything. A user measured heads found on passkeys alone keeping 0.67x
+  of full's accuracy on a digit-code task but 0.2x on a names -> cities task; the mix is the
+  default so that the heads are also found on word answers, distractors and two-step facts
+  (``benchmarks/duo_generalise.py`` measures held-out families; see its results file).
 - **Prefill attention stays dense**: every head attends to the whole prompt while it is
   encoded; streaming heads shrink the cache once the prefill ends (the paper also makes the
   prefill of streaming heads sparse). A question appended to a session is also encoded densely;
@@ -47,11 +54,11 @@ Different from the paper:
   The paper fuses both kinds in one kernel.
 
 Cost of the identification: ``probes`` prefills of ``probe_length`` tokens, once per model and
-setting (SmolLM2-135M, defaults: 4 x 1024 tokens, ~30 s on 2 CPU cores); the engine's work
+setting (SmolLM2-135M, defaults: 8 x 1024 tokens, ~20-60 s on 2 CPU cores); the engine's work
 counters do not count it. The per-head scores are kept in memory for the process and in
 ``<kvlab cache dir>/duo_attention/<model>-<key>.json`` (a few KB: one float per KV head, and the
 settings), keyed by the model's name and configuration, a fingerprint of its weights and dtype,
-and the identification settings (the fingerprint is taken once per model object: weights
+and the identification settings, the probe set included (the fingerprint is taken once per model object: weights
 changed in place afterwards are not noticed). The split is derived from the stored scores for any
 ``retrieval`` share, so changing the share does not identify again. ``retrieval`` 0 or 1
 needs no identification.
@@ -72,6 +79,7 @@ from kvlab.registry import param, register
 from kvlab.compress.duo_heads import (
     PROBE_ROOM, Identification, head_scores, kv_heads_of, retrieval_heads,
 )
+from kvlab.compress.duo_probes import DEFAULT_PROBE_SET, PROBE_FAMILIES, parse_probe_set
 
 @dataclass(frozen=True)
 class HeadSplit:
@@ -107,7 +115,12 @@ class DuoAttention(CompressMethod):
         "needle", "identification: attention of the answer queries on the needle, or on every "
         "entry a streaming head drops (far)",
     )
-    probes: int = param(4, "synthetic passkey prompts used to identify the heads", min=1)
+    probes: int = param(8, "synthetic prompts used to identify the heads (cycling through "
+                        "the families of probe_set)", min=1)
+    probe_set: str = param(
+        DEFAULT_PROBE_SET, "comma-separated probe families the heads are identified on: "
+        f"{', '.join(PROBE_FAMILIES)} (default: the mix of all four)",
+    )
     probe_length: int = param(
         1024, "tokens of each identification prompt (capped at the model's trained length)",
         min=PROBE_ROOM,
@@ -115,6 +128,7 @@ class DuoAttention(CompressMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "probe_set", ",".join(parse_probe_set(self.probe_set)))
         if self.needs_identification and self.probe_length < self.sink + self.recent + PROBE_ROOM:
             raise RecipeError(
                 f"duo_attention(probe_length={self.probe_length}): identification prompts need "
@@ -135,7 +149,7 @@ class DuoAttention(CompressMethod):
                 f"length {engine.trained_length}, which leaves no room beyond sink + recent = "
                 f"{self.sink + self.recent}; lower sink or recent"
             )
-        return Identification(self.sink, self.recent, self.probes, length, self.score)
+        return Identification(self.sink, self.recent, self.probes, length, self.score, self.probe_set)
 
     def prepare(self, engine: Any) -> HeadSplit:
         """Identify the retrieval heads (cached on disk and in memory, see the module docstring)."""

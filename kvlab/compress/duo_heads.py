@@ -1,5 +1,6 @@
-"""DuoAttention's training-free head identification: synthetic passkey probes, per-head
-scores, and their cache on disk and in memory (see :mod:`kvlab.compress.duo_attention`).
+"""DuoAttention's training-free head identification: per-head scores on the synthetic probes
+of :mod:`kvlab.compress.duo_probes`, and their cache on disk and in memory (see
+:mod:`kvlab.compress.duo_attention`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import re
 import tempfile
 import time
@@ -21,17 +21,15 @@ import torch
 from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
+from kvlab.compress.duo_probes import DEFAULT_PROBE_SET, Probe, family_prompts, parse_probe_set
 from kvlab.engine.context import LayerContext
 from kvlab.engine.progress import progress_bar
-from kvlab.errors import RecipeError
 
-SCORE_VERSION = 2
-"""Version of the score definition and of the probe prompts: part of every cache key."""
+SCORE_VERSION = 3
+"""Version of the score definition and of the probe prompts: part of every cache key
+(3: probe families, counted spans)."""
 PROBE_ROOM = 64
-"""Tokens a probe needs beyond ``sink + recent``: the needle, the question and the answer."""
-RANDOM_NEEDLE = 8
-"""Tokens of the random needle of tokenizer-less probes (repeated at the end as the answer)."""
-_HAYSTACK = "KVLAB_DUO_HAYSTACK"
+"""Tokens a probe needs beyond ``sink + recent``: the needles, the question and the answer."""
 
 _SCORES: dict[str, Tensor] = {}  # cache key -> scores [layers, kv_heads], for this process
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weight digest
@@ -39,23 +37,15 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model 
 
 @dataclass(frozen=True)
 class Identification:
-    """The settings the per-head scores depend on (``length`` already capped for the model)."""
+    """The settings the per-head scores depend on (``length`` already capped for the model;
+    ``probe_set`` the families in canonical order, comma-separated)."""
 
     sink: int
     recent: int
     probes: int
     length: int
     score: str
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One identification prompt: ``ids``, whose last ``answer`` queries predict the answer
-    (teacher-forced), and the needle at ``needle`` (start, end) token positions."""
-
-    ids: list[int]
-    answer: int
-    needle: tuple[int, int]
+    probe_set: str = DEFAULT_PROBE_SET
 
 
 def retrieval_heads(scores: Tensor, share: float) -> Tensor:
@@ -146,8 +136,8 @@ def _write_scores(path: Path, engine: Any, settings: Identification, scores: Ten
 
 def measure_heads(engine: Any, settings: Identification) -> Tensor:
     """Scores ``[layers, kv_heads]``: the mean over probes (:func:`probe_prompts`) of the
-    attention mass the answer queries put on the needle or outside the streaming window
-    (:class:`AnswerMass`).
+    attention mass the answer queries put on the spans the answer needs (``needle``) or outside
+    the streaming window (``far``) (:class:`AnswerMass`).
     Each probe runs as the engine's set-up work (:meth:`Engine.probe`: not counted as a
     request, no progress display of its own); this function shows one bar over the probes."""
     from kvlab.recipe import Recipe
@@ -156,14 +146,15 @@ def measure_heads(engine: Any, settings: Identification) -> Tensor:
     total = torch.zeros(engine.config.num_hidden_layers, kv_heads_of(engine.config))
     with progress_bar(engine.progress, "prompts") as bar:
         task = bar.add_task(
-            f"duo_attention: identifying heads ({settings.probes} x {settings.length} tokens)",
+            f"duo_attention: identifying heads ({settings.probes} x {settings.length} tokens, "
+            f"{settings.probe_set})",
             total=len(prompts),
         )
         for probe in prompts:
             if settings.score == "needle":
-                counted = AnswerMass(probe.answer, *probe.needle)
+                counted = AnswerMass(probe.answer, probe.spans)
             else:  # far: what a streaming head drops, seen from each answer query
-                counted = AnswerMass(probe.answer, settings.sink, len(probe.ids), settings.recent)
+                counted = AnswerMass(probe.answer, ((settings.sink, len(probe.ids)),), settings.recent)
             sequence = engine.probe(Recipe(compress=counted), probe.ids)
             total += torch.stack(sequence.prepared["compress"])
             bar.advance(task)
@@ -174,17 +165,17 @@ def measure_heads(engine: Any, settings: Identification) -> Tensor:
 class AnswerMass(CompressMethod):
     """Identification probe (not registered): at the end of a probe's prefill, records per KV
     head the attention probability that the last ``answer`` queries put on entries at
-    positions ``start <= k < end`` and ``k <= p - recent`` (``p``: the query's position; with
-    ``start = sink``, that is what a streaming head drops), averaged over the answer queries
-    and the KV head's query heads. Keeps every entry (the cache is thrown away)."""
+    positions ``start <= k < end`` of one of ``spans`` and ``k <= p - recent`` (``p``: the
+    query's position; with the one span ``(sink, n)``, that is what a streaming head drops),
+    averaged over the answer queries and the KV head's query heads. Keeps every entry (the
+    cache is thrown away)."""
 
     name: ClassVar[str] = "duo_attention.probe"
     paper: ClassVar[str] = "-"
     summary: ClassVar[str] = "DuoAttention's head identification probe."
 
     answer: int
-    start: int
-    end: int
+    spans: tuple[tuple[int, int], ...]
     recent: int = 0
 
     def prepare(self, engine: Any) -> list[Tensor | None]:
@@ -197,71 +188,20 @@ class AnswerMass(CompressMethod):
         q_pos = ctx.positions[-self.answer :]
         probs = torch.softmax(ctx.logits(q[:, :, -self.answer :], q_pos), dim=-1)  # [1, Hq, a, n]
         k_pos = ctx.layer.key_positions()[None, :]
-        counted = (k_pos >= self.start) & (k_pos < self.end) & (k_pos <= q_pos[:, None] - self.recent)
+        inside = torch.zeros_like(k_pos, dtype=torch.bool)
+        for start, end in self.spans:
+            inside |= (k_pos >= start) & (k_pos < end)
+        counted = inside & (k_pos <= q_pos[:, None] - self.recent)
         mass = (probs[0] * counted).sum(dim=-1)  # [Hq, a]
         ctx.prepared["compress"][ctx.index] = mass.reshape(ctx.layer.kv_heads, -1).mean(dim=-1).cpu()
 
 
 def probe_prompts(engine: Any, settings: Identification) -> list[Probe]:
-    """The identification prompts, ``settings.length`` tokens each, the needle of probe ``k``
-    at depth ``(k + 1/2) / probes`` of the span outside the answer queries' streaming window."""
-    prompts = []
-    for k in range(settings.probes):
-        if engine.format is not None:
-            head, needle, tail, answer, filler = _text_probe(engine, settings, k)
-        else:
-            head, needle, tail, answer, filler = _random_probe(engine, settings, k)
-        length = settings.length
-        lo = max(settings.sink, len(head))
-        # the needle's last start: it ends outside the recent window of the first answer query
-        # (position length - answer), and before the tail
-        hi = min(length - answer - settings.recent + 1, length - len(tail)) - len(needle)
-        room = length - len(head) - len(needle) - len(tail)
-        if hi < lo or room < 0:
-            raise RecipeError(
-                f"duo_attention: a {length}-token probe cannot hold its needle outside the "
-                f"streaming window (sink {settings.sink}, recent {settings.recent}); raise "
-                "probe_length or lower sink/recent"
-            )
-        start = lo + round((k + 0.5) / settings.probes * (hi - lo))
-        split = start - len(head)
-        ids = head + filler[:split] + needle + filler[split:room] + tail
-        prompts.append(Probe(ids, answer, (start, start + len(needle))))
-    return prompts
-
-
-def _text_probe(engine: Any, settings: Identification, k: int):
-    """A passkey in prose: the chat-formatted question at the end, the key teacher-forced."""
-    from kvlab.corpus import haystack_units
-
-    fmt = engine.format
-    key = str(random.Random(k).randint(10_000, 99_999))
-    rendered = fmt.render(
-        [{"role": "user", "content": f"{_HAYSTACK}\n\nWhat is the pass key?"}],
-        answer_prefix="The pass key is ",
+    """The identification prompts of ``settings`` (:func:`kvlab.compress.duo_probes.probe_prompts`)."""
+    return family_prompts(
+        engine, parse_probe_set(settings.probe_set), settings.probes, settings.length,
+        settings.sink, settings.recent,
     )
-    before, after = rendered.split(_HAYSTACK)
-    head = fmt.encode(before, first=True)
-    needle = fmt.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", first=False)
-    asked, answered = fmt.encode(after, first=False), fmt.encode(after + key, first=False)
-    common = 0
-    while common < len(asked) and asked[common] == answered[common]:
-        common += 1
-    filler: list[int] = []
-    offset = k * 10_007  # a different stretch of the prose for each probe
-    while len(filler) < settings.length:
-        filler += fmt.encode("".join(haystack_units("prose", settings.length, offset)), first=False)
-        offset += settings.length
-    return head, needle, answered[:-1], len(answered) - common, filler
-
-
-def _random_probe(engine: Any, settings: Identification, k: int):
-    """Random tokens, with a random needle repeated at the end (the repeat is the answer)."""
-    g = torch.Generator().manual_seed(k)
-    vocab = engine.config.vocab_size
-    needle = torch.randint(0, vocab, (RANDOM_NEEDLE,), generator=g).tolist()
-    filler = torch.randint(0, vocab, (settings.length,), generator=g).tolist()
-    return [], needle, needle[:-1], RANDOM_NEEDLE, filler
 
 
 def kv_heads_of(config: Any) -> int:

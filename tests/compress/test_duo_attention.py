@@ -2,6 +2,7 @@
 retrieval heads are those whose answer queries look furthest back in synthetic passkey probes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import kvlab
 from kvlab.compress import duo_heads
 from kvlab.compress.duo_attention import DuoAttention, HeadSplit
 from kvlab.compress.duo_heads import probe_prompts
+from kvlab.compress.duo_probes import DEFAULT_PROBE_SET, PROBE_FAMILIES
 from kvlab.engine.ragged import RaggedLayerKV
 from kvlab.engine.sampling import Sampling
 from kvlab.recipe import Recipe, parse_recipe
@@ -45,9 +47,9 @@ def no_identification(monkeypatch):
 
 def reference_scores(seed, method):
     """The identification written out: the same model run by transformers' own eager attention;
-    per KV head, the probability that each answer query at ``p`` puts on the needle (``needle``)
-    or on positions ``sink..p - recent`` (``far``), averaged over its two query heads, the
-    answer queries and the probes."""
+    per KV head, the probability that each answer query at ``p`` puts on the spans the answer
+    needs (``needle``) or on positions ``sink..p - recent`` (``far``), averaged over its two
+    query heads, the answer queries and the probes."""
     engine = tiny_engine(seed=seed, **PEAKY)
     model = tiny_model(seed=seed, **PEAKY)
     model.set_attn_implementation("eager")
@@ -62,15 +64,20 @@ def reference_scores(seed, method):
                 masses = []
                 for hq in (2 * kv, 2 * kv + 1):
                     for p in range(n - answer, n):
-                        lo, hi = probe.needle if method.score == "needle" else (method.sink, p - method.recent + 1)
-                        masses.append(float(probs[0, hq, p, lo:hi].sum()))
+                        if method.score == "needle":
+                            spans = probe.spans
+                        else:
+                            spans = [(method.sink, p - method.recent + 1)]
+                        masses.append(sum(float(probs[0, hq, p, lo:hi].sum()) for lo, hi in spans))
                 total[layer, kv] += sum(masses) / len(masses)
     return total / len(prompts)
 
 
-@pytest.mark.parametrize("score", ["needle", "far"])
-def test_identification_matches_a_reference_and_takes_the_global_top_share(score):
-    method = DuoAttention(retrieval=0.5, score=score, **SMALL)
+@pytest.mark.parametrize("score, probe_set", [
+    ("needle", "passkey"), ("far", "passkey"), ("needle", "multikey,multihop"), ("far", DEFAULT_PROBE_SET),
+])
+def test_identification_matches_a_reference_and_takes_the_global_top_share(score, probe_set):
+    method = DuoAttention(retrieval=0.5, score=score, probe_set=probe_set, **SMALL)
     engine = tiny_engine(seed=0, **PEAKY)
     split = method.prepare(engine)
     reference = reference_scores(0, method)
@@ -79,14 +86,14 @@ def test_identification_matches_a_reference_and_takes_the_global_top_share(score
     top = set(reference.flatten().topk(3).indices.tolist())  # 50% of the model's 6 KV heads
     chosen = {layer * 2 + h for layer, row in enumerate(split.retrieval) for h, r in enumerate(row) if r}
     assert chosen == top
-    shares = {r: sum(map(sum, DuoAttention(retrieval=r, score=score, **SMALL).prepare(engine).retrieval))
+    shares = {r: sum(map(sum, DuoAttention(retrieval=r, score=score, probe_set=probe_set, **SMALL).prepare(engine).retrieval))
               for r in (0.2, 0.5, 0.9)}
     assert shares == {0.2: 1, 0.5: 3, 0.9: 5}  # rounded share of all heads, every layer together
 
 
 def test_random_probes_hide_the_needle_outside_the_window_and_repeat_it_at_the_end():
     engine = tiny_engine()
-    settings = DuoAttention(**SMALL).identification(engine)
+    settings = DuoAttention(probe_set="passkey", **SMALL).identification(engine)
     prompts = probe_prompts(engine, settings)
     starts = []
     for probe in prompts:
@@ -102,7 +109,7 @@ def test_random_probes_hide_the_needle_outside_the_window_and_repeat_it_at_the_e
 
 def test_text_probes_ask_for_a_pass_key_hidden_in_prose(tokenizer):
     engine = tiny_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048)
-    settings = DuoAttention(sink=4, recent=64, probes=3, probe_length=300).identification(engine)
+    settings = DuoAttention(sink=4, recent=64, probes=3, probe_length=300, probe_set="passkey").identification(engine)
     starts = []
     for probe in probe_prompts(engine, settings):
         ids, answer = probe.ids, probe.answer
@@ -126,7 +133,8 @@ def test_scores_are_kept_on_disk_and_reloaded(cache_dir, monkeypatch):
     files = list((cache_dir / "duo_attention").glob("*.json"))
     assert len(files) == 1
     stored = json.loads(files[0].read_text())
-    assert stored["settings"] == {"sink": SINK, "recent": RECENT, "probes": 2, "length": 128, "score": "needle"}
+    assert stored["settings"] == {"sink": SINK, "recent": RECENT, "probes": 2, "length": 128, "score": "needle",
+                                  "probe_set": DEFAULT_PROBE_SET}
     assert torch.equal(torch.tensor(stored["scores"]), first.scores)
 
     no_identification(monkeypatch)
@@ -139,7 +147,7 @@ def test_scores_are_kept_on_disk_and_reloaded(cache_dir, monkeypatch):
     assert torch.equal(DuoAttention(retrieval=0.5, **SMALL).prepare(engine).scores, first.scores)  # memory
     with pytest.raises(AssertionError, match="identification ran again"):  # another random model
         DuoAttention(retrieval=0.5, **SMALL).prepare(tiny_engine(seed=1, **PEAKY))
-    for other in ({"probes": 3}, {"score": "far"}, {"recent": 20}):  # other settings
+    for other in ({"probes": 3}, {"score": "far"}, {"recent": 20}, {"probe_set": "passkey"}):  # other settings
         with pytest.raises(AssertionError, match="identification ran again"):
             DuoAttention(retrieval=0.5, **{**SMALL, **other}).prepare(engine)
 
@@ -264,7 +272,7 @@ def test_listed_with_paper_and_defaults():
     params = {p.name: p for p in info.params}
     assert {k: p.default for k, p in params.items()} == {
         "retrieval": 0.5, "sink": 128, "recent": 256, "evict_every": 16, "score": "needle",
-        "probes": 4, "probe_length": 1024,
+        "probes": 8, "probe_set": "passkey,words,multikey,multihop", "probe_length": 1024,
     }
     assert all(p.help for p in info.params)
     assert isinstance(parse_recipe("duo_attention").compress, DuoAttention)
@@ -275,6 +283,10 @@ def test_listed_with_paper_and_defaults():
     ("duo_attention(recent=0)", "recent=0"), ("duo_attention(sink=-1)", ">= 0"),
     ("duo_attention(evict_every=0)", "evict_every=0"), ("duo_attention(probes=0)", "probes=0"),
     ("duo_attention(probe_length=400)", "probe_length=400"), ("duo_attention(score=near)", "needle, far"),
+    ("duo_attention(probe_set=digits)", "passkey, words, multikey, multihop"),
+    ("duo_attention(probe_set='passkey,,words')", "unknown probe family ''"),
+    ("duo_attention(probe_set='words,words')", "named twice"), ("duo_attention(probe_set=3)", "must be a string"),
+    ("duo_attention(probe_set='')", "at least one probe family"),
     ("duo_attention + kivi", "duo_attention keeps a different number"),
     ("duo_attention + quest", "duo_attention keeps a different number"),
 ])
@@ -290,3 +302,112 @@ def test_a_probe_longer_than_the_model_was_trained_for_is_capped_or_refused():
     with pytest.raises(kvlab.RecipeError, match="trained length 256"):
         engine.new_sequence("duo_attention")  # sink 128 + recent 256 do not fit 256 tokens
     assert isinstance(engine.new_sequence("duo_attention(retrieval=0.0)").prepared["compress"], HeadSplit)
+
+
+# -- probe families (kvlab/compress/duo_probes.py) ------------------------------------------------
+def test_the_probe_set_is_validated_and_kept_in_canonical_order():
+    assert DuoAttention().probe_set == "passkey,words,multikey,multihop"  # the mix by default
+    assert DuoAttention(probe_set=" multihop , passkey").probe_set == "passkey,multihop"
+    assert parse_recipe("duo_attention(probe_set=words)").compress.probe_set == "words"
+    with pytest.raises(kvlab.RecipeError, match="use a comma-separated list of passkey, words, multikey, multihop"):
+        DuoAttention(probe_set="passkey,names")
+
+
+ASKED = {  # family -> (question, answer prefix) patterns of its text probes
+    "passkey": (r"What is the pass key\?", r"The pass key is"),
+    "words": (r"What pet does (\w+) keep\?", r"(\w+) keeps a pet"),
+    "multikey": (r"What is the pass key of the (\w+) box\?", r"The pass key of the (\w+) box is"),
+    "multihop": (r"Which animal is on the door of the house (\w+) lives in\?", r"The door of (\w+)'s house has a"),
+}
+
+
+@pytest.mark.parametrize("family", PROBE_FAMILIES)
+def test_each_text_probe_family_asks_a_question_its_needles_answer(tokenizer, family):
+    """Each probe asks its family's question; the answer is written in the needle the probe
+    names and follows from the counted spans (never from a distractor); the prompt ends with
+    the answer prefix and the answer but its last token, so the last ``answer`` queries
+    predict the answer's tokens; every counted span lies outside the answer queries' window."""
+    engine = tiny_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048)
+    settings = DuoAttention(sink=16, recent=64, probes=2, probe_length=600, probe_set=family).identification(engine)
+    prompts = probe_prompts(engine, settings)
+    assert [p.family for p in prompts] == [family, family]
+    assert prompts[0].expected != prompts[1].expected and all(p.expected for p in prompts)
+    question_re, prefix_re = ASKED[family]
+    for probe in prompts:
+        ids, answer = probe.ids, probe.answer
+        assert len(ids) == 600 and answer >= 1
+        body, asked = tokenizer.decode(ids).rsplit("\n\n", 1)
+        question = re.match(question_re, asked)
+        assert question, asked
+        fed = tokenizer.decode(ids[len(ids) - answer + 1 :]) if answer > 1 else ""
+        prefix = tokenizer.decode(ids[: len(ids) - answer + 1])
+        assert re.search(prefix_re + "$", prefix.rstrip(" ")), prefix[-60:]
+        # the answer's first tokens are fed, its last one is what the last query predicts
+        assert probe.expected.startswith(fed.lstrip(" ")) and len(fed.lstrip(" ")) < len(probe.expected)
+        assert answer == len(tokenizer(" " + probe.expected, add_special_tokens=False)["input_ids"]) or (
+            answer == len(tokenizer(probe.expected, add_special_tokens=False)["input_ids"]))
+        assert probe.needle in probe.spans
+        assert probe.expected in tokenizer.decode(ids[slice(*probe.needle)])
+        assert body.count(probe.expected) == sum(tokenizer.decode(ids[a:b]).count(probe.expected) for a, b in probe.spans)
+        for lo, hi in probe.spans:
+            assert 16 <= lo and hi <= 600 - answer - 64 + 1  # outside every answer query's window
+        spans = [tokenizer.decode(ids[a:b]) for a, b in probe.spans]
+        if family == "passkey":
+            assert spans == [f" The pass key is {probe.expected}. Remember it. {probe.expected} is the pass key. "]
+        elif family == "words":
+            assert spans == [f" {question.group(1)} keeps a pet {probe.expected}. Remember it: the pet of "
+                             f"{question.group(1)} is a {probe.expected}. "]
+        elif family == "multikey":
+            keys = dict(re.findall(r"The pass key of the (\w+) box is (\d{5})\.", body))
+            assert len(keys) == 4 and len(set(keys.values())) == 4  # three distractors
+            assert keys[question.group(1)] == probe.expected
+            assert spans == [f" The pass key of the {question.group(1)} box is {probe.expected}. "]
+        else:
+            name = question.group(1)
+            (colour,) = re.findall(rf"{name} lives in the (\w+) house\.", body)
+            assert spans == [f" {name} lives in the {colour} house. ", f" The {colour} house has a {probe.expected} on its door. "]
+
+
+def test_random_probe_families_repeat_what_their_counted_needles_hold():
+    """Tokenizer-less analogues: the answer tokens (the last ``answer`` queries predict them)
+    stand in the counted spans; multikey has three uncounted distractors, multihop two hops."""
+    engine = tiny_engine()
+    settings = DuoAttention(**{**SMALL, "probes": 8}).identification(engine)
+    prompts = probe_prompts(engine, settings)
+    assert [p.family for p in prompts] == list(PROBE_FAMILIES) * 2  # the mix, cycled
+    assert len({tuple(p.ids) for p in prompts}) == 8
+    for probe in prompts:
+        ids, answer = probe.ids, probe.answer
+        assert len(ids) == 128
+        target = ids[-answer + 1 :] if answer > 1 else []
+        needle = ids[slice(*probe.needle)]
+        assert needle[len(needle) - answer : len(needle) - 1] == target  # the needle ends with the answer
+        assert {"passkey": 8, "words": 2, "multikey": 4, "multihop": 6}[probe.family] == answer
+        assert len(probe.spans) == (2 if probe.family == "multihop" else 1)
+        for lo, hi in probe.spans:
+            assert SINK <= lo and hi <= 128 - answer - RECENT + 1
+
+
+def test_the_probe_set_chooses_the_probes_and_the_cache_file(cache_dir, monkeypatch):
+    """One probe set: the same probes and scores every time, one cache file; another set:
+    other probes, other scores, its own file; the order of the names does not matter."""
+    engine = tiny_engine(seed=0, **PEAKY)
+    sets = {"passkey": "passkey", "mix": DEFAULT_PROBE_SET, "words": "words,multihop"}
+    ids = {k: [p.ids for p in probe_prompts(engine, DuoAttention(probe_set=v, **SMALL).identification(engine))]
+           for k, v in sets.items()}
+    assert ids["passkey"] != ids["mix"] and ids["mix"] != ids["words"] and ids["passkey"] != ids["words"]
+    assert ids["passkey"][0] == ids["mix"][0]  # probe 0 of the mix is the passkey probe
+    scores = {k: DuoAttention(retrieval=0.5, probe_set=v, **SMALL).prepare(engine).scores for k, v in sets.items()}
+    files = sorted((cache_dir / "duo_attention").glob("*.json"))
+    assert len(files) == 3
+    assert sorted(json.loads(f.read_text())["settings"]["probe_set"] for f in files) == sorted(sets.values())
+    assert not torch.allclose(scores["passkey"], scores["mix"]) and not torch.allclose(scores["mix"], scores["words"])
+
+    monkeypatch.setattr(duo_heads, "_SCORES", {})  # a new process: measured again, the same numbers
+    for f in files:
+        f.unlink()
+    for k, v in sets.items():
+        assert torch.equal(DuoAttention(retrieval=0.5, probe_set=v, **SMALL).prepare(engine).scores, scores[k])
+    no_identification(monkeypatch)
+    same = DuoAttention(retrieval=0.5, probe_set="multihop, words", **SMALL).prepare(engine)  # from the cache
+    assert torch.equal(same.scores, scores["words"]) and len(list((cache_dir / "duo_attention").glob("*.json"))) == 3
