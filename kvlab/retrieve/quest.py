@@ -83,11 +83,14 @@ def page_min_max(keys: Tensor, page: int) -> tuple[Tensor, Tensor]:
 
 def page_scores(q: Tensor, mins: Tensor, maxs: Tensor) -> Tensor:
     """Upper bounds ``[b, Hq, P]`` of ``q . k`` per page for rotated ``q`` ``[b, Hq, 1, d]``
-    and page bounds ``[b, Hkv, P, d]`` (each query head uses its KV head's bounds)."""
+    and page bounds ``[b, Hkv, P, d]`` (each query head uses its KV head's bounds).
+
+    ``sum_i max(q_i M_i, q_i m_i)`` is ``q+ . M + q- . m`` (``q+``/``q-`` the positive and
+    negative parts of ``q``; ``m <= M``): two matrix products, no ``[Hq, P, d]`` temporaries."""
     b, hq, _, d = q.shape
     kv_heads = mins.shape[1]
-    grouped = q.reshape(b, kv_heads, hq // kv_heads, 1, d)
-    scores = torch.maximum(grouped * maxs[:, :, None], grouped * mins[:, :, None]).sum(dim=-1)
+    grouped = q.reshape(b, kv_heads, hq // kv_heads, d).to(mins.dtype)
+    scores = grouped.clamp(min=0) @ maxs.transpose(-1, -2) + grouped.clamp(max=0) @ mins.transpose(-1, -2)
     return scores.reshape(b, hq, -1)
 
 
@@ -102,6 +105,8 @@ class Quest(RetrieveMethod):
     budget: Budget = param(1024, "entries read per step and query head (pages x page size)")
     page: int = param(16, "entries per page", min=1, max=1024)
     dense_layers: int = param(2, "first layers that stay dense", min=0)
+    sink: int = param(0, "first entries always read besides the pages (0: as published)", min=0)
+    recent: int = param(0, "last entries always read besides the pages (0: as published)", min=0)
 
     def stored_bounds(self, layer: LayerKV) -> PageBounds:
         """The layer's index of complete pages, brought up to date."""
@@ -118,30 +123,49 @@ class Quest(RetrieveMethod):
         parts = [] if index.mins is None else [page_scores(q_rotated, index.mins, index.maxs)]
         tail_start = index.pages * self.page
         if tail_start < layer.num_entries:
-            tail_min, tail_max = page_min_max(layer.keys[:, :, tail_start:], self.page)
+            tail = layer.keys[:, :, tail_start:]
+            tail_min, tail_max = tail.amin(dim=2, keepdim=True), tail.amax(dim=2, keepdim=True)
             parts.append(page_scores(q_rotated, tail_min, tail_max))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+    def select(self, q: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor] | None:
+        """Entries ``[b, Hq, k]`` each query head reads this step and which of them count
+        (``[b, Hq, k]`` bool: past the end or read twice do not); None for dense attention.
+
+        The top ``max(3, budget // page)`` pages by score of the query rotated at its
+        position, then, when ``sink`` / ``recent`` are set, the first ``sink`` and the last
+        ``recent`` entries the pages do not already hold."""
         layer = ctx.layer
         n = layer.num_entries
         pages = max(3, resolve_budget(self.budget, n) // self.page)
         if ctx.index < self.dense_layers or pages * self.page >= n:
             return None
-        q_pos = ctx.positions
-        chosen = self.scores(ctx.rotary.rotate(q, q_pos), layer).topk(pages, dim=-1).indices
-        entries = (chosen[..., None] * self.page + torch.arange(self.page, device=q.device))
-        entries = entries.flatten(-2)  # [b, Hq, pages * page]
+        q_rotated = ctx.rotary.rotate(q, ctx.positions)
+        chosen = self.scores(q_rotated, layer).topk(pages, dim=-1, sorted=False).indices
+        offsets = torch.arange(self.page, device=q.device)
+        entries = (chosen[..., None] * self.page + offsets).flatten(-2)  # [b, Hq, pages * page]
         valid = entries < n
-        entries = entries.clamp(max=n - 1)
-        b, hq, k = entries.shape
-        kv_heads = layer.kv_heads
-        by_kv_head = entries.reshape(b, kv_heads, (hq // kv_heads) * k)
-        index = by_kv_head[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        keys = layer.keys.gather(2, index).reshape(b, hq, k, -1)
-        values = layer.values.gather(2, index).reshape(b, hq, k, -1)
+        fixed = [torch.arange(min(self.sink, n), device=q.device)]
+        if self.recent:
+            fixed.append(torch.arange(max(n - self.recent, self.sink), n, device=q.device))
+        fixed = torch.cat(fixed)
+        if fixed.numel():
+            in_chosen = (chosen[..., None, :] == (fixed // self.page)[:, None]).any(dim=-1)
+            entries = torch.cat([entries, fixed.expand(*chosen.shape[:2], -1)], dim=-1)
+            valid = torch.cat([valid, ~in_chosen], dim=-1)
+        return entries.clamp(max=n - 1), valid
+
+    def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        selection = self.select(q, ctx)
+        if selection is None:
+            return None
+        entries, valid = selection
+        layer = ctx.layer
+        b, hq, _ = entries.shape
+        # row indexing: each query head reads whole d-rows of its KV head, no per-element index
+        batch = torch.arange(b, device=q.device)[:, None, None]
+        head = (torch.arange(hq, device=q.device) // (hq // layer.kv_heads))[None, :, None]
+        keys, values = layer.keys[batch, head, entries], layer.values[batch, head, entries]
         k_pos = layer.key_positions()
-        if k_pos.dim() == 1:
-            k_pos = k_pos.expand(b, kv_heads, -1)
-        k_pos = k_pos.gather(2, by_kv_head).reshape(b, hq, k)
-        return ctx.attend(q, q_pos, keys, k_pos, values, valid[:, :, None, :])
+        k_pos = k_pos[entries] if k_pos.dim() == 1 else k_pos[batch, head, entries]
+        return ctx.attend(q, ctx.positions, keys, k_pos, values, valid[:, :, None, :])
