@@ -134,7 +134,9 @@ class Quest(RetrieveMethod):
 
         The top ``max(3, budget // page)`` pages by score of the query rotated at its
         position, then, when ``sink`` / ``recent`` are set, the first ``sink`` and the last
-        ``recent`` entries the pages do not already hold."""
+        ``recent`` entries the pages do not already hold. Laid out for a cheap gather: the
+        chosen complete pages (one chosen partial page stands as an unread block), then the
+        partial page's entries (read by the heads that chose it), then sink and recent."""
         layer = ctx.layer
         n = layer.num_entries
         pages = max(3, resolve_budget(self.budget, n) // self.page)
@@ -142,18 +144,25 @@ class Quest(RetrieveMethod):
             return None
         q_rotated = ctx.rotary.rotate(q, ctx.positions)
         chosen = self.scores(q_rotated, layer).topk(pages, dim=-1, sorted=False).indices
+        complete = n // self.page
         offsets = torch.arange(self.page, device=q.device)
-        entries = (chosen[..., None] * self.page + offsets).flatten(-2)  # [b, Hq, pages * page]
-        valid = entries < n
+        blocks = chosen.clamp(max=complete - 1)
+        entries = (blocks[..., None] * self.page + offsets).flatten(-2)  # [b, Hq, pages * page]
+        valid = (chosen < complete).repeat_interleave(self.page, dim=-1)
+        parts, flags = [entries], [valid]
+        if complete * self.page < n:
+            tail = torch.arange(complete * self.page, n, device=q.device)
+            parts.append(tail.expand(*chosen.shape[:2], -1))
+            flags.append((chosen == complete).any(dim=-1, keepdim=True).expand(-1, -1, tail.numel()))
         fixed = [torch.arange(min(self.sink, n), device=q.device)]
         if self.recent:
             fixed.append(torch.arange(max(n - self.recent, self.sink), n, device=q.device))
         fixed = torch.cat(fixed)
         if fixed.numel():
             in_chosen = (chosen[..., None, :] == (fixed // self.page)[:, None]).any(dim=-1)
-            entries = torch.cat([entries, fixed.expand(*chosen.shape[:2], -1)], dim=-1)
-            valid = torch.cat([valid, ~in_chosen], dim=-1)
-        return entries.clamp(max=n - 1), valid
+            parts.append(fixed.expand(*chosen.shape[:2], -1))
+            flags.append(~in_chosen)
+        return torch.cat(parts, dim=-1), torch.cat(flags, dim=-1)
 
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         selection = self.select(q, ctx)
@@ -161,11 +170,36 @@ class Quest(RetrieveMethod):
             return None
         entries, valid = selection
         layer = ctx.layer
+        n, kv_heads = layer.num_entries, layer.kv_heads
         b, hq, _ = entries.shape
-        # row indexing: each query head reads whole d-rows of its KV head, no per-element index
-        batch = torch.arange(b, device=q.device)[:, None, None]
-        head = (torch.arange(hq, device=q.device) // (hq // layer.kv_heads))[None, :, None]
-        keys, values = layer.keys[batch, head, entries], layer.values[batch, head, entries]
+        paged = max(3, resolve_budget(self.budget, n) // self.page) * self.page
+        block_ids = entries[..., :paged:self.page] // self.page  # [b, Hq, pages]
+        rest = entries[0, 0, paged:]  # the same for every head: partial page, sink, recent
+        keys = read_rows(layer.keys, block_ids, self.page, rest)
+        values = read_rows(layer.values, block_ids, self.page, rest)
         k_pos = layer.key_positions()
-        k_pos = k_pos[entries] if k_pos.dim() == 1 else k_pos[batch, head, entries]
+        if k_pos.dim() == 1:
+            k_pos = k_pos[entries]
+        else:
+            head = (torch.arange(hq, device=q.device) // (hq // kv_heads))[None, :, None]
+            k_pos = k_pos[torch.arange(b, device=q.device)[:, None, None], head, entries]
         return ctx.attend(q, ctx.positions, keys, k_pos, values, valid[:, :, None, :])
+
+
+def read_rows(x: Tensor, block_ids: Tensor, page: int, rest: Tensor) -> Tensor:
+    """``[b, Hq, pages * page + r, d]``: for each query head, the pages ``block_ids``
+    ``[b, Hq, pages]`` of its KV head's ``x`` ``[b, Hkv, n, d]`` copied as whole blocks (one
+    ``index_select`` per KV head over a paged view), then the entries ``rest`` ``[r]``."""
+    b, kv_heads, n, d = x.shape
+    hq, pages = block_ids.shape[1:]
+    group = hq // kv_heads
+    view = x[:, :, : (n // page) * page].unflatten(2, (n // page, page)).flatten(3)
+    ids = block_ids.reshape(b, kv_heads, group * pages)
+    chosen = torch.stack([
+        torch.stack([view[i, h].index_select(0, ids[i, h]) for h in range(kv_heads)])
+        for i in range(b)
+    ]).reshape(b, hq, pages * page, d)
+    if not rest.numel():
+        return chosen
+    tail = x.index_select(2, rest).repeat_interleave(group, dim=1)
+    return torch.cat([chosen, tail], dim=2)
