@@ -6,6 +6,11 @@ element-wise minimum ``m`` and maximum ``M`` of its post-RoPE keys. For a query 
 score ``sum_i max(q_i M_i, q_i m_i)`` is an upper bound of ``q . k`` over the page; each query
 head attends exactly to its ``max(3, budget / page)`` best pages. The first ``dense_layers``
 layers and the prefill stay dense, as in the paper.
+
+``sink`` / ``recent`` (default 0: the published method) also read the first and the last
+entries whatever their pages score, the remedy of TokenSelect and RetrievalAttention: on the
+default model a head that misses the attention-sink page loses most of its mass
+(benchmarks/results/quest_fidelity.md).
 """
 
 from __future__ import annotations
@@ -195,11 +200,11 @@ def read_rows(x: Tensor, block_ids: Tensor, page: int, rest: Tensor) -> Tensor:
     group = hq // kv_heads
     view = x[:, :, : (n // page) * page].unflatten(2, (n // page, page)).flatten(3)
     ids = block_ids.reshape(b, kv_heads, group * pages)
-    chosen = torch.stack([
-        torch.stack([view[i, h].index_select(0, ids[i, h]) for h in range(kv_heads)])
-        for i in range(b)
-    ]).reshape(b, hq, pages * page, d)
-    if not rest.numel():
-        return chosen
-    tail = x.index_select(2, rest).repeat_interleave(group, dim=1)
-    return torch.cat([chosen, tail], dim=2)
+    out = x.new_empty(b, hq, pages * page + rest.numel(), d)  # written once, no stack or cat
+    for i in range(b):
+        for h in range(kv_heads):
+            heads = out[i, h * group : (h + 1) * group, : pages * page]
+            heads.view(group, pages, page * d).copy_(view[i, h].index_select(0, ids[i, h]).view(group, pages, page * d))
+    if rest.numel():
+        out[:, :, pages * page :] = x.index_select(2, rest).repeat_interleave(group, dim=1)
+    return out
