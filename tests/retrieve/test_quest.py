@@ -164,7 +164,7 @@ def test_sink_and_recent_default_off_is_the_published_method():
 
 
 def test_partial_page_bound_is_over_its_real_entries_only():
-    """Regression: the newest (partial) page is bounded over the entries it has, not over
+    """The newest (partial) page is bounded over the entries it has, not over
     stale storage beyond them, on a layer grown step by step."""
     torch.manual_seed(0)
     from kvlab.engine.cache import LayerKV
