@@ -31,10 +31,11 @@ def test_page_score_bounds_every_dot_product_in_the_page():
         assert torch.all(bound[0, h] >= dots.amax(dim=1) - 1e-5)
 
 
-def quest_attention(prompt, budget, page, dense_layers, log):
+def quest_attention(prompt, budget, page, dense_layers, log, sink=0, recent=0):
     """The reference model's attention: rows before ``prompt`` are the dense prefill; each
     later row (a decoding step) attends per query head to its best pages by the definition,
-    written out with loops. ``log`` collects ``(layer, row, head, chosen pages, pages)``."""
+    written out with loops, plus the first ``sink`` and last ``recent`` entries (each entry
+    read once). ``log`` collects ``(layer, row, head, chosen pages, pages)``."""
 
     def attention(layer, q, k, v, rope):
         n = q.shape[1]
@@ -60,7 +61,9 @@ def quest_attention(prompt, budget, page, dense_layers, log):
                 assert top - rest > 1e-5, "near tie between pages: pick another prompt"
                 chosen = sorted(scores.topk(pages).indices.tolist())
                 log.append((layer, i, h, chosen, len(bounds)))
-                index = torch.cat([torch.arange(p * page, min(p * page + page, entries)) for p in chosen])
+                read = {j for p in chosen for j in range(p * page, min(p * page + page, entries))}
+                read |= set(range(min(sink, entries))) | set(range(max(0, entries - recent), entries))
+                index = torch.tensor(sorted(read))
                 logits = qr[h, i] @ keys[index].T / q.shape[-1] ** 0.5
                 out[h, i] = torch.softmax(logits, dim=-1) @ v[h // group, index]
         return out
@@ -127,3 +130,52 @@ def test_engine_quest_dense_layers_budget_and_bytes():
     assert sparse.token_ids != full.token_ids
     assert sparse.stats.kv_tokens == full.stats.kv_tokens  # the cache is kept whole
     assert sparse.stats.kv_bytes > full.stats.kv_bytes  # plus the page bounds
+
+
+@pytest.mark.parametrize("sink, recent", [(4, 0), (0, 12), (5, 20)])
+def test_sink_and_recent_entries_are_always_read_once(sink, recent):
+    """The remedy (TokenSelect / RetrievalAttention's sinks and recent window): the best
+    pages plus the first ``sink`` and last ``recent`` entries, an entry a page holds counted
+    once; the reference reads the union."""
+    prompt, steps, page = 97, 9, 8
+    ids = prompt_ids(prompt + steps, seed=3)
+    log = []
+    expected = reference_logits(ids, quest_attention(prompt, 32, page, 0, log, sink, recent))
+    recipe = f"quest(budget=32, page={page}, dense_layers=0, sink={sink}, recent={recent})"
+    got, _ = quest_logprobs(recipe, ids, prompt)
+    torch.testing.assert_close(
+        got[1:], torch.log_softmax(expected[prompt:], dim=-1), atol=1e-5, rtol=1e-5
+    )
+    # meaningful: some heads did not choose page 0 / the newest pages, and the result differs
+    plain, _ = quest_logprobs(f"quest(budget=32, page={page}, dense_layers=0)", ids, prompt)
+    assert not torch.allclose(got[1:], plain[1:], atol=1e-4)
+    if sink:
+        assert any(0 not in chosen for *_, chosen, _ in log)
+    if recent:
+        assert any(pages - 2 not in chosen for *_, chosen, pages in log)
+
+
+def test_sink_and_recent_default_off_is_the_published_method():
+    prompt, steps = 97, 9
+    ids = prompt_ids(prompt + steps, seed=3)
+    plain, _ = quest_logprobs("quest(budget=32, page=8, dense_layers=0)", ids, prompt)
+    off, _ = quest_logprobs("quest(budget=32, page=8, dense_layers=0, sink=0, recent=0)", ids, prompt)
+    assert torch.equal(plain, off)
+
+
+def test_partial_page_bound_is_over_its_real_entries_only():
+    """The newest (partial) page is bounded over the entries it has, not over
+    stale storage beyond them, on a layer grown step by step."""
+    torch.manual_seed(0)
+    from kvlab.engine.cache import LayerKV
+    from kvlab.retrieve.quest import Quest
+
+    keys = torch.randn(1, 2, 45, 8)
+    layer = LayerKV()
+    layer.append(keys[:, :, :40], keys[:, :, :40], torch.arange(40))
+    for t in range(40, 45):
+        layer.append(keys[:, :, t : t + 1], keys[:, :, t : t + 1], torch.tensor([t]))
+    q = torch.randn(1, 4, 1, 8)
+    got = Quest(page=16).scores(q, layer)
+    mins, maxs = page_min_max(keys, 16)
+    torch.testing.assert_close(got, page_scores(q, mins, maxs))
