@@ -87,9 +87,8 @@ class RecycledAttention(RetrieveMethod):
         grouped = probs.reshape(b, kv_heads, hq // kv_heads, n)
         chosen = grouped.sum(dim=2).topk(top, dim=-1).indices.sort(dim=-1).values
         layer.side[INDEX_KEY] = Recycled(chosen, n)
-        values = layer.values.float()
-        out = torch.matmul(grouped, values).reshape(b, hq, 1, -1)
-        return out.to(q.dtype)
+        out = torch.matmul(grouped.to(layer.values.dtype), layer.values)
+        return out.reshape(b, hq, 1, -1).to(q.dtype)
 
     def recycled_attend(self, q: Tensor, ctx: LayerContext, state: Recycled) -> Tensor:
         """Attention over the recycled entries plus every entry since the full step."""

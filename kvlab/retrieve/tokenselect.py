@@ -16,7 +16,7 @@ stores keys rotated at their original positions (unless the position method keep
 pre-RoPE, which this method refuses), so scoring unrotated vectors would mean un-rotating
 every candidate at every step. TokenSelect here scores the model's own logits instead: the
 query rotated at its true position against the stored keys (RoPE at original positions),
-scaled by the layer's attention scaling, softmax over the candidates in fp32. Only the
+scaled by the layer's attention scaling (products in the cache's dtype, softmax in fp32). The
 attention over the selected set uses the contiguous positions (selected keys are rotated by
 ``new - original`` on the fly, one rotation of ``m`` entries).
 
@@ -70,8 +70,8 @@ def soft_votes(q_rotated: Tensor, candidates: Tensor, scaling: float) -> Tensor:
     ``h // (Hq / Hkv)``)."""
     b, hq, _, d = q_rotated.shape
     kv_heads = candidates.shape[1]
-    grouped = q_rotated.reshape(b, kv_heads, hq // kv_heads, d).float()
-    logits = torch.matmul(grouped, candidates.float().transpose(-1, -2)) * scaling
+    grouped = q_rotated.reshape(b, kv_heads, hq // kv_heads, d).to(candidates.dtype)
+    logits = torch.matmul(grouped, candidates.transpose(-1, -2)).float() * scaling
     return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
 
 
