@@ -85,7 +85,7 @@ class RecycledAttention(RetrieveMethod):
         b, hq, _, n = probs.shape
         kv_heads = layer.kv_heads
         grouped = probs.reshape(b, kv_heads, hq // kv_heads, n)
-        chosen = grouped[:, :, 0].topk(top, dim=-1).indices.sort(dim=-1).values
+        chosen = grouped.sum(dim=2).topk(top, dim=-1).indices.sort(dim=-1).values
         layer.side[INDEX_KEY] = Recycled(chosen, n)
         out = torch.matmul(grouped.to(layer.values.dtype), layer.values)
         return out.reshape(b, hq, 1, -1).to(q.dtype)
