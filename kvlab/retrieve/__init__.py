@@ -1,6 +1,6 @@
 """Stage 4, retrieve: keep the cache, read only what each query needs."""
 
-from kvlab.retrieve import a2ats, quest, shadowkv
+from kvlab.retrieve import a2ats, quest, recycled_attention, shadowkv, tokenselect
 from kvlab.retrieve.base import RetrieveMethod
 
-__all__ = ["RetrieveMethod", "a2ats", "quest", "shadowkv"]
+__all__ = ["RetrieveMethod", "a2ats", "quest", "recycled_attention", "shadowkv", "tokenselect"]

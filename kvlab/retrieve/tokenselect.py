@@ -1,0 +1,153 @@
+"""TokenSelect: per-step token-level KV selection by soft voting of the query heads.
+
+Wu et al., "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs
+via Dynamic Token-Level KV Cache Selection", arXiv:2411.02886 (2024). At each decoding step,
+in every layer from ``dense_layers`` on, the candidates are the entries ``j`` in
+``[n_init, n - n_local)``; each query head ``h`` votes ``softmax_j(q_h . k_j)`` over them
+and the votes are summed over the layer's query heads: ``S_j = sum_h softmax_j(q_h . k_j)``.
+The top ``budget`` candidates by ``S`` are shared by all heads of the layer; the step
+attends over the first ``n_init`` entries, the selected ones and the last ``n_local`` (the
+step's own token included), re-positioned contiguously: the attended entries take positions
+``0 .. m-1`` in storage order and the query takes ``m - 1``, the position of its own key (the
+last attended entry). This is the paper's length extrapolation: no distance beyond ``m``.
+
+What is scored: the paper's code keeps keys before RoPE and scores ``q . k`` unrotated. kvlab
+stores keys rotated at their original positions (unless the position method keeps them
+pre-RoPE, which this method refuses), so scoring unrotated vectors would mean un-rotating
+every candidate at every step. TokenSelect here scores the model's own logits instead: the
+query rotated at its true position against the stored keys (RoPE at original positions),
+scaled by the layer's attention scaling (products in the cache's dtype, softmax in fp32). The
+attention over the selected set uses the contiguous positions (selected keys are rotated by
+``new - original`` on the fly, one rotation of ``m`` entries).
+
+Selection Cache: when ``selection_cache`` is above 0, a step whose mean query (over heads,
+unrotated) has cosine ``>= selection_cache`` with the previous step's mean query in that
+layer reuses that step's indices (the paper: 0.9; off by default, as in its code). The check
+is one host sync per layer and step, paid only when the cache is on.
+
+Left out: the paper also selects in chunked prefill (each chunk's queries vote over the
+earlier cache); here prefill stays dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from kvlab.engine.cache import LayerKV
+from kvlab.engine.context import LayerContext
+from kvlab.registry import Budget, param, register, resolve_budget
+from kvlab.retrieve.base import RetrieveMethod
+
+CACHE_KEY = "tokenselect.selection_cache"
+
+
+class SelectionCache:
+    """The previous step's mean query ``[b, d]`` and selected entries ``[b, k]`` of a layer."""
+
+    def __init__(self, mean_query: Tensor, chosen: Tensor, entries: int) -> None:
+        self.mean_query = mean_query
+        self.chosen = chosen
+        self.entries = entries  # layer entries when chosen (a truncate below drops it)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mean_query, self.chosen))
+
+    def on_select(self, keep: Tensor) -> None:
+        self.chosen = self.chosen[:, :0]  # entries renumbered: never reuse
+
+    def truncate(self, num_entries: int) -> None:
+        if num_entries < self.entries:
+            self.chosen = self.chosen[:, :0]
+
+
+def soft_votes(q_rotated: Tensor, candidates: Tensor, scaling: float) -> Tensor:
+    """``S_j = sum_h softmax_j(q_h . k_j * scaling)`` ``[b, c]`` for rotated queries
+    ``[b, Hq, 1, d]`` and candidate keys ``[b, Hkv, c, d]`` (query head ``h`` reads KV head
+    ``h // (Hq / Hkv)``)."""
+    b, hq, _, d = q_rotated.shape
+    kv_heads = candidates.shape[1]
+    grouped = q_rotated.reshape(b, kv_heads, hq // kv_heads, d).to(candidates.dtype)
+    logits = torch.matmul(grouped, candidates.transpose(-1, -2)).float() * scaling
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+
+
+def contiguous_attend(
+    q: Tensor, ctx: LayerContext, entries: Tensor
+) -> Tensor:
+    """Attention of the step's query over the layer entries ``entries`` ``[b, m]`` (sorted,
+    shared by all heads, the step's own entry last), re-positioned at ``0 .. m-1`` with the
+    query at ``m - 1``."""
+    layer = ctx.layer
+    b, m = entries.shape
+    d = layer.keys.shape[-1]
+    index = entries[:, None, :, None].expand(-1, layer.kv_heads, -1, d)
+    keys = layer.keys.gather(2, index)
+    values = layer.values.gather(2, index)
+    new_pos = torch.arange(m, device=q.device)
+    original = layer.key_positions()
+    if original.dim() == 1:
+        original = original[entries][:, None]  # [b, 1, m]
+    else:
+        original = original.gather(2, entries[:, None].expand(-1, layer.kv_heads, -1))
+    rotary = ctx.rotary
+    keys = rotary.rotate(keys, new_pos - original)  # R(new) = R(new - old) R(old)
+    if rotary.attention_factor != 1.0:
+        keys = keys / rotary.attention_factor  # the factor was applied once when stored
+    return ctx.attend(q, new_pos[m - 1 :], keys, new_pos, values)
+
+
+@register
+@dataclass(frozen=True)
+class TokenSelect(RetrieveMethod):
+    name: ClassVar[str] = "tokenselect"
+    paper: ClassVar[str] = "Wu et al., TokenSelect, arXiv:2411.02886"
+    summary: ClassVar[str] = (
+        "Per-step top-k tokens by soft voting of all heads; attended at contiguous positions."
+    )
+    needs_rotated_keys: ClassVar[bool] = True
+
+    budget: Budget = param(2048, "selected candidates per step and layer (top-k)")
+    n_init: int = param(128, "first entries always attended", min=0)
+    n_local: int = param(512, "last entries always attended (the step's own included)", min=1)
+    selection_cache: float = param(
+        0.0, "reuse the previous indices when cos(mean query, previous) >= this (0: off)",
+        min=0.0, max=1.0,
+    )
+    dense_layers: int = param(0, "first layers that stay dense", min=0)
+
+    def select(self, q: Tensor, ctx: LayerContext, top: int) -> Tensor:
+        """Selected layer entries ``[b, top]`` (sorted) for this step, from the selection
+        cache when the mean query has barely moved."""
+        layer = ctx.layer
+        n = layer.num_entries
+        if self.selection_cache > 0:
+            mean_query = q.float().mean(dim=(1, 2))  # [b, d]
+            cached = layer.side.get(CACHE_KEY)
+            if isinstance(cached, SelectionCache) and cached.chosen.shape[1] == top:
+                similarity = torch.cosine_similarity(mean_query, cached.mean_query, dim=-1)
+                if bool((similarity >= self.selection_cache).all()):
+                    cached.mean_query, cached.entries = mean_query, n
+                    return cached.chosen
+        candidates = layer.keys[:, :, self.n_init : n - self.n_local]
+        votes = soft_votes(ctx.rotary.rotate(q, ctx.positions), candidates, ctx.scaling)
+        chosen = votes.topk(top, dim=-1).indices.sort(dim=-1).values + self.n_init
+        if self.selection_cache > 0:
+            layer.side[CACHE_KEY] = SelectionCache(mean_query, chosen, n)
+        return chosen
+
+    def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        layer = ctx.layer
+        n = layer.num_entries
+        top = resolve_budget(self.budget, n)
+        if ctx.index < self.dense_layers or self.n_init + top + self.n_local >= n:
+            return None
+        chosen = self.select(q, ctx, top)
+        b = chosen.shape[0]
+        device = q.device
+        init = torch.arange(self.n_init, device=device).expand(b, -1)
+        local = torch.arange(n - self.n_local, n, device=device).expand(b, -1)
+        return contiguous_attend(q, ctx, torch.cat([init, chosen, local], dim=-1))
