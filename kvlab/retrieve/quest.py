@@ -19,7 +19,7 @@ from torch import Tensor
 from kvlab.engine.context import LayerContext
 from kvlab.engine.cache import LayerKV
 from kvlab.registry import Budget, param, register, resolve_budget
-from kvlab.retrieve.base import RetrieveMethod
+from kvlab.retrieve.base import RetrieveMethod, gather_per_query_head
 
 INDEX_KEY = "quest.page_bounds"
 
@@ -134,14 +134,5 @@ class Quest(RetrieveMethod):
         entries = entries.flatten(-2)  # [b, Hq, pages * page]
         valid = entries < n
         entries = entries.clamp(max=n - 1)
-        b, hq, k = entries.shape
-        kv_heads = layer.kv_heads
-        by_kv_head = entries.reshape(b, kv_heads, (hq // kv_heads) * k)
-        index = by_kv_head[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        keys = layer.keys.gather(2, index).reshape(b, hq, k, -1)
-        values = layer.values.gather(2, index).reshape(b, hq, k, -1)
-        k_pos = layer.key_positions()
-        if k_pos.dim() == 1:
-            k_pos = k_pos.expand(b, kv_heads, -1)
-        k_pos = k_pos.gather(2, by_kv_head).reshape(b, hq, k)
+        keys, values, k_pos = gather_per_query_head(layer, entries)
         return ctx.attend(q, q_pos, keys, k_pos, values, valid[:, :, None, :])
