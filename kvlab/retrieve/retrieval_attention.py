@@ -107,8 +107,11 @@ class KeyIndex:
         return index
 
     def update(self, keys: Tensor, end: int) -> None:
-        """Bring the index to cover entries ``[start, end)`` of ``keys`` ``[b, kv_heads, n, d]``."""
-        if end <= self.end:
+        """Bring the index to cover entries ``[start, end)`` of ``keys`` ``[b, kv_heads, n, d]``
+        (entries from ``end`` on, back in the recent window after a rollback, are removed)."""
+        if end < self.end:
+            self._remove_from(end)
+        if end == self.end:
             return
         b, kv_heads, _, d = keys.shape
         new = keys[:, :, self.end : end].float().cpu().numpy()
@@ -155,12 +158,20 @@ class KeyIndex:
                     ix.reset()
         self.end = self.start
 
+    def _remove_from(self, end: int) -> None:
+        """Drop entries ``end, end + 1, ...`` (the newest local ids) from every index."""
+        selector = _faiss().IDSelectorRange(max(0, end - self.start), self.end - self.start)
+        for row in self.indexes:
+            for ix in row:
+                ix.remove_ids(selector)
+        self.end = max(end, self.start)
+
     def on_select(self, keep: Tensor) -> None:
         self._forget_keys()
 
     def truncate(self, num_entries: int) -> None:
         if num_entries < self.end:
-            self._forget_keys()
+            self._remove_from(num_entries)
 
     def __deepcopy__(self, memo: dict) -> "KeyIndex":
         clone = copy.copy(self)

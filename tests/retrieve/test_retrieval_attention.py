@@ -158,3 +158,20 @@ def test_index_bytes_are_the_serialized_faiss_indexes(kind):
     assert serialized >= 2 * 2 * indexed * d * 4
     assert serialized < 2 * 2 * (indexed * (d * 4 + 8) + 2 * d * 4 + 1024)
     assert [layer.num_entries for layer in ra.layers] == [prompt + 5] * 2  # kept whole
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_rollback_removes_the_keys_indexed_since_the_mark(kind):
+    """A session rolls a request's tokens back: keys the index took in since then (now in
+    the recent window again, or gone) leave it, so decoding again gives the same result."""
+    engine = tiny_engine()
+    ids = prompt_ids(120, seed=2)
+    recipe = f"retrieval_attention(budget=8, sink=4, recent=16, index='{kind}')"
+    seq = engine.new_sequence(recipe)
+    logits = engine.prefill(seq, ids[:60], compress=True)
+    mark = seq.mark()
+    first = engine.teacher_force(seq, logits, ids[60:90])
+    seq.rollback(mark)
+    assert seq.layers[0].side[INDEX_KEY].end <= 60
+    again = engine.teacher_force(seq, logits, ids[60:90])
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=1e-6)
