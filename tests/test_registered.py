@@ -25,6 +25,8 @@ NOT_REGISTERED = {
     "no position method (TRAINED_ROPE), not a method a recipe names",
     ("kvlab.compress.duo_heads", "AnswerMass"): "DuoAttention's identification probe, run by "
     "duo_attention itself, never named in a recipe",
+    ("kvlab.retrieve.lychee", "ReuseRecall"): "LycheeDecode's head calibration probe, run by "
+    "lychee itself, never named in a recipe",
 }
 
 

@@ -34,3 +34,7 @@ __all__ += ["cam", "chelsea", "kvmerger", "windowkv"]
 from kvlab.compress import duo_attention  # noqa: E402  (per-head policies: ragged layers)
 
 __all__ += ["duo_attention"]
+
+from kvlab.compress import infiniretri  # noqa: E402  (chunked reading: evicts between prefill chunks)
+
+__all__ += ["infiniretri"]

@@ -15,7 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ SCORE_VERSION = 3
 PROBE_ROOM = 64
 """Tokens a probe needs beyond ``sink + recent``: the needles, the question and the answer."""
 
-_SCORES: dict[str, Tensor] = {}  # cache key -> scores [layers, kv_heads], for this process
+_SCORES: dict[str, Tensor] = {}  # method:cache key -> scores [layers, kv_heads], for this process
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weight digest
 
 
@@ -62,21 +62,30 @@ def retrieval_heads(scores: Tensor, share: float) -> Tensor:
 def head_scores(engine: Any, settings: Identification) -> Tensor:
     """Per-head scores ``[layers, kv_heads]`` of ``engine``'s model: from this process's memory,
     else from the cache file, else measured (:func:`measure_heads`) and written to both."""
-    key = cache_key(engine, settings)
+    return cached_head_scores(engine, settings, "duo_attention", measure_heads)
+
+
+def cached_head_scores(
+    engine: Any, settings: Any, method: str, measure: Callable[[Any, Any], Tensor]
+) -> Tensor:
+    """Per-head scores ``[layers, kv_heads]`` that ``measure(engine, settings)`` gives, kept in
+    this process's memory and in ``<kvlab cache dir>/<method>/<model>-<key>.json``, keyed by
+    :func:`cache_key` (shared by the methods that calibrate heads: DuoAttention, LycheeDecode)."""
+    key = f"{method}:{cache_key(engine, settings)}"
     if key in _SCORES:
         return _SCORES[key]
-    path = score_path(engine, key)
+    path = score_path(engine, key.split(":", 1)[1], method)
     shape = [engine.config.num_hidden_layers, kv_heads_of(engine.config)]
     scores = _read_scores(path, shape)
     if scores is None:
         start = time.perf_counter()
-        scores = measure_heads(engine, settings)
-        _write_scores(path, engine, settings, scores, time.perf_counter() - start)
+        scores = measure(engine, settings)
+        _write_scores(path, engine, settings, scores, time.perf_counter() - start, method)
     _SCORES[key] = scores
     return scores
 
 
-def cache_key(engine: Any, settings: Identification) -> str:
+def cache_key(engine: Any, settings: Any) -> str:
     """Digest of the model (name, configuration, weight fingerprint, dtype) and the settings."""
     parts = {
         "version": SCORE_VERSION,
@@ -89,11 +98,11 @@ def cache_key(engine: Any, settings: Identification) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def score_path(engine: Any, key: str) -> Path:
+def score_path(engine: Any, key: str, method: str = "duo_attention") -> Path:
     from kvlab.engine.loading import cache_dir
 
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", engine.name)
-    return cache_dir() / "duo_attention" / f"{model}-{key}.json"
+    return cache_dir() / method / f"{model}-{key}.json"
 
 
 def _weight_fingerprint(model: torch.nn.Module) -> str:
@@ -117,9 +126,11 @@ def _read_scores(path: Path, shape: list[int]) -> Tensor | None:
     return scores if list(scores.shape) == shape else None
 
 
-def _write_scores(path: Path, engine: Any, settings: Identification, scores: Tensor, seconds: float) -> None:
+def _write_scores(
+    path: Path, engine: Any, settings: Any, scores: Tensor, seconds: float, method: str
+) -> None:
     record = {
-        "method": "duo_attention", "version": SCORE_VERSION, "model": engine.name,
+        "method": method, "version": SCORE_VERSION, "model": engine.name,
         "settings": dataclasses.asdict(settings), "seconds": round(seconds, 3),
         "scores": scores.tolist(),
     }

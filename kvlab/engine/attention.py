@@ -68,6 +68,8 @@ def kvlab_attention(
             out = ragged_attention(query, ctx.positions, layer, ctx.attend)
         else:
             out = ctx.attend(query, ctx.positions, layer.keys, layer.key_positions(), layer.values)
+    if recipe.retrieve is not None and ctx.phase.observed:
+        recipe.retrieve.observe(query, ctx)
     if recipe.compress is not None:
         if ctx.phase.observed:
             recipe.compress.observe(query, ctx)

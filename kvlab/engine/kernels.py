@@ -108,5 +108,30 @@ def masked_logits(
     return logits
 
 
-__all__ = ["causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads",
-           "masked_logits"]
+def partial_attention(logits: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax attention over one part of the keys and its log-sum-exp: fp32 ``logits``
+    ``[b, Hq, t, m]`` (``-inf`` where not allowed), ``values`` ``[b, Hq or Hk, m, d]`` (GQA
+    aware) -> ``(out [b, Hq, t, d] fp32, lse [b, Hq, t] fp32)``; a row with no allowed key
+    gives ``out = 0`` and ``lse = -inf`` (it then weighs nothing in :func:`merge_partials`)."""
+    group = logits.shape[1] // values.shape[1]
+    if group > 1:
+        values = values.repeat_interleave(group, dim=1)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.clamp(min=torch.finfo(lse.dtype).min)[..., None])
+    return torch.matmul(probs, values.float()), lse
+
+
+def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Exact attention over the union of disjoint key sets from their partial attentions
+    ``(out, lse)`` (:func:`partial_attention`): ``sum_i exp(lse_i - LSE) out_i`` with
+    ``LSE = log sum_i exp(lse_i)``. Returns fp32 ``[b, Hq, t, d]``."""
+    lses = torch.stack([lse for _, lse in parts])  # [p, b, Hq, t]
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total.clamp(min=torch.finfo(total.dtype).min))
+    return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
+
+
+__all__ = [
+    "causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads", "masked_logits",
+    "merge_partials", "partial_attention",
+]

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import LayerContext
 from kvlab.registry import Method
 
@@ -35,3 +36,23 @@ class RetrieveMethod(Method, ABC):
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         """Attention ``[b, Hq, 1, d]`` over the entries selected for the unrotated query
         ``q`` ``[b, Hq, 1, d]``, or None to attend densely."""
+
+    def observe(self, q: Tensor, ctx: LayerContext) -> None:
+        """Called in every layer after the attention of each chunk of the context prefill
+        (``q`` ``[b, Hq, t, d]`` its unrotated queries): a method whose index is built from
+        the prefill's queries (RetrievalAttention) samples them here; by default nothing."""
+
+
+def gather_per_query_head(layer: LayerKV, entries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys and values ``[b, Hq, k, d]`` and positions ``[b, Hq, k]`` of the entries
+    ``entries`` ``[b, Hq, k]`` each query head selected (from its KV head's entries)."""
+    b, hq, k = entries.shape
+    kv_heads = layer.kv_heads
+    by_kv_head = entries.reshape(b, kv_heads, (hq // kv_heads) * k)
+    index = by_kv_head[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+    keys = layer.keys.gather(2, index).reshape(b, hq, k, -1)
+    values = layer.values.gather(2, index).reshape(b, hq, k, -1)
+    k_pos = layer.key_positions()
+    if k_pos.dim() == 1:
+        k_pos = k_pos.expand(b, kv_heads, -1)
+    return keys, values, k_pos.gather(2, by_kv_head).reshape(b, hq, k)
