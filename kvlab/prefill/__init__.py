@@ -1,6 +1,6 @@
 """Stage 2, prefill: build the cache faster with sparse attention."""
 
-from kvlab.prefill import ashape
+from kvlab.prefill import ashape, block_sparse, sale, tri_shape, vertical_slash
 from kvlab.prefill.base import PrefillMethod
 
-__all__ = ["PrefillMethod", "ashape"]
+__all__ = ["PrefillMethod", "ashape", "block_sparse", "sale", "tri_shape", "vertical_slash"]
