@@ -81,6 +81,11 @@ def block_sparse_attention(
     counts = blocks.sum(-1)  # [b, h, nqb]
     order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
     offsets = torch.arange(block, device=q.device)
+    key_pad = -n % block
+    key_blocks = F.pad(keys, (0, 0, 0, key_pad)).unflatten(2, (-1, block))  # [b, h, nkb, block, d]
+    value_blocks = F.pad(values, (0, 0, 0, key_pad)).unflatten(2, (-1, block))
+    batch = torch.arange(b, device=q.device)[:, None, None, None]
+    head = torch.arange(h, device=q.device)[None, :, None, None]
     outputs = []
     start = 0
     while start < nqb:
@@ -95,15 +100,18 @@ def block_sparse_attention(
         valid = torch.gather(blocks[:, :, start:stop], -1, chosen)
         tokens = (chosen[..., None] * block + offsets).flatten(-2)  # [b, h, g, s * block]
         valid = valid[..., None].expand(*valid.shape, block).flatten(-2) & (tokens < n)
-        tokens = tokens.clamp(max=n - 1)
         g = stop - start
-        flat = tokens.reshape(b, h, -1, 1).expand(-1, -1, -1, d)
-        k = torch.gather(keys, 2, flat).view(b, h, g, -1, d)
-        v = torch.gather(values, 2, flat).view(b, h, g, -1, d)
+        k = key_blocks[batch, head, chosen].view(b, h, g, -1, d)  # whole blocks, no per-element index
+        v = value_blocks[batch, head, chosen].view(b, h, g, -1, d)
         rows = q_pos[start * block : stop * block].view(g, block)
         allowed = valid[..., None, :] & (tokens[..., None, :] <= rows[None, None, :, :, None])
         qg = q[:, :, start * block : stop * block].view(b, h, g, block, d)
-        outputs.append(F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed, scale=scaling))
+        # 4-D, so that torch's fused CPU kernel (not the math fallback) takes the mask
+        out = F.scaled_dot_product_attention(
+            qg.reshape(b * h, g, block, d), k.view(b * h, g, -1, d), v.view(b * h, g, -1, d),
+            attn_mask=allowed.view(b * h, g, block, -1), scale=scaling,
+        )
+        outputs.append(out.view(b, h, g, block, d))
         start = stop
     return torch.cat(outputs, 2).flatten(2, 3)[:, :, :t]
 
