@@ -22,7 +22,9 @@ def test_methods_json_lists_stages_and_parameters():
     assert result.exit_code == 0
     methods = {m["name"]: m for m in json.loads(result.stdout)}
     assert methods["snapkv"]["stage"] == "compress"
-    assert {p["name"] for p in methods["quest"]["params"]} == {"budget", "page", "dense_layers"}
+    assert {p["name"] for p in methods["quest"]["params"]} == {
+        "budget", "page", "dense_layers", "sink", "recent",
+    }
 
 
 def test_methods_table():
