@@ -116,26 +116,45 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def prefill_flops(config: Any, tokens: int, attended: float) -> float:
-    """Matmul FLOPs of a prefill of ``tokens``: the linear layers (2 x params x tokens) plus the
-    attention scores and weighted values (4 x head_dim x heads x layers x ``attended``, the
-    query-key pairs computed: n(n+1)/2 when dense and causal)."""
+def prefill_flops(config: Any, layer_tokens: list[int], context: int, recipe: str) -> float:
+    """Matmul FLOPs of a prefill of a ``context``-token prompt, layer by layer, from the tokens
+    each layer really ran (``Stats.prefilled_per_layer``: fewer than ``context`` in the later
+    layers of a token-selective prefill, FastKV; more in GemFilter's early layers, which run
+    the context once to select and the kept tokens again). A layer's linear work is
+    2 x its params x its tokens; its attention work 4 x head_dim x heads x the query-key pairs
+    it computed (:func:`attended_pairs`). The lm head runs on the last token only."""
     d, layers = config.hidden_size, config.num_hidden_layers
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     per_layer = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2 + 3 * d * config.intermediate_size
-    linear = 2 * tokens * (per_layer * layers + d * config.vocab_size / tokens)  # lm head: last token
-    return linear + 4 * head_dim * heads * layers * attended
+    if len(layer_tokens) != layers:
+        layer_tokens = [context] * layers  # plain transformers: every layer runs the prompt
+    total = 2 * d * config.vocab_size
+    for tokens in layer_tokens:
+        total += 2 * per_layer * tokens + 4 * head_dim * heads * attended_pairs(recipe, tokens, context)
+    return total
 
 
-def attended_pairs(recipe: str, tokens: int) -> float:
-    """Query-key pairs a recipe's prefill computes: dense causal, or A-shape's sinks + window."""
+def _band_pairs(n: int, sink: int, window: int) -> float:
+    """Causal pairs of ``n`` queries in A-shape's band: query i sees the ``window`` keys up to
+    itself and the first ``sink`` keys before that window."""
+    seen = torch.arange(1, n + 1, dtype=torch.float64)  # query i sees i + 1 keys when dense
+    return float(torch.minimum(seen, window + (seen - window).clamp(0, sink)).sum())
+
+
+def attended_pairs(recipe: str, tokens: int, context: int) -> float:
+    """Query-key pairs one layer's prefill computes when it ran ``tokens`` of a ``context``-token
+    prompt: dense and causal, n(n+1)/2, for each pass over the layer (``tokens`` above
+    ``context`` is a context pass plus a pass over the kept tokens, GemFilter's early layers;
+    below it, a pass over the kept tokens only); A-shape's band of sinks + window instead. The
+    block-sparse methods' (tri-shape, vertical-slash, block-sparse, SALE) selected tiles are not
+    counted: their bound is the dense one, so they can run below it."""
     parsed = kvlab.parse_recipe(recipe) if recipe not in ("transformers", "full") else None
     prefill = parsed.prefill if parsed is not None else None
+    passes = [context, tokens - context] if tokens > context else [tokens]
     if prefill is not None and prefill.name == "ashape":
-        band = prefill.sink + prefill.window
-        return tokens * min(tokens, band)
-    return tokens * (tokens + 1) / 2
+        return sum(_band_pairs(n, prefill.sink, prefill.window) for n in passes)
+    return sum(n * (n + 1) / 2 for n in passes)
 
 
 # -- one measurement -------------------------------------------------------------------------------
@@ -154,13 +173,14 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
     logits = engine.prefill(sequence, ids, compress=True, progress=False)
     _sync(engine.device)
     prefill_s = time.perf_counter() - start
+    layer_tokens = list(sequence.layer_tokens)  # the prefill's, before decoding adds to them
     start = time.perf_counter()
     engine.teacher_force(sequence, logits, forced + [forced[-1]])  # len(forced) decoding steps
     _sync(engine.device)
     decode_s = time.perf_counter() - start
     kv_bytes = sequence.nbytes()  # after decoding: with any index built then (Quest's bounds)
     return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
-            "kv_bytes": kv_bytes}
+            "kv_bytes": kv_bytes, "layer_tokens": list(layer_tokens)}
 
 
 @torch.inference_mode()
@@ -318,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_transformers(plain, ids, forced)
                 else:
                     row = run_kvlab(engine, recipe, ids, forced)
-                attended = attended_pairs(recipe or "transformers", length)
-                work = prefill_flops(engine.config, length, attended)
+                work = prefill_flops(engine.config, row.pop("layer_tokens", []), len(ids),
+                                     recipe or "transformers")
                 row.update(
                     run_id=run_id, model=engine.name, device=str(device), dtype=dtype_name,
                     threads=torch.get_num_threads(), context_length=length, variant=variant,
