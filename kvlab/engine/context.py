@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.rotary import Rotary
+from kvlab.engine.workspace import Workspace
 from kvlab.position.base import PositionMethod
 
 
@@ -64,7 +65,8 @@ class LayerContext:
     frequencies the position method chose for this length; ``prepared`` what each stage's
     method computed once per model (:meth:`Method.prepare`), by stage; ``scratch`` is shared
     by the layers of this forward and dropped with it (a method that decides in one layer for
-    the next keeps its choice there, e.g. WindowKV's groups).
+    the next keeps its choice there, e.g. WindowKV's groups); ``workspace`` holds the
+    sequence's reused buffers for tensors built and dropped within one layer's attention.
     """
 
     index: int
@@ -77,6 +79,11 @@ class LayerContext:
     phase: Phase = Phase.DECODE
     prepared: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
+    workspace: Workspace = field(default_factory=Workspace)
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A reused uninitialised buffer of ``shape`` with ``like``'s dtype and device."""
+        return self.workspace.buffer(name, shape, like.dtype, like.device)
 
     def propagate_only(self, rows: Tensor) -> None:
         """Run only the forward's tokens at ``rows`` ``[k]`` (sorted indices into this forward's

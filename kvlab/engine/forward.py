@@ -70,6 +70,7 @@ class ForwardContext:
             index=index, num_layers=len(self.cache.layers), layer=self.cache.layers[index],
             positions=self.positions, rotary=self.rotary, position=self.position,
             scaling=scaling, phase=self.phase, prepared=self.prepared, scratch=self.scratch,
+            workspace=self.cache.workspace,
         )
 
 

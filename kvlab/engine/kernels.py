@@ -131,7 +131,33 @@ def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
     return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
 
 
+def gather_entries(x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None = None) -> Tensor:
+    """Runs of ``run`` consecutive entries of ``x`` ``[b, H, n, d]`` starting at ``starts``
+    ``[b, Hs, r]`` (entry indices, ``start + run <= n``), per head ``Hs`` (a multiple of
+    ``H``: query heads read their KV head's entries, GQA) -> ``[b, Hs, r * run, d]``.
+
+    One ``index_select`` over rows of ``run * d`` elements that start at every entry of a
+    strided view of ``x``'s memory: the output is written once, with no ``[.., d]``-expanded
+    index (what ``torch.gather`` needs) and no per-head copies. A run never crosses the end
+    of its head's entries, so it reads only ``x``'s own entries. ``out`` (contiguous, of the
+    result's shape and dtype) receives the result instead of a new tensor."""
+    b, h, n, d = x.shape
+    hs, r = starts.shape[1], starts.shape[2]
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(1) % d or x.stride(0) % d:
+        x = x.contiguous()
+    head_base = (torch.arange(b, device=x.device)[:, None] * (x.stride(0) // d)
+                 + torch.arange(h, device=x.device)[None, :] * (x.stride(1) // d))  # [b, H]
+    head_base = head_base.repeat_interleave(hs // h, dim=1)  # [b, Hs]: each head's KV head
+    rows = x.as_strided((int(head_base[-1, -1]) + n - run + 1, run * d), (d, 1), x.storage_offset())
+    index = (head_base[..., None] + starts).flatten()
+    if out is None:
+        return rows.index_select(0, index).view(b, hs, r * run, d)
+    torch.index_select(rows, 0, index, out=out.view(b * hs * r, run * d))
+    return out
+
+
 __all__ = [
-    "causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads", "masked_logits",
+    "causal_allowed", "causal_mask", "chunk_mask", "dense_attention", "expand_heads", "gather_entries",
+    "masked_logits",
     "merge_partials", "partial_attention",
 ]

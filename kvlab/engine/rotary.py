@@ -17,6 +17,10 @@ import torch
 from torch import Tensor, nn
 
 
+_TABLE_FROM = 256
+"""Integer positions from which :meth:`Rotary.cos_sin` reads the position table."""
+
+
 class Rotary:
     """RoPE in transformers' layout: channel ``i`` is paired with ``i + d/2``.
 
@@ -26,15 +30,36 @@ class Rotary:
     def __init__(self, inv_freq: Tensor, attention_factor: float = 1.0) -> None:
         self.inv_freq = inv_freq.float()
         self.attention_factor = float(attention_factor)
+        self._table: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and sin for ``positions`` of any shape ``[...]``: each ``[..., d]`` in ``dtype``."""
-        inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_factor).to(dtype)
-        sin = (emb.sin() * self.attention_factor).to(dtype)
-        return cos, sin
+        """cos and sin for ``positions`` of any shape ``[...]``: each ``[..., d]`` in ``dtype``.
+        Many integer positions (a retrieve method re-positioning thousands of keys per layer
+        and step) are read from a table of every position up to the largest, kept across
+        calls, with the same values the direct computation gives (cos is even, sin odd)."""
+        if positions.numel() >= _TABLE_FROM and not positions.dtype.is_floating_point:
+            cos, sin = self._lookup(positions)
+        else:
+            freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+        return (cos * self.attention_factor).to(dtype), (sin * self.attention_factor).to(dtype)
+
+    def _lookup(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """fp32 cos and sin ``[..., d]`` of integer ``positions`` from the position table."""
+        magnitude = positions.abs()
+        needed = int(magnitude.max()) + 1
+        table = self._table.get(positions.device)
+        if table is None or table[0].shape[0] < needed:
+            size = max(needed, 2 * (0 if table is None else table[0].shape[0]), 4096)
+            freqs = torch.arange(size, device=positions.device).float()[:, None] * self.inv_freq.to(positions.device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            table = self._table[positions.device] = (emb.cos(), emb.sin())
+        flat = magnitude.reshape(-1)
+        cos = table[0].index_select(0, flat).view(*positions.shape, -1)
+        sin = table[1].index_select(0, flat).view(*positions.shape, -1)
+        sign = torch.where(positions < 0, -1.0, 1.0).to(sin.dtype)[..., None]
+        return cos, sin * sign
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` ``[b, heads, n, d]`` by ``positions`` ``[n]`` or ``[b, heads, n]``."""
@@ -54,6 +79,7 @@ class PinnedRotary(Rotary):
     def __init__(self, base: Rotary, positions: Tensor) -> None:
         self.inv_freq = base.inv_freq
         self.attention_factor = base.attention_factor
+        self._table = base._table  # the position table outlives the forward
         self.positions = positions
         self._tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 

@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 
 from kvlab.engine.cache import CacheMark, LayerKV
 from kvlab.engine.rotary import Rotary
+from kvlab.engine.workspace import Workspace
 from kvlab.position.base import TRAINED_ROPE, PositionMethod
 from kvlab.recipe import Recipe
 
@@ -29,6 +30,8 @@ class KVCache(Cache):
     def __init__(self, num_layers: int, new_layer: Callable[[], LayerKV] = LayerKV) -> None:
         super().__init__(layers=[new_layer() for _ in range(num_layers)])
         self.layers: list[LayerKV]
+        self.workspace = Workspace()
+        """Reused buffers of the decoding steps on this cache (not KV: not in :meth:`nbytes`)."""
 
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import gather_entries
 from kvlab.registry import Method
 
 
@@ -48,11 +49,9 @@ def gather_per_query_head(layer: LayerKV, entries: Tensor) -> tuple[Tensor, Tens
     ``entries`` ``[b, Hq, k]`` each query head selected (from its KV head's entries)."""
     b, hq, k = entries.shape
     kv_heads = layer.kv_heads
-    by_kv_head = entries.reshape(b, kv_heads, (hq // kv_heads) * k)
-    index = by_kv_head[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-    keys = layer.keys.gather(2, index).reshape(b, hq, k, -1)
-    values = layer.values.gather(2, index).reshape(b, hq, k, -1)
+    keys, values = gather_entries(layer.keys, entries), gather_entries(layer.values, entries)
     k_pos = layer.key_positions()
     if k_pos.dim() == 1:
-        k_pos = k_pos.expand(b, kv_heads, -1)
+        return keys, values, k_pos[entries]
+    by_kv_head = entries.reshape(b, kv_heads, (hq // kv_heads) * k)
     return keys, values, k_pos.gather(2, by_kv_head).reshape(b, hq, k)

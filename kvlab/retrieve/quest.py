@@ -16,13 +16,14 @@ default model a head that misses the attention-sink page loses most of its mass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from kvlab.engine.context import LayerContext
 from kvlab.engine.cache import LayerKV
+from kvlab.engine.kernels import gather_entries
 from kvlab.registry import Budget, param, register, resolve_budget
 from kvlab.retrieve.base import RetrieveMethod
 
@@ -133,15 +134,16 @@ class Quest(RetrieveMethod):
             parts.append(page_scores(q_rotated, tail_min, tail_max))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def select(self, q: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor] | None:
-        """Entries ``[b, Hq, k]`` each query head reads this step and which of them count
-        (``[b, Hq, k]`` bool: past the end or read twice do not); None for dense attention.
+    def select(self, q: Tensor, ctx: LayerContext) -> PageSelection | None:
+        """What each query head reads this step (:class:`PageSelection`), or None for dense
+        attention.
 
         The top ``max(3, budget // page)`` pages by score of the query rotated at its
         position, then, when ``sink`` / ``recent`` are set, the first ``sink`` and the last
-        ``recent`` entries the pages do not already hold. Laid out for a cheap gather: the
-        chosen complete pages (one chosen partial page stands as an unread block), then the
-        partial page's entries (read by the heads that chose it), then sink and recent."""
+        ``recent`` entries the pages do not already hold. Laid out as runs of ``page``
+        entries for one gather: the chosen complete pages (a chosen partial page stands as
+        an unread run), then the runs that cover the partial page's entries (read by the
+        heads that chose it) and the sink and recent entries."""
         layer = ctx.layer
         n = layer.num_entries
         pages = max(3, resolve_budget(self.budget, n) // self.page)
@@ -150,61 +152,89 @@ class Quest(RetrieveMethod):
         q_rotated = ctx.rotary.rotate(q, ctx.positions)
         chosen = self.scores(q_rotated, layer).topk(pages, dim=-1, sorted=False).indices
         complete = n // self.page
-        offsets = torch.arange(self.page, device=q.device)
-        blocks = chosen.clamp(max=complete - 1)
-        entries = (blocks[..., None] * self.page + offsets).flatten(-2)  # [b, Hq, pages * page]
+        starts = chosen.clamp(max=complete - 1) * self.page
         valid = (chosen < complete).repeat_interleave(self.page, dim=-1)
-        parts, flags = [entries], [valid]
-        if complete * self.page < n:
-            tail = torch.arange(complete * self.page, n, device=q.device)
-            parts.append(tail.expand(*chosen.shape[:2], -1))
-            flags.append((chosen == complete).any(dim=-1, keepdim=True).expand(-1, -1, tail.numel()))
-        fixed = [torch.arange(min(self.sink, n), device=q.device)]
-        if self.recent:
-            fixed.append(torch.arange(max(n - self.recent, self.sink), n, device=q.device))
-        fixed = torch.cat(fixed)
-        if fixed.numel():
-            in_chosen = (chosen[..., None, :] == (fixed // self.page)[:, None]).any(dim=-1)
-            parts.append(fixed.expand(*chosen.shape[:2], -1))
-            flags.append(~in_chosen)
-        return torch.cat(parts, dim=-1), torch.cat(flags, dim=-1)
+        extra = ctx.scratch.get((INDEX_KEY, "extra", n))
+        if extra is None:
+            extra = ctx.scratch[(INDEX_KEY, "extra", n)] = self.extra_runs(n, q.device)
+        if extra.starts.numel():
+            chosen_page = (chosen[..., None, :] == (extra.entries // self.page)[:, None]).any(dim=-1)
+            chose_partial = (chosen == complete).any(dim=-1, keepdim=True)
+            read = torch.where(extra.partial, extra.fixed | chose_partial, extra.fixed & ~chosen_page)
+            starts = torch.cat([starts, extra.starts.expand(*chosen.shape[:2], -1)], dim=-1)
+            valid = torch.cat([valid, read & extra.first], dim=-1)
+        entries = (starts[..., None] + torch.arange(self.page, device=q.device)).flatten(-2)
+        return PageSelection(starts, entries, valid)
+
+    def extra_runs(self, n: int, device: torch.device) -> ExtraRuns:
+        """Runs of ``page`` entries covering the partial last page and the sink and recent
+        entries of an ``n``-entry layer (the same for every head and layer of a step)."""
+        complete = n // self.page
+        wanted = [(complete * self.page, n), (0, min(self.sink, n)), (max(n - self.recent, 0), n)]
+        starts: list[int] = []
+        for a, e in sorted((a, e) for a, e in wanted if a < e):
+            s = a
+            while s < e:
+                if not any(t <= s < t + self.page for t in starts):
+                    starts.append(min(s, n - self.page))  # a run never passes the last entry
+                s += self.page
+        entries = [t + i for t in starts for i in range(self.page)]
+        seen: set[int] = set()
+        first = []
+        for e in entries:
+            first.append(e not in seen)
+            seen.add(e)
+        as_tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+        return ExtraRuns(
+            starts=as_tensor(starts), entries=as_tensor(entries), first=as_tensor(first, torch.bool),
+            fixed=as_tensor([e < self.sink or (self.recent > 0 and e >= n - self.recent)
+                             for e in entries], torch.bool),
+            partial=as_tensor([e >= complete * self.page for e in entries], torch.bool),
+        )
 
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
         selection = self.select(q, ctx)
         if selection is None:
             return None
-        entries, valid = selection
         layer = ctx.layer
-        n, kv_heads = layer.num_entries, layer.kv_heads
-        b, hq, _ = entries.shape
-        paged = max(3, resolve_budget(self.budget, n) // self.page) * self.page
-        block_ids = entries[..., :paged:self.page] // self.page  # [b, Hq, pages]
-        rest = entries[0, 0, paged:]  # the same for every head: partial page, sink, recent
-        keys = read_rows(layer.keys, block_ids, self.page, rest)
-        values = read_rows(layer.values, block_ids, self.page, rest)
-        k_pos = layer.key_positions()
-        if k_pos.dim() == 1:
-            k_pos = k_pos[entries]
+        b, hq, runs = selection.starts.shape
+        shape = (b, hq, runs * self.page, layer.keys.shape[-1])
+        keys = gather_entries(layer.keys, selection.starts, self.page,
+                              out=ctx.buffer("quest.keys", shape, layer.keys))
+        values = gather_entries(layer.values, selection.starts, self.page,
+                                out=ctx.buffer("quest.values", shape, layer.values))
+        if layer.is_contiguous:
+            k_pos = selection.entries  # entry i holds token i
         else:
-            head = (torch.arange(hq, device=q.device) // (hq // kv_heads))[None, :, None]
-            k_pos = k_pos[torch.arange(b, device=q.device)[:, None, None], head, entries]
-        return ctx.attend(q, ctx.positions, keys, k_pos, values, valid[:, :, None, :])
+            k_pos = layer.key_positions()
+            if k_pos.dim() == 1:
+                k_pos = k_pos[selection.entries]
+            else:
+                kv_heads = layer.kv_heads
+                head = (torch.arange(hq, device=q.device) // (hq // kv_heads))[None, :, None]
+                k_pos = k_pos[torch.arange(b, device=q.device)[:, None, None], head, selection.entries]
+        return ctx.attend(q, ctx.positions, keys, k_pos, values, selection.valid[:, :, None, :])
 
 
-def read_rows(x: Tensor, block_ids: Tensor, page: int, rest: Tensor) -> Tensor:
-    """``[b, Hq, pages * page + r, d]``: for each query head, the pages ``block_ids``
-    ``[b, Hq, pages]`` of its KV head's ``x`` ``[b, Hkv, n, d]`` copied as whole blocks (one
-    ``index_select`` per KV head over a paged view), then the entries ``rest`` ``[r]``."""
-    b, kv_heads, n, d = x.shape
-    hq, pages = block_ids.shape[1:]
-    group = hq // kv_heads
-    view = x[:, :, : (n // page) * page].unflatten(2, (n // page, page)).flatten(3)
-    ids = block_ids.reshape(b, kv_heads, group * pages)
-    out = x.new_empty(b, hq, pages * page + rest.numel(), d)  # written once, no stack or cat
-    for i in range(b):
-        for h in range(kv_heads):
-            heads = out[i, h * group : (h + 1) * group, : pages * page]
-            heads.view(group, pages, page * d).copy_(view[i, h].index_select(0, ids[i, h]).view(group, pages, page * d))
-    if rest.numel():
-        out[:, :, pages * page :] = x.index_select(2, rest).repeat_interleave(group, dim=1)
-    return out
+class PageSelection(NamedTuple):
+    """What the query heads read in one step: runs of ``page`` entries.
+
+    ``starts`` ``[b, Hq, r]`` the first entry of each run; ``entries`` ``[b, Hq, r * page]``
+    the entries they read; ``valid`` ``[b, Hq, r * page]`` which of them count (an unread
+    run, an entry read twice or not wanted does not)."""
+
+    starts: Tensor
+    entries: Tensor
+    valid: Tensor
+
+
+class ExtraRuns(NamedTuple):
+    """The runs beside the chosen pages (:meth:`Quest.extra_runs`), per entry they read:
+    ``first`` (not read by an earlier run), ``fixed`` (a sink or recent entry), ``partial``
+    (in the partial last page)."""
+
+    starts: Tensor
+    entries: Tensor
+    first: Tensor
+    fixed: Tensor
+    partial: Tensor

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import gather_entries
 from kvlab.registry import Budget, param, register, resolve_budget
 from kvlab.retrieve.base import RetrieveMethod
 
@@ -91,17 +92,21 @@ class RecycledAttention(RetrieveMethod):
         return out.reshape(b, hq, 1, -1).to(q.dtype)
 
     def recycled_attend(self, q: Tensor, ctx: LayerContext, state: Recycled) -> Tensor:
-        """Attention over the recycled entries plus every entry since the full step."""
+        """Attention over the recycled entries plus every entry since the full step (one
+        gather per keys and values, into reused buffers)."""
         layer = ctx.layer
         n = layer.num_entries
-        chosen = state.chosen
-        d = layer.keys.shape[-1]
-        index = chosen[..., None].expand(-1, -1, -1, d)
-        keys = torch.cat([layer.keys.gather(2, index), layer.keys[:, :, state.entries :]], dim=2)
-        values = torch.cat([layer.values.gather(2, index), layer.values[:, :, state.entries :]], dim=2)
+        b, kv_heads, _ = state.chosen.shape
+        since = torch.arange(state.entries, n, device=q.device).expand(b, kv_heads, -1)
+        entries = torch.cat([state.chosen, since], dim=-1)  # [b, Hkv, k + new]
+        shape = (b, kv_heads, entries.shape[-1], layer.keys.shape[-1])
+        keys = gather_entries(layer.keys, entries, out=ctx.buffer("recycled.keys", shape, layer.keys))
+        values = gather_entries(layer.values, entries, out=ctx.buffer("recycled.values", shape, layer.values))
         positions = layer.key_positions()
-        b, kv_heads, _ = chosen.shape
-        if positions.dim() == 1:
-            positions = positions.expand(b, kv_heads, -1)
-        k_pos = torch.cat([positions.gather(2, chosen), positions[:, :, state.entries : n]], dim=2)
+        if layer.is_contiguous:
+            k_pos = entries  # entry i holds token i
+        elif positions.dim() == 1:
+            k_pos = positions[entries]
+        else:
+            k_pos = positions.gather(2, entries)
         return ctx.attend(q, ctx.positions, keys, k_pos, values)

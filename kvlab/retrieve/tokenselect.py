@@ -39,6 +39,7 @@ from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import gather_entries
 from kvlab.registry import Budget, param, register, resolve_budget
 from kvlab.retrieve.base import RetrieveMethod
 
@@ -83,16 +84,18 @@ def contiguous_attend(
     query at ``m - 1``."""
     layer = ctx.layer
     b, m = entries.shape
-    d = layer.keys.shape[-1]
-    index = entries[:, None, :, None].expand(-1, layer.kv_heads, -1, d)
-    keys = layer.keys.gather(2, index)
-    values = layer.values.gather(2, index)
+    per_head = entries[:, None].expand(-1, layer.kv_heads, -1)
+    shape = (b, layer.kv_heads, m, layer.keys.shape[-1])
+    keys = gather_entries(layer.keys, per_head, out=ctx.buffer("tokenselect.keys", shape, layer.keys))
+    values = gather_entries(layer.values, per_head, out=ctx.buffer("tokenselect.values", shape, layer.values))
     new_pos = torch.arange(m, device=q.device)
     original = layer.key_positions()
-    if original.dim() == 1:
+    if layer.is_contiguous:
+        original = entries[:, None]  # entry i holds token i
+    elif original.dim() == 1:
         original = original[entries][:, None]  # [b, 1, m]
     else:
-        original = original.gather(2, entries[:, None].expand(-1, layer.kv_heads, -1))
+        original = original.gather(2, per_head)
     rotary = ctx.rotary
     keys = rotary.rotate(keys, new_pos - original)  # R(new) = R(new - old) R(old)
     if rotary.attention_factor != 1.0:

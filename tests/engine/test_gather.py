@@ -1,0 +1,65 @@
+"""Shared decode-step mechanics: gathers of entry runs, reused buffers, the RoPE table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab.engine.kernels import gather_entries
+from kvlab.engine.rotary import Rotary
+from kvlab.engine.workspace import Workspace
+
+
+def _reference(x: torch.Tensor, starts: torch.Tensor, run: int) -> torch.Tensor:
+    b, h = x.shape[:2]
+    hs = starts.shape[1]
+    rows = [
+        torch.cat([x[i, s // (hs // h), p : p + run] for p in starts[i, s].tolist()])
+        for i in range(b) for s in range(hs)
+    ]
+    return torch.stack(rows).view(b, hs, -1, x.shape[-1])
+
+
+@pytest.mark.parametrize("run", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_gather_entries_reads_each_heads_runs(run: int, group: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    storage = torch.randn(2, 2, 70, 8, generator=g)
+    x = storage[:, :, :64]  # a view with a reserve beyond its entries, as a layer's keys
+    starts = torch.randint(0, 64 - run + 1, (2, 2 * group, 5), generator=g)
+    starts[0, 0, 0] = 64 - run  # a run that ends on the last entry
+    assert torch.equal(gather_entries(x, starts, run), _reference(x, starts, run))
+    out = torch.empty(2, 2 * group, 5 * run, 8)
+    assert gather_entries(x, starts, run, out=out) is out
+    assert torch.equal(out, _reference(x, starts, run))
+    # a non-contiguous layout is read correctly too
+    t = storage.transpose(0, 1)[:, :, :64]
+    assert torch.equal(gather_entries(t, starts, run), _reference(t, starts, run))
+
+
+def test_workspace_reuses_memory_and_grows() -> None:
+    ws = Workspace()
+    a = ws.buffer("keys", (2, 3), torch.float32, torch.device("cpu"))
+    b = ws.buffer("keys", (3, 2), torch.float32, torch.device("cpu"))
+    assert a.data_ptr() == b.data_ptr()
+    assert ws.buffer("values", (2, 3), torch.float32, torch.device("cpu")).data_ptr() != a.data_ptr()
+    big = ws.buffer("keys", (10, 10), torch.float32, torch.device("cpu"))
+    assert big.shape == (10, 10) and ws.nbytes() == 4 * (100 + 6)
+
+
+def _direct(rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[:, None] * rotary.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * rotary.attention_factor, emb.sin() * rotary.attention_factor
+
+
+def test_rope_table_gives_the_direct_values() -> None:
+    rotary = Rotary(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), attention_factor=1.3)
+    for positions in (torch.arange(-3000, 5000, 7), torch.arange(-5, 5)):  # table / direct
+        cos, sin = rotary.cos_sin(positions, torch.float32)
+        want_cos, want_sin = _direct(rotary, positions)
+        torch.testing.assert_close(cos, want_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin, want_sin, rtol=0, atol=1e-6)
+    grown = torch.arange(0, 20000, 3)  # beyond the table: it grows
+    torch.testing.assert_close(rotary.cos_sin(grown, torch.float32)[1], _direct(rotary, grown)[1],
+                               rtol=0, atol=1e-6)
