@@ -116,48 +116,41 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def prefill_flops(config: Any, layer_tokens: list[int], context: int, recipe: str) -> float:
-    """Matmul FLOPs of a prefill of a ``context``-token prompt, layer by layer, from the tokens
-    each layer really ran (``Stats.prefilled_per_layer``: fewer than ``context`` in the later
-    layers of a token-selective prefill, FastKV; more in GemFilter's early layers, which run
-    the context once to select and the kept tokens again). A layer's linear work is
-    2 x its params x its tokens; its attention work 4 x head_dim x heads x the query-key pairs
-    it computed (:func:`attended_pairs`). The lm head runs on the last token only."""
+def prefill_flops(config: Any, layer_tokens: list[int], context: int,
+                  layer_pairs: list[int] | None = None) -> float:
+    """Matmul FLOPs of a prefill of a ``context``-token prompt, layer by layer, from the work
+    each layer really did, as kvlab's engine counted it: the tokens it ran
+    (``Stats.prefilled_per_layer``: fewer than ``context`` in the later layers of a
+    token-selective prefill, FastKV; more in GemFilter's early layers, which run the context
+    once to select and the kept tokens again) and the query-key pairs its attention computed
+    (``Stats.attended_pairs_per_layer``, summed over query heads: a sparse pattern's band or
+    tiles, not the dense triangle). A layer's linear work is 2 x its params x its tokens, its
+    attention work 4 x head_dim x its pairs. Without counts (plain transformers) every layer ran
+    the prompt densely: ``heads x n (n + 1) / 2`` pairs. The lm head runs on the last token."""
     d, layers = config.hidden_size, config.num_hidden_layers
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     per_layer = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2 + 3 * d * config.intermediate_size
-    if len(layer_tokens) != layers:
-        layer_tokens = [context] * layers  # plain transformers: every layer runs the prompt
+    if len(layer_tokens) != layers or not layer_pairs or len(layer_pairs) != layers:
+        layer_tokens = [context] * layers
+        layer_pairs = [heads * context * (context + 1) // 2] * layers
     total = 2 * d * config.vocab_size
-    for tokens in layer_tokens:
-        total += 2 * per_layer * tokens + 4 * head_dim * heads * attended_pairs(recipe, tokens, context)
+    for tokens, pairs in zip(layer_tokens, layer_pairs):
+        total += 2 * per_layer * tokens + 4 * head_dim * pairs
     return total
 
 
-def _band_pairs(n: int, sink: int, window: int) -> float:
-    """Causal pairs of ``n`` queries in A-shape's band: query i sees the ``window`` keys up to
-    itself and the first ``sink`` keys before that window."""
-    seen = torch.arange(1, n + 1, dtype=torch.float64)  # query i sees i + 1 keys when dense
-    return float(torch.minimum(seen, window + (seen - window).clamp(0, sink)).sum())
-
-
-def attended_pairs(recipe: str, tokens: int, context: int) -> float:
-    """Query-key pairs one layer's prefill computes when it ran ``tokens`` of a ``context``-token
-    prompt: dense and causal, n(n+1)/2, for each pass over the layer (``tokens`` above
-    ``context`` is a context pass plus a pass over the kept tokens, GemFilter's early layers;
-    below it, a pass over the kept tokens only); A-shape's band of sinks + window instead. The
-    block-sparse methods' (tri-shape, vertical-slash, block-sparse, SALE) selected tiles are not
-    counted: their bound is the dense one, so they can run below it."""
-    parsed = kvlab.parse_recipe(recipe) if recipe not in ("transformers", "full") else None
-    prefill = parsed.prefill if parsed is not None else None
-    passes = [context, tokens - context] if tokens > context else [tokens]
-    if prefill is not None and prefill.name == "ashape":
-        return sum(_band_pairs(n, prefill.sink, prefill.window) for n in passes)
-    return sum(n * (n + 1) / 2 for n in passes)
-
-
 # -- one measurement -------------------------------------------------------------------------------
+def attended_share(config: Any, row: dict[str, Any], context: int) -> float | None:
+    """The share of the dense causal query-key pairs a kvlab prefill computed (1.0 when dense;
+    a sparse pattern's density), from the engine's counts; None without counts."""
+    pairs = row.get("layer_pairs")
+    if not pairs:
+        return None
+    dense = config.num_attention_heads * context * (context + 1) / 2 * len(pairs)
+    return sum(pairs) / dense
+
+
 def prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
     text = prose_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -174,13 +167,14 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
     _sync(engine.device)
     prefill_s = time.perf_counter() - start
     layer_tokens = list(sequence.layer_tokens)  # the prefill's, before decoding adds to them
+    layer_pairs = list(sequence.layer_pairs)
     start = time.perf_counter()
     engine.teacher_force(sequence, logits, forced + [forced[-1]])  # len(forced) decoding steps
     _sync(engine.device)
     decode_s = time.perf_counter() - start
     kv_bytes = sequence.nbytes()  # after decoding: with any index built then (Quest's bounds)
     return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
-            "kv_bytes": kv_bytes, "layer_tokens": list(layer_tokens)}
+            "kv_bytes": kv_bytes, "layer_tokens": layer_tokens, "layer_pairs": layer_pairs}
 
 
 @torch.inference_mode()
@@ -338,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_transformers(plain, ids, forced)
                 else:
                     row = run_kvlab(engine, recipe, ids, forced)
+                share = attended_share(engine.config, row, len(ids))
                 work = prefill_flops(engine.config, row.pop("layer_tokens", []), len(ids),
-                                     recipe or "transformers")
+                                     row.pop("layer_pairs", None))
                 row.update(
                     run_id=run_id, model=engine.name, device=str(device), dtype=dtype_name,
                     threads=torch.get_num_threads(), context_length=length, variant=variant,
@@ -348,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     decode_bound_ms_per_token=1000 * (weights + row["kv_bytes"]) / bandwidth,
                     weight_bytes=weights, memory_bandwidth_bytes_per_s=bandwidth,
                     matmul_flops_per_s=flops, load_average=os.getloadavg()[0],
+                    attended_share=share,
                 )
                 rows.append(row)
                 print(f"{format_length(length):>5} {recipe or variant:<40} prefill {row['prefill_s']:7.3f} s"

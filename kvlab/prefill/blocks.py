@@ -65,12 +65,13 @@ def causal_blocks(q_pos: Tensor, n: int, block: int) -> Tensor:
 
 def block_sparse_attention(
     q: Tensor, keys: Tensor, values: Tensor, q_pos: Tensor, blocks: Tensor, scaling: float,
-    block: int, budget: int = BUDGET,
+    block: int, budget: int = BUDGET, count: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Attention ``[b, Hq, t, d]`` of rotated ``q`` over the key blocks ``blocks``
     ``[b, Hq, ceil(t / block), ceil(n / block)]`` selects, from rotated ``keys``/``values``
     ``[b, Hq, n, d]`` (key index = position), causal by position. Every query must have at
-    least one allowed key among its blocks (the diagonal block guarantees it)."""
+    least one allowed key among its blocks (the diagonal block guarantees it). ``count``
+    (:meth:`LayerContext.count_pairs`) receives the query-key pairs computed, padding left out."""
     b, h, t, d = q.shape
     n = keys.shape[2]
     nqb = blocks.shape[2]
@@ -111,6 +112,9 @@ def block_sparse_attention(
             qg.reshape(b * h, g, block, d), k.view(b * h, g, -1, d), v.view(b * h, g, -1, d),
             attn_mask=allowed.view(b * h, g, block, -1), scale=scaling,
         )
+        if count is not None:
+            real = min(stop * block, t) - start * block
+            count(allowed.view(b, h, g * block, -1)[:, :, :real].sum())
         outputs.append(out.view(b, h, g, block, d))
         start = stop
     return torch.cat(outputs, 2).flatten(2, 3)[:, :, :t]

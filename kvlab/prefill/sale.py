@@ -84,4 +84,5 @@ class Sale(PrefillMethod):
             return None
         q_rot, keys, values = rotated(q, ctx)
         mask = self.block_mask(q_rot, keys, ctx.positions, ctx.scaling)
-        return block_sparse_attention(q_rot, keys, values, ctx.positions, mask, ctx.scaling, self.block).to(q.dtype)
+        return block_sparse_attention(q_rot, keys, values, ctx.positions, mask, ctx.scaling, self.block,
+                                      count=ctx.count_pairs).to(q.dtype)

@@ -103,7 +103,8 @@ class VerticalSlash(PrefillMethod):
             tiles = self.block_mask(columns, diagonals, ctx.positions, n)  # whole tiles
             mask = tiles[:, :, : -(-cut // self.block)]
             return block_sparse_attention(
-                q_rot[:, :, :cut], keys, values, sub.positions, mask, ctx.scaling, self.block
+                q_rot[:, :, :cut], keys, values, sub.positions, mask, ctx.scaling, self.block,
+                count=ctx.count_pairs,
             ).to(q.dtype)
 
         return dense_tail(q, ctx, self.last_q, sparse)
