@@ -125,11 +125,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, scaling: float, allowed: T
 def masked_logits(
     q: Tensor, k: Tensor, scaling: float, allowed: Tensor | None
 ) -> Tensor:
-    """fp32 logits ``[b, Hq, t, n]`` of rotated q and k, -inf where not allowed (GQA aware)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    """fp32 logits ``[b, Hq, t, n]`` of rotated q and k, -inf where not allowed (GQA aware:
+    each KV head's keys are multiplied once with its group's query rows stacked, not copied
+    per query head)."""
+    b, hq, t, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    grouped = q.float().reshape(b, hk, (hq // hk) * t, d)
+    logits = torch.matmul(grouped, k.float().transpose(-1, -2)).view(b, hq, t, n).mul_(scaling)
     if allowed is not None:
         logits = logits.masked_fill(~expand_heads(allowed, q.shape[1]), float("-inf"))
     return logits
