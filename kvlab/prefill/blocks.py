@@ -125,9 +125,10 @@ def block_sparse_attention(
             qg.reshape(b * h, g, block, d), k.reshape(b * h, g, -1, d), v.reshape(b * h, g, -1, d),
             attn_mask=allowed.view(b * h, g, block, -1), scale=scaling,
         )
-        if count is not None:
-            real = min(stop * block, t) - start * block
-            count(allowed.view(b, h, g * block, -1)[:, :, :real].sum())
+        if count is not None:  # per key: the block's real rows (consecutive positions) at or after it
+            real = (torch.arange(start * block, stop * block, device=q.device) < t).view(g, block).sum(-1)
+            after = (rows[:, -1, None] - tokens + 1).clamp(min=0)  # padding repeats the last row
+            count(torch.where(valid, torch.minimum(after, real[:, None]), 0).sum())
         outputs.append(out.view(b, h, g, block, d))
         start = stop
     return torch.cat(outputs, 2).flatten(2, 3)[:, :, :t]

@@ -33,3 +33,29 @@ def test_ashape_counts_its_band_and_block_sparse_fewer_than_dense() -> None:
     sparse = engine.generate_ids(prompt_ids(n), "block_sparse(topk=1, block=8)", max_new_tokens=1).stats
     for pairs in sparse.attended_pairs_per_layer:  # each row: its top tile, diagonal tile(s), the first
         assert HEADS * n < pairs <= HEADS * n * 4 * 8 < HEADS * causal(n) // 2
+
+
+def test_block_kernel_counts_exactly_the_pairs_its_mask_allows() -> None:
+    """The kernel's count (a per-key formula over consecutive rows) equals the written-out
+    mask's pair count, columns and a padded last query block included."""
+    import torch
+
+    from kvlab.prefill.blocks import block_sparse_attention, causal_blocks
+
+    g = torch.Generator().manual_seed(4)
+    t, n, block, heads = 70, 70, 16, 4
+    q, k, v = (torch.randn(1, h, n, 8, generator=g) for h in (heads, 2, 2))
+    pos = torch.arange(n)
+    blocks = (torch.rand(1, heads, 5, 5, generator=g) > 0.5) | torch.eye(5, dtype=torch.bool)
+    blocks &= causal_blocks(pos, n, block)
+    columns = torch.stack([torch.randperm(n, generator=g)[:6] for _ in range(heads)])[None]
+    counted = []
+    block_sparse_attention(q, k, v, pos, blocks, 0.3, block, count=counted.append, columns=columns)
+    i, j = pos[:, None], pos[None, :]
+    want = 0
+    for h in range(heads):
+        tiles = blocks[0, h].repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n]
+        cols = torch.zeros(n, dtype=torch.bool)
+        cols[columns[0, h]] = True
+        want += int(((tiles | cols[None, :]) & (j <= i)).sum())
+    assert int(sum(counted)) == want
