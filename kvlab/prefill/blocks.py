@@ -84,10 +84,13 @@ def block_sparse_attention(
     order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
     offsets = torch.arange(block, device=q.device)
     key_pad = -n % block
-    key_blocks = F.pad(keys, (0, 0, 0, key_pad)).unflatten(2, (-1, block))  # [b, Hk, nkb, block, d]
-    value_blocks = F.pad(values, (0, 0, 0, key_pad)).unflatten(2, (-1, block))
+    nkb = (n + key_pad) // block
+    # one row per key block, [b * Hk * nkb, block * d]: a chosen block is one index_select row
+    key_blocks = F.pad(keys, (0, 0, 0, key_pad)).reshape(-1, block * d)
+    value_blocks = F.pad(values, (0, 0, 0, key_pad)).reshape(-1, block * d)
     batch = torch.arange(b, device=q.device)[:, None, None, None]
     head = (torch.arange(h, device=q.device) // group)[None, :, None, None]
+    first_row = (batch * keys.shape[1] + head) * nkb  # [b, h, 1, 1]: the head's first key block
     width = 0
     if columns is not None:
         width = columns.shape[-1]
@@ -109,8 +112,9 @@ def block_sparse_attention(
         tokens = (chosen[..., None] * block + offsets).flatten(-2)  # [b, h, g, s * block]
         valid = valid[..., None].expand(*valid.shape, block).flatten(-2) & (tokens < n)
         g = stop - start
-        k = key_blocks[batch, head, chosen].view(b, h, g, -1, d)  # whole blocks, no per-element index
-        v = value_blocks[batch, head, chosen].view(b, h, g, -1, d)
+        rows_index = (first_row + chosen).flatten()
+        k = key_blocks.index_select(0, rows_index).view(b, h, g, -1, d)  # whole blocks
+        v = value_blocks.index_select(0, rows_index).view(b, h, g, -1, d)
         if columns is not None:  # the columns no chosen block holds, for every query block
             held = torch.gather(blocks[:, :, start:stop], -1, column_block[:, :, None, :].expand(-1, -1, g, -1))
             tokens = torch.cat([tokens, columns[:, :, None, :].expand(-1, -1, g, -1)], dim=-1)
