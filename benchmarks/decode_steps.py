@@ -5,7 +5,7 @@ each step's time goes (torch.profiler).
 The default model's cache is filled with random keys and values of ``n`` entries per layer
 (the model is not run over a context: a 32k-token prefill takes minutes on a CPU, and for the
 methods measured here the cost of a step depends on the shapes only: Quest, Recycled
-Attention and TokenSelect build no index from the context's content); then decoding steps
+Attention, Lychee and TokenSelect build no index from the context's content); then decoding steps
 rotate over the recipes, each on its own copy of the cache, so that load changes hit all
 alike. Reported per length: the median ms per step, its ratio to ``full``'s and the physical
 limit of a step, (weight bytes + KV bytes the step must read) / memory bandwidth measured in
@@ -38,7 +38,8 @@ from kvlab.recipe import parse_recipe  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from speed import PROFILE_PARTS, decode_profile, memory_bandwidth, weight_bytes  # noqa: E402
 
-RECIPES = ("quest(budget=0.125)", "recycled_attention(budget=0.125)", "tokenselect(budget=0.125)",
+RECIPES = ("quest(budget=0.125)", "recycled_attention(budget=0.125)", "lychee(budget=0.125)",
+           "tokenselect(budget=0.125)",
            "tokenselect(budget=0.125, selection_cache=0.9)")
 
 
