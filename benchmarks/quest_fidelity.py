@@ -51,7 +51,8 @@ def probe(engine, recipe: str, ids: list[int], answer: list[int], stats: list | 
     def attend(self, q, ctx):
         selection = self.select(q, ctx)
         if selection is not None and stats is not None:
-            entries, valid = selection.entries, selection.valid
+            valid = selection.valid  # [b, Hq, r]; entries are gathered per KV head
+            entries = selection.entries.repeat_interleave(valid.shape[1] // selection.entries.shape[1], 1)
             n = ctx.layer.num_entries
             logits = ctx.logits(q, ctx.positions)[:, :, 0]  # [b, Hq, n]
             probs = torch.softmax(logits, dim=-1)

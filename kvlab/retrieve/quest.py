@@ -135,34 +135,40 @@ class Quest(RetrieveMethod):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def select(self, q: Tensor, ctx: LayerContext) -> PageSelection | None:
-        """What each query head reads this step (:class:`PageSelection`), or None for dense
-        attention.
+        """What each KV head gathers this step and which of it each query head reads
+        (:class:`PageSelection`), or None for dense attention.
 
-        The top ``max(3, budget // page)`` pages by score of the query rotated at its
-        position, then, when ``sink`` / ``recent`` are set, the first ``sink`` and the last
-        ``recent`` entries the pages do not already hold. Laid out as runs of ``page``
-        entries for one gather: the chosen complete pages (a chosen partial page stands as
-        an unread run), then the runs that cover the partial page's entries (read by the
-        heads that chose it) and the sink and recent entries."""
+        Each query head chooses its top ``max(3, budget // page)`` pages by score of the query
+        rotated at its position, then, when ``sink`` / ``recent`` are set, the first ``sink``
+        and the last ``recent`` entries its pages do not already hold. A KV head gathers the
+        union of its query heads' complete pages once (the heads of a GQA group choose about
+        half of their pages alike on the default model: benchmarks/README.md, "Time vs length"),
+        as runs of ``page`` entries, then the runs that cover the partial page's entries (read
+        by the query heads that chose it) and the sink and recent entries; each query head
+        reads only its own pages of them."""
         layer = ctx.layer
         n = layer.num_entries
         pages = max(3, resolve_budget(self.budget, n) // self.page)
         if ctx.index < self.dense_layers or pages * self.page >= n:
             return None
         q_rotated = ctx.rotary.rotate(q, ctx.positions)
-        chosen = self.scores(q_rotated, layer).topk(pages, dim=-1, sorted=False).indices
-        complete = n // self.page
-        starts = chosen.clamp(max=complete - 1) * self.page
-        valid = (chosen < complete).repeat_interleave(self.page, dim=-1)
+        chosen = self.scores(q_rotated, layer).topk(pages, dim=-1, sorted=False).indices  # [b, Hq, P]
+        b, hq, _ = chosen.shape
+        kv_heads, complete = layer.kv_heads, n // self.page
+        union, first = group_union(chosen, kv_heads, complete)  # [b, Hk, U] pages, real slots
+        mine = (chosen.reshape(b, kv_heads, hq // kv_heads, pages, 1) == union[:, :, None, None, :]).any(3)
+        read = (mine & first[:, :, None, :]).reshape(b, hq, -1)  # [b, Hq, U]
+        starts = union * self.page
+        valid = read.repeat_interleave(self.page, dim=-1)
         extra = ctx.scratch.get((INDEX_KEY, "extra", n))
         if extra is None:
             extra = ctx.scratch[(INDEX_KEY, "extra", n)] = self.extra_runs(n, q.device)
         if extra.starts.numel():
             chosen_page = (chosen[..., None, :] == (extra.entries // self.page)[:, None]).any(dim=-1)
             chose_partial = (chosen == complete).any(dim=-1, keepdim=True)
-            read = torch.where(extra.partial, extra.fixed | chose_partial, extra.fixed & ~chosen_page)
-            starts = torch.cat([starts, extra.starts.expand(*chosen.shape[:2], -1)], dim=-1)
-            valid = torch.cat([valid, read & extra.first], dim=-1)
+            extra_read = torch.where(extra.partial, extra.fixed | chose_partial, extra.fixed & ~chosen_page)
+            starts = torch.cat([starts, extra.starts.expand(b, kv_heads, -1)], dim=-1)
+            valid = torch.cat([valid, extra_read & extra.first], dim=-1)
         entries = (starts[..., None] + torch.arange(self.page, device=q.device)).flatten(-2)
         return PageSelection(starts, entries, valid)
 
@@ -197,31 +203,50 @@ class Quest(RetrieveMethod):
         if selection is None:
             return None
         layer = ctx.layer
-        b, hq, runs = selection.starts.shape
-        shape = (b, hq, runs * self.page, layer.keys.shape[-1])
+        b, kv_heads, runs = selection.starts.shape
+        shape = (b, kv_heads, runs * self.page, layer.keys.shape[-1])
         keys = gather_entries(layer.keys, selection.starts, self.page,
                               out=ctx.buffer("quest.keys", shape, layer.keys))
         values = gather_entries(layer.values, selection.starts, self.page,
                                 out=ctx.buffer("quest.values", shape, layer.values))
+        k_pos = layer.key_positions()
         if layer.is_contiguous:
             k_pos = selection.entries  # entry i holds token i
+        elif k_pos.dim() == 1:
+            k_pos = k_pos[selection.entries]
         else:
-            k_pos = layer.key_positions()
-            if k_pos.dim() == 1:
-                k_pos = k_pos[selection.entries]
-            else:
-                kv_heads = layer.kv_heads
-                head = (torch.arange(hq, device=q.device) // (hq // kv_heads))[None, :, None]
-                k_pos = k_pos[torch.arange(b, device=q.device)[:, None, None], head, selection.entries]
+            k_pos = k_pos.gather(2, selection.entries)
         return ctx.attend(q, ctx.positions, keys, k_pos, values, selection.valid[:, :, None, :])
 
 
-class PageSelection(NamedTuple):
-    """What the query heads read in one step: runs of ``page`` entries.
+def group_union(chosen: Tensor, kv_heads: int, complete: int) -> tuple[Tensor, Tensor]:
+    """The complete pages any query head of each KV head's group chose, once each:
+    ``(pages [b, Hk, U], real [b, Hk, U])`` from ``chosen`` ``[b, Hq, P]``. ``real`` is False
+    on slots past a KV head's own union (``U`` is the largest union over the KV heads) and on
+    the partial page (index ``complete``; its entries are read by their own runs). On a CPU
+    the slots are cut to ``U``; on an accelerator they stay ``group x P`` (finding ``U`` would
+    be a host sync per layer and step)."""
+    b, hq, pages = chosen.shape
+    grouped = chosen.reshape(b, kv_heads, (hq // kv_heads) * pages).sort(dim=-1).values
+    repeat = torch.zeros_like(grouped, dtype=torch.bool)
+    repeat[..., 1:] = grouped[..., 1:] == grouped[..., :-1]
+    # the union first (stable: ascending pages), repeats after
+    order = repeat.to(torch.int8).sort(dim=-1, stable=True).indices
+    grouped, repeat = grouped.gather(-1, order), repeat.gather(-1, order)
+    if chosen.device.type == "cpu":
+        width = int((~repeat).sum(-1).max())
+        grouped, repeat = grouped[..., :width], repeat[..., :width]
+    real = ~repeat & (grouped < complete)
+    return grouped.clamp(max=complete - 1), real
 
-    ``starts`` ``[b, Hq, r]`` the first entry of each run; ``entries`` ``[b, Hq, r * page]``
-    the entries they read; ``valid`` ``[b, Hq, r * page]`` which of them count (an unread
-    run, an entry read twice or not wanted does not)."""
+
+class PageSelection(NamedTuple):
+    """What one step reads: runs of ``page`` entries gathered per KV head.
+
+    ``starts`` ``[b, Hk, r]`` the first entry of each run; ``entries`` ``[b, Hk, r * page]``
+    the entries gathered; ``valid`` ``[b, Hq, r * page]`` which of them each query head reads
+    (a page it did not choose, a repeated or unused slot, an entry read twice or not wanted
+    does not count)."""
 
     starts: Tensor
     entries: Tensor
