@@ -12,6 +12,10 @@ limit of a step, (weight bytes + KV bytes the step must read) / memory bandwidth
 the same run (full reads every entry; a selection method at least the entries it selects,
 per query head for per-head selections, plus its index). Methods that build an index at the
 end of the prefill (ShadowKV, RetrievalAttention, A2ATS) are measured by ``speed.py``.
+On a random cache the query heads of a GQA group choose Quest pages independently, so the
+union its KV head gathers is as large as it gets (``group x pages``): a worst case for Quest
+(on the default model's real attention the union is about half of that); ``speed.py``
+measures it on a real context.
 
     python benchmarks/decode_steps.py --lengths 16k,32k --steps 12 --threads 1
 """
