@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,9 +218,14 @@ def test_the_remedy_the_pre_rope_refusal_names_runs(engine):
     ))
 
 
-def test_every_rule_names_registered_methods_and_refuses_a_pair():
+def test_every_rule_names_registered_methods_refuses_a_pair_and_is_in_the_readme():
     names = {m.name for m in METHODS}
     for left, right in REFUSED.values():
         assert left <= names and right <= names and left.isdisjoint(right)
     seen = {expected_refusal(a.name, b.name) for a, b in (p.values for p in PAIRS)}
     assert set(REFUSED) <= seen
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme[readme.index("**Which combinations hold.**"):readme.index("## Set up")]
+    left, right = REFUSED[PRE_ROPE]
+    for name in sorted(left | right | REFUSED[SELECTS_KV][0] | REFUSED[RAGGED][0]):
+        assert f"`{name}`" in paragraph, name
