@@ -117,7 +117,7 @@ def check_compatible(recipe: Recipe) -> None:
     """Refuse combinations whose methods cannot work together (they need different key
     storage, or both choose the kept entries): a :class:`RecipeError` ``"a + b is not
     supported: why; what to use instead"``. Every other combination of methods runs
-    (``tests/test_composition.py`` runs each method with each stage's representatives)."""
+    (``tests/test_composition.py`` runs every pair of methods of two stages)."""
     position, prefill, compress = recipe.position, recipe.prefill, recipe.compress
     quantize, retrieve = recipe.quantize, recipe.retrieve
     drop_in = "a drop-in position method (e.g. yarn, or dynamic_ntk(rerotate_cache=false))"

@@ -22,11 +22,15 @@ query ``i`` at ``m - t + i`` (its own key's position) and causal within the chun
 step is the case ``t = 1``. The first chunk, which has no earlier cache to select from, and
 any chunk whose candidates do not outnumber ``budget`` attend densely. This is what the
 paper's code does for a chunk no longer than ``n_local`` (its default chunk is 512, its
-``n_local`` 512); its code votes with the chunk's mean query, here every query of the chunk
-votes. The prefill stage owns the prompt's attention: in a recipe with a prefill method, that
-method computes the prompt's attention and TokenSelect selects while decoding only
-(``RetrieveMethod.attend_prefill`` is not asked). ``prefill_chunks=false`` keeps the prefill
-dense.
+``n_local`` 512). Its code votes with the chunk's mean query (one vote per head: ``prefill_vote
+= mean``, here the mean of the rotated queries); by default every query of the chunk votes,
+which scores ``t x candidates`` products per head, as much as the chunk's dense attention
+logits: on a 2-layer tiny model (8 query heads, one CPU thread) a 6,000-token prefill in
+1,024-token chunks at ``budget=0.125`` took 4.5 s against dense's 1.5-2.0 s, and 0.8 s with
+the mean vote, which scores ``t`` times fewer. The prefill stage owns the prompt's attention:
+in a recipe with a prefill method, that method computes the prompt's attention and
+TokenSelect selects while decoding only (``RetrieveMethod.attend_prefill`` is not asked).
+``prefill_chunks=false`` keeps the prefill dense.
 
 What is scored: the paper's code keeps keys before RoPE and scores ``q . k`` unrotated. kvlab
 stores keys rotated at their original positions (unless the position method keeps them
@@ -47,7 +51,7 @@ always select anew and leave the cache as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -93,11 +97,12 @@ def soft_votes(q_rotated: Tensor, candidates: Tensor, scaling: float) -> Tensor:
     kv_heads, c = candidates.shape[1], candidates.shape[2]
     grouped = q_rotated.reshape(b, kv_heads, (hq // kv_heads) * t, d).to(candidates.dtype)
     rows = grouped.shape[2]
-    step = max(1, VOTE_BLOCK // max(1, b * hq * c))
+    step = max(1, VOTE_BLOCK // max(1, b * kv_heads * c))  # rows of each KV head's group
     votes = None
     for start in range(0, rows, step):
-        logits = torch.matmul(grouped[:, :, start : start + step], candidates.transpose(-1, -2)).float() * scaling
-        part = torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+        logits = torch.matmul(grouped[:, :, start : start + step], candidates.transpose(-1, -2))
+        logits = logits.float() if logits.dtype != torch.float32 else logits
+        part = torch.softmax(logits.mul_(scaling), dim=-1).sum(dim=(1, 2))
         votes = part if votes is None else votes + part
     return votes
 
@@ -153,6 +158,10 @@ class TokenSelect(RetrieveMethod):
         True, "select in each prefill chunk too, its queries voting together, as the paper "
         "(false: dense prefill; a recipe's prefill method computes the prefill instead)",
     )
+    prefill_vote: Literal["queries", "mean"] = param(
+        "queries", "how a prefill chunk votes: every query (queries) or the chunk's mean query "
+        "(mean: the released code's, 1/t of the scoring work)",
+    )
 
     def select(self, q: Tensor, ctx: LayerContext, top: int, local_start: int) -> Tensor:
         """Selected layer entries ``[b, top]`` (sorted) among ``[n_init, local_start)`` for the
@@ -170,7 +179,10 @@ class TokenSelect(RetrieveMethod):
                     cached.mean_query, cached.entries = mean_query, n
                     return cached.chosen
         candidates = layer.keys[:, :, self.n_init : local_start]
-        votes = soft_votes(ctx.rotary.rotate(q, ctx.positions), candidates, ctx.scaling)
+        voters = ctx.rotary.rotate(q, ctx.positions)
+        if self.prefill_vote == "mean":
+            voters = voters.mean(dim=2, keepdim=True)  # a chunk's fingerprint (one query: itself)
+        votes = soft_votes(voters, candidates, ctx.scaling)
         chosen = votes.topk(top, dim=-1).indices.sort(dim=-1).values + self.n_init
         if cached_steps:
             layer.side[CACHE_KEY] = SelectionCache(mean_query, chosen, n)

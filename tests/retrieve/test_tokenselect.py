@@ -32,10 +32,11 @@ SHARP = {"initializer_range": 0.2}
 """Larger random weights than the default: attention peaks, so the votes have no near ties."""
 
 
-def tokenselect_attention(prompt, budget, n_init, n_local, dense_layers, threshold, log, chunks=()):
+def tokenselect_attention(prompt, budget, n_init, n_local, dense_layers, threshold, log, chunks=(), vote="queries"):
     """The reference attention; ``log`` collects ``(layer, row, chosen, reused)`` per decoding
     row and ``(layer, (a, b), attended, query_positions)`` per prefill chunk ``(a, b)`` of
-    ``chunks`` that selects (none: the prefill is dense)."""
+    ``chunks`` that selects (none: the prefill is dense), whose queries all vote, or with
+    ``vote="mean"`` their mean (rotated queries averaged over the chunk)."""
 
     def attention(layer, q, k, v, rope):
         n, d = q.shape[1], q.shape[-1]
@@ -56,9 +57,10 @@ def tokenselect_attention(prompt, budget, n_init, n_local, dense_layers, thresho
                 continue  # no more candidates than the budget: dense
             candidates = list(range(n_init, local_start))
             votes = torch.zeros(len(candidates))
-            for i in range(a, b):  # every query of the chunk, every query head votes
+            voters = [qr[:, i] for i in range(a, b)] if vote == "queries" else [qr[:, a:b].mean(1)]
+            for qi in voters:  # every query of the chunk (or its mean), every query head votes
                 for h in range(q.shape[0]):
-                    logits = kr[h // group, candidates] @ qr[h, i] * scale
+                    logits = kr[h // group, candidates] @ qi[h] * scale
                     votes += torch.softmax(logits, dim=0)
             chosen = [candidates[c] for c in top_indices(votes, top)]
             index = list(range(n_init)) + chosen + list(range(local_start, b))
@@ -221,11 +223,12 @@ def chunked_run(recipe, ids, prompt, appended, monkeypatch=None):
 
 
 @pytest.mark.parametrize(
-    "budget, n_init, n_local, dense_layers, appended",
-    [(16, 4, 16, 0, False), (0.25, 8, 32, 1, False), (12, 0, 1, 0, False), (16, 4, 16, 0, True)],
+    "budget, n_init, n_local, dense_layers, appended, vote",
+    [(16, 4, 16, 0, False, "queries"), (0.25, 8, 32, 1, False, "queries"), (12, 0, 1, 0, False, "queries"),
+     (16, 4, 16, 0, True, "queries"), (12, 0, 1, 0, False, "mean")],
 )
 def test_prefill_chunks_vote_together_and_attend_at_contiguous_positions(
-    budget, n_init, n_local, dense_layers, appended, monkeypatch
+    budget, n_init, n_local, dense_layers, appended, vote, monkeypatch
 ):
     """Each prefill chunk after the first attends to exactly the entries and at exactly the
     positions the written-out rule gives (n_local below, at and above the chunk's 24 tokens;
@@ -235,9 +238,10 @@ def test_prefill_chunks_vote_together_and_attend_at_contiguous_positions(
     prompt, steps = 97, 4
     ids = prompt_ids(prompt + steps, seed=3)
     log = []
-    attention = tokenselect_attention(prompt, budget, n_init, n_local, dense_layers, 0.0, log, CHUNKS)
+    attention = tokenselect_attention(prompt, budget, n_init, n_local, dense_layers, 0.0, log, CHUNKS, vote)
     expected = torch.log_softmax(reference_logits(ids, attention, **SHARP)[prompt - 1 :], dim=-1)
-    recipe = f"tokenselect(budget={budget}, n_init={n_init}, n_local={n_local}, dense_layers={dense_layers})"
+    recipe = (f"tokenselect(budget={budget}, n_init={n_init}, n_local={n_local}, dense_layers={dense_layers}, "
+              f"prefill_vote={vote})")
     got, calls = chunked_run(recipe, ids, prompt, appended, monkeypatch)
     chunk_log = [entry for entry in log if isinstance(entry[1], tuple)]
     assert sorted(calls) == sorted(chunk_log)  # kvlab runs chunk by chunk, the reference layer by layer
@@ -290,5 +294,5 @@ def test_a_chunks_votes_summed_block_by_block_are_the_whole_vote(monkeypatch):
     for i in range(10):
         for h in range(4):
             expected += torch.softmax(candidates[0, h // 2] @ q[0, h, i] * 0.25, dim=0)
-    monkeypatch.setattr(tokenselect, "VOTE_BLOCK", 3 * 4 * 30)  # 3 of a KV head's 20 rows a block
+    monkeypatch.setattr(tokenselect, "VOTE_BLOCK", 2 * 3 * 30)  # 2 KV heads x 3 of their 20 rows x 30
     torch.testing.assert_close(tokenselect.soft_votes(q, candidates, 0.25)[0], expected)
