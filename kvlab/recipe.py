@@ -114,38 +114,52 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def check_compatible(recipe: Recipe) -> None:
-    """Refuse combinations whose methods need different key storage."""
-    position, retrieve = recipe.position, recipe.retrieve
+    """Refuse combinations whose methods cannot work together (they need different key
+    storage, or both choose the kept entries): a :class:`RecipeError` ``"a + b is not
+    supported: why; what to use instead"``. Every other combination of methods runs
+    (``tests/test_composition.py`` runs every pair of methods of two stages)."""
+    position, prefill, compress = recipe.position, recipe.prefill, recipe.compress
+    quantize, retrieve = recipe.quantize, recipe.retrieve
+    drop_in = "a drop-in position method (e.g. yarn, or dynamic_ntk(rerotate_cache=false))"
     if position is not None and retrieve is not None:
         if position.stores_pre_rope and retrieve.needs_rotated_keys:
-            raise RecipeError(
-                f"{retrieve.name} scores post-RoPE keys, but {position.name} keeps keys before "
-                f"RoPE; choose a drop-in position method (e.g. yarn, dynamic_ntk) with {retrieve.name}"
+            raise _unsupported(
+                position, retrieve,
+                f"{retrieve.name} scores post-RoPE keys, but {position.name} keeps keys before RoPE",
+                f"choose {drop_in} with {retrieve.name}",
             )
-    compress = recipe.compress
-    prefill = recipe.prefill
     if prefill is not None and compress is not None and prefill.selects_kv:
-        raise RecipeError(
-            f"{prefill.name} chooses the kept KV entries itself (its budget parameter); use "
-            f"{prefill.name} without a compress method (here {compress.name})"
+        raise _unsupported(
+            prefill, compress,
+            f"{prefill.name} chooses the kept KV entries itself (its budget parameter), and so "
+            f"does {compress.name}",
+            f"use {prefill.name} without a compress method, or {compress.name} with another "
+            "prefill method",
         )
     if compress is not None and compress.ragged_heads:
-        for other in (recipe.quantize, retrieve):
+        for other in (quantize, retrieve):
             if other is not None:
-                raise RecipeError(
-                    f"{compress.name} keeps a different number of entries per KV head, which "
-                    f"{other.name} does not support yet; use {compress.name} without a "
-                    f"{other.stage} method"
+                raise _unsupported(
+                    compress, other,
+                    f"{compress.name} keeps a different number of entries per KV head (each head "
+                    f"stored apart), and {other.name} works on one [batch, kv_heads, entries, "
+                    "head_dim] tensor per layer",
+                    f"use {compress.name} without a {other.stage} method, or {other.name} with a "
+                    "compress method that keeps the same entries in every head (e.g. snapkv)",
                 )
-    quantize = recipe.quantize
     if position is not None and quantize is not None:
         if position.stores_pre_rope and quantize.needs_rotated_keys:
-            raise RecipeError(
+            raise _unsupported(
+                position, quantize,
                 f"{quantize.name} selects channels of post-RoPE keys, but {position.name} keeps "
-                "keys before RoPE (pruning unrotated channels is a different selection); choose a "
-                f"drop-in position method (e.g. yarn, or dynamic_ntk(rerotate_cache=false)) with "
-                f"{quantize.name}"
+                "keys before RoPE (pruning unrotated channels is a different selection)",
+                f"choose {drop_in} with {quantize.name}",
             )
+
+
+def _unsupported(first: Method, second: Method, why: str, instead: str) -> RecipeError:
+    """The refusal of two methods (in lifecycle order) that do not combine."""
+    return RecipeError(f"{first.name} + {second.name} is not supported: {why}; {instead}")
 
 
 def _terms(node: ast.expr, source: str) -> list[ast.expr]:

@@ -8,6 +8,9 @@ computes this call:
    (and prompt tokens appended after the context, to entries its index moved out of storage);
 2. **prefill** — a prompt forward on a layer nothing was evicted from may use a sparse pattern
    (a layer after a token-selective method's propagation holds only the propagated tokens);
+   in a recipe without a prefill method, the retrieve method may select for a prompt
+   forward instead (``attend_prefill``: TokenSelect's chunked prefill), since the prefill
+   stage, when there is one, owns the prompt's attention;
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
@@ -60,8 +63,12 @@ def kvlab_attention(
         out = recipe.retrieve.attend(query, ctx)
     elif ctx.phase is Phase.APPEND and recipe.retrieve is not None:
         out = recipe.retrieve.attend_appended(query, ctx)
-    if out is None and ctx.phase.is_prefill and recipe.prefill is not None and not ctx.layer.evictions:
-        out = recipe.prefill.attend(query, ctx)
+    if out is None and ctx.phase.is_prefill:
+        if recipe.prefill is not None:  # the prefill stage owns the prompt's attention
+            if not ctx.layer.evictions:
+                out = recipe.prefill.attend(query, ctx)
+        elif recipe.retrieve is not None:
+            out = recipe.retrieve.attend_prefill(query, ctx)
     if out is None:
         layer = ctx.layer
         if isinstance(layer, RaggedLayerKV) and layer.is_ragged:

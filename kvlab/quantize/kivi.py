@@ -261,7 +261,9 @@ class KiviLayerKV(LayerKV):
       quantised entries move to the residual as their dequantised values (no new error; a later
       flush quantises them again);
     - :meth:`truncate` (a session rolling back a request) is exact at *restore points*: the
-      end of the prefill and the end of the latest multi-token append (a question's prefill),
+      end of the prefill (or the latest selection after it: a retrieve method whose index
+      moves entries out at the end of the context, ShadowKV and A2ATS, selects after the
+      conversion) and the end of the latest multi-token append (a question's prefill),
       which is where the engine takes its marks. A flush copies the full-precision entries a
       restore point still needs before quantising them (they count in :meth:`nbytes`: nothing
       until a flush, at most one residual; one copy serves both points), as without a hook
@@ -421,7 +423,9 @@ class KiviLayerKV(LayerKV):
         positions = self.key_positions()
         self._take(keep)
         self._select_positions(positions, keep)
-        self.restore_points = []  # entries were renumbered: no earlier state comes back
+        # entries were renumbered: no earlier state comes back, but this one may be marked
+        # (a retrieve method's index moves entries out at the end of the context: ShadowKV)
+        self.restore_points = [self._restore_point()]
 
     def truncate(self, num_entries: int, seen: int) -> None:
         """Drop entries from index ``num_entries`` on; exact at a restore point."""

@@ -16,7 +16,8 @@ from kvlab.registry import Method
 
 @dataclass(frozen=True)
 class RetrieveMethod(Method, ABC):
-    """Base of retrieve methods, asked at every decoding step (one query token)."""
+    """Base of retrieve methods, asked at every decoding step (one query token) and, in a
+    recipe without a prefill method, at every prompt forward (:meth:`attend_prefill`)."""
 
     stage: ClassVar[str] = "retrieve"
     needs_rotated_keys: ClassVar[bool] = False
@@ -31,6 +32,15 @@ class RetrieveMethod(Method, ABC):
         """Attention ``[b, Hq, t, d]`` of prompt tokens appended after the context (a session's
         question), or None for dense attention over the layer's storage. A method whose index
         moved context entries out of the storage (ShadowKV, A2ATS) attends over them here."""
+        return None
+
+    def attend_prefill(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        """Attention ``[b, Hq, t, d]`` of a prompt forward's unrotated queries ``q`` ``[b, Hq,
+        t, d]`` (a chunk of the context prefill, or prompt tokens appended after the context
+        that :meth:`attend_appended` left dense; their keys are stored, the layer's last ``t``
+        entries), or None for dense attention. Asked only in a recipe without a prefill
+        method: the prefill stage owns the prompt's attention, and a retrieve method that also
+        selects in chunked prefill (TokenSelect) does it in its place. By default None."""
         return None
 
     @abstractmethod

@@ -132,6 +132,25 @@ def test_rollback_to_a_restore_point_is_exact(chunks):
         assert layer.num_entries == 40 == layer.seen and layer.nbytes() == context[2]
 
 
+def test_rollback_to_the_state_right_after_a_selection_is_exact():
+    """A retrieve method's index may select entries right after the conversion (ShadowKV,
+    A2ATS move the context's chunks out at the end of the context), and a session marks
+    there: a request's decoding then flushes values FIFO, and rolling back must bring them
+    back in full precision (it once left them quantised: every later request saw another
+    context)."""
+    layer, _, _ = filled(n=70, bits=2, group=8, residual=16)
+    layer.select(torch.arange(0, 70, 2))  # 35 entries: 32 keys quantised, 3 exact
+    context = (layer.keys, layer.values, layer.nbytes())
+    g = torch.Generator().manual_seed(6)
+    for position in range(70, 90):  # a request's question and answer
+        token = torch.randn(1, HEADS, 1, HEAD_DIM, generator=g)
+        layer.append(token, token, torch.tensor([position]))
+    assert layer.full_precision_entries[1] < 16 + 3  # values were flushed
+    layer.truncate(35, 70)
+    assert torch.equal(layer.keys, context[0]) and torch.equal(layer.values, context[1])
+    assert layer.num_entries == 35 and layer.nbytes() == context[2]
+
+
 def test_eviction_after_the_prefill_keeps_codes_exactly():
     layer, _, _ = filled(n=70, bits=2, group=8, residual=16)  # keys: 64 quantised, 6 exact
     keys, values = layer.keys, layer.values
