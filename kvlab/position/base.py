@@ -44,7 +44,7 @@ class PositionMethod(Method):
     def rotary(self, config: Any, seq_len: int) -> Rotary:
         """The RoPE frequencies to use when the sequence is ``seq_len`` tokens long."""
         inv_freq, attention_factor = rope_frequencies(config, self.rope_parameters(config), seq_len)
-        return Rotary(inv_freq, attention_factor)
+        return Rotary(inv_freq, attention_factor, int(config.max_position_embeddings))
 
     def logits(
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, rotary: Rotary, scaling: float

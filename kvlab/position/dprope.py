@@ -68,7 +68,8 @@ class DPRope(PositionMethod):
     def rotary(self, config: Any, seq_len: int) -> Rotary:
         inv_freq, attention_factor = rope_frequencies(config)
         interpolate = self.choices(config)
-        return Rotary(torch.where(interpolate, inv_freq / self.factor, inv_freq), attention_factor)
+        inv_freq = torch.where(interpolate, inv_freq / self.factor, inv_freq)
+        return Rotary(inv_freq, attention_factor, int(config.max_position_embeddings))
 
     def context_window(self, trained: int) -> int:
         return int(trained * self.factor)
