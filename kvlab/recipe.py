@@ -113,17 +113,39 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _rotated_alternative(position: PositionMethod) -> str:
+    """What to use instead of a position method that keeps keys before RoPE."""
+    if any(f.name == "rerotate_cache" for f in fields(position)):
+        return f"{position.name}(rerotate_cache=false) or another drop-in position method (e.g. yarn)"
+    return "a drop-in position method (e.g. yarn, pi, llama3)"
+
+
+def _prefill_alternatives() -> str:
+    """The registered prefill methods that attend through the position method."""
+    from kvlab.registry import methods
+
+    names = [m.name for m in methods() if m.stage == "prefill" and not method_class(m.name).plain_rope_kernel]
+    return ", ".join(names)
+
+
 def check_compatible(recipe: Recipe) -> None:
-    """Refuse combinations whose methods need different key storage."""
+    """Refuse combinations whose methods need different key storage or attention."""
     position, retrieve = recipe.position, recipe.retrieve
     if position is not None and retrieve is not None:
         if position.stores_pre_rope and retrieve.needs_rotated_keys:
             raise RecipeError(
                 f"{retrieve.name} scores post-RoPE keys, but {position.name} keeps keys before "
-                f"RoPE; choose a drop-in position method (e.g. yarn, dynamic_ntk) with {retrieve.name}"
+                f"RoPE; choose {_rotated_alternative(position)} with {retrieve.name}"
             )
     compress = recipe.compress
     prefill = recipe.prefill
+    if position is not None and prefill is not None and position.own_attention and prefill.plain_rope_kernel:
+        raise RecipeError(
+            f"{prefill.name} attends with its block-sparse kernel over keys at plain RoPE positions, "
+            f"but {position.name} gives each (query, key) pair positions of its own; use "
+            f"{prefill.name} with a drop-in position method (e.g. yarn), or {position.name} with "
+            f"a prefill method that attends through it ({_prefill_alternatives()})"
+        )
     if prefill is not None and compress is not None and prefill.selects_kv:
         raise RecipeError(
             f"{prefill.name} chooses the kept KV entries itself (its budget parameter); use "
@@ -142,9 +164,8 @@ def check_compatible(recipe: Recipe) -> None:
         if position.stores_pre_rope and quantize.needs_rotated_keys:
             raise RecipeError(
                 f"{quantize.name} selects channels of post-RoPE keys, but {position.name} keeps "
-                "keys before RoPE (pruning unrotated channels is a different selection); choose a "
-                f"drop-in position method (e.g. yarn, or dynamic_ntk(rerotate_cache=false)) with "
-                f"{quantize.name}"
+                "keys before RoPE (pruning unrotated channels is a different selection); choose "
+                f"{_rotated_alternative(position)} with {quantize.name}"
             )
 
 

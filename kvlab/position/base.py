@@ -23,6 +23,10 @@ class PositionMethod(Method):
     """Base of position methods; by itself it is RoPE as the model was trained."""
 
     stage: ClassVar[str] = "position"
+    own_attention: ClassVar[bool] = False
+    """True when the method computes attention itself, giving (query, key) pairs positions of
+    their own (:mod:`kvlab.position.passes`): a kernel that rotates keys by plain RoPE at their
+    positions cannot stand in for it."""
 
     @property
     def stores_pre_rope(self) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -72,6 +73,8 @@ def trained_length(rotary: Rotary, method: str) -> int:
 @dataclass(frozen=True)
 class MultiPassPosition(PositionMethod):
     """A position method made of exact attention passes over disjoint key regions."""
+
+    own_attention: ClassVar[bool] = True
 
     @property
     def stores_pre_rope(self) -> bool:
