@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kvlab.engine.kernels import expand_heads, masked_logits, merge_partials, partial_attention
-from kvlab.engine.rotary import Rotary
+from kvlab.engine.rotary import Rotary, apply_rotation
 from kvlab.errors import RecipeError
 from kvlab.position.base import PositionMethod
 
@@ -41,12 +41,23 @@ class Pass:
     positions), True for the pairs this pass covers (a subset of the causal pairs; the regions
     of one method are disjoint); ``query_positions`` ``[t]`` and ``key_positions`` (the shape of
     ``k_pos``) may be fractional; ``query_scale`` ``[t]`` multiplies the queries (ReRoPE's log
-    scaling) or is None."""
+    scaling) or is None. With ``per_pair`` the positions have one more axis, one position per
+    RoPE dimension pair (``[t, d/2]``, ``[..., n, d/2]``: DPE's per-group scales)."""
 
     region: Tensor
     query_positions: Tensor
     key_positions: Tensor
     query_scale: Tensor | None = None
+    per_pair: bool = False
+
+
+def rotate_pairs(rotary: Rotary, x: Tensor, positions: Tensor) -> Tensor:
+    """``x`` ``[b, heads, n, d]`` rotated with a position per dimension pair, ``positions``
+    ``[n, d/2]`` or ``[b, heads, n, d/2]`` (same layout and attention factor as :class:`Rotary`)."""
+    freqs = positions.float() * rotary.inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    factor = rotary.attention_factor
+    return apply_rotation(x, (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype))
 
 
 def distances(q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -93,9 +104,8 @@ class MultiPassPosition(PositionMethod):
         if part.query_scale is not None:
             q = q * part.query_scale[:, None].to(q.dtype)
         region = part.region if allowed is None else part.region & allowed
-        return masked_logits(
-            rotary.rotate(q, part.query_positions), rotary.rotate(keys, part.key_positions), scaling, region
-        )
+        rotate = (lambda x, pos: rotate_pairs(rotary, x, pos)) if part.per_pair else rotary.rotate
+        return masked_logits(rotate(q, part.query_positions), rotate(keys, part.key_positions), scaling, region)
 
     def logits(
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, rotary: Rotary, scaling: float

@@ -17,10 +17,11 @@ PRE_ROPE = {  # keep keys before RoPE
     "rerope": "rerope(window=16, leaky=true, k=4)",
     "lampe": "lampe(head=16, scale=60.0, slope=0.01, offset=-1.0)",
     "self_extend": "self_extend(group_size=4, window=16)",
+    "dpe": "dpe(scales=[1, 2, 4, 8], window=16)",
     "longrope": test_longrope.LISTED,
 }
 DROP_IN = {"pi": "pi(factor=2)", "ntk": "ntk(factor=4)", "llama3": "llama3(factor=8)", "dprope": "dprope(factor=4)"}
-OWN_ATTENTION = {"dca", "string", "rerope", "lampe", "self_extend"}
+OWN_ATTENTION = {"dca", "string", "rerope", "lampe", "self_extend", "dpe"}
 NEEDS_ROTATED_KEYS = {"quest", "tokenselect", "retrieval_attention", "think"}
 PLAIN_ROPE_KERNEL = {"vertical_slash", "sale", "block_sparse"}
 OTHERS = [m for m in kvlab.methods() if m.stage not in ("baseline", "position")]
@@ -66,3 +67,27 @@ def test_accepted_pairs_run_and_the_position_method_still_acts(index, info):
         results.append(engine.teacher_force(cache, logits, prompt_ids(4, seed=9)))
     assert torch.isfinite(results[0]).all()
     assert not torch.allclose(results[0], results[1], atol=1e-4), position
+
+
+@pytest.mark.parametrize("position", sorted(OWN_ATTENTION))
+def test_a_mask_equals_attending_over_the_allowed_keys_only(position):
+    """What prefill and retrieve methods rely on: restricting the keys by ``allowed`` is the
+    same attention as handing over only those keys (each KV head its own, at their positions)."""
+    from kvlab.engine.rotary import Rotary
+
+    method = kvlab.parse_recipe(PRE_ROPE[position]).position
+    torch.manual_seed(0)
+    n, t, d, m = 120, 3, 8, 50
+    q, k, v = torch.randn(1, 4, t, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d), trained_length=256)
+    q_pos = torch.arange(n - t, n)
+    keep = torch.stack([torch.cat([torch.randperm(n - 1)[: m - 1].sort().values, torch.tensor([n - 1])]) for _ in range(2)])
+    allowed = torch.zeros(1, 2, t, n, dtype=torch.bool)
+    allowed[0, 0, :, keep[0]] = True
+    allowed[0, 1, :, keep[1]] = True
+    masked = method.attend(q, q_pos, k, torch.arange(n), v, rotary, d**-0.5, allowed)
+    index = keep[None, :, :, None].expand(1, 2, m, d)
+    subset = method.attend(q, q_pos, k.gather(2, index), keep[None], v.gather(2, index), rotary, d**-0.5)
+    torch.testing.assert_close(masked, subset, atol=1e-5, rtol=1e-5)
+    dense = method.attend(q, q_pos, k, torch.arange(n), v, rotary, d**-0.5)
+    assert not torch.allclose(masked, dense, atol=1e-3)
