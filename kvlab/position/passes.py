@@ -12,6 +12,7 @@ are taken in blocks so one fp32 logit block stays bounded (never ``n x n`` at on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -101,11 +102,11 @@ class MultiPassPosition(PositionMethod):
     def _pass_logits(
         self, part: Pass, q: Tensor, keys: Tensor, rotary: Rotary, scaling: float, allowed: Tensor | None
     ) -> Tensor:
-        if part.query_scale is not None:
-            q = q * part.query_scale[:, None].to(q.dtype)
+        scale = scaling if part.query_scale is None else scaling * part.query_scale[:, None].to(q.dtype)
         region = part.region if allowed is None else part.region & allowed
         rotate = (lambda x, pos: rotate_pairs(rotary, x, pos)) if part.per_pair else rotary.rotate
-        return masked_logits(rotate(q, part.query_positions), rotate(keys, part.key_positions), scaling, region)
+        # the softmax scale goes on the queries ([t, d]) rather than on the logits ([t, n])
+        return masked_logits(rotate(q * scale, part.query_positions), rotate(keys, part.key_positions), 1.0, region)
 
     def logits(
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, rotary: Rotary, scaling: float
@@ -122,7 +123,9 @@ class MultiPassPosition(PositionMethod):
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, values: Tensor,
         rotary: Rotary, scaling: float, allowed: Tensor | None = None,
     ) -> Tensor:
-        """Exact attention ``[b, Hq, t, d]``: one partial attention per pass, merged by LSE."""
+        """Exact attention ``[b, Hq, t, d]``: one partial attention per pass, merged by LSE.
+        Each pass reads only the span of stored keys its region touches in the block of query
+        rows (Self-Extend's window, DCA's current and previous chunk), not every key."""
         rows = max(1, _MAX_LOGIT_ELEMENTS // (keys.shape[-2] * q.shape[1] * max(1, q.shape[0])))
         outputs, length = [], int(q_pos.max()) + 1
         for start in range(0, q.shape[2], rows):
@@ -132,10 +135,18 @@ class MultiPassPosition(PositionMethod):
                 block_allowed = allowed[..., sl, :] if allowed.shape[-2] > 1 else allowed
             parts = []
             for part in self.passes(q_pos[sl], k_pos, rotary, length):
-                if not bool(part.region.any()):
+                touched = part.region.reshape(-1, part.region.shape[-1]).any(0).nonzero()
+                if touched.numel() == 0:
                     continue  # e.g. no inter-chunk keys yet
-                logits = self._pass_logits(part, q[:, :, sl], keys, rotary, scaling, block_allowed)
-                parts.append(partial_attention(logits, values))
+                lo, hi = int(touched[0]), int(touched[-1]) + 1
+                span = (..., slice(lo, hi))
+                narrowed = dataclasses.replace(
+                    part, region=part.region[span],
+                    key_positions=part.key_positions[..., lo:hi, :] if part.per_pair else part.key_positions[span],
+                )
+                span_allowed = None if block_allowed is None else block_allowed[span]
+                logits = self._pass_logits(narrowed, q[:, :, sl], keys[..., lo:hi, :], rotary, scaling, span_allowed)
+                parts.append(partial_attention(logits, values[..., lo:hi, :]))
             outputs.append(merge_partials(parts).to(values.dtype))
         return torch.cat(outputs, dim=2)
 
