@@ -10,9 +10,10 @@ positions are compressed into ``[0, M(L)]`` with the scaled sigmoid
 by log-sum-exp; cos and sin are scaled by ``attention_factor``; a sequence shorter than
 ``2 head`` is plain attention, as in the paper.
 
-``L`` is the length attended so far: the end of the forward (a whole prefill in one
+``L`` is the length attended so far, the end of the forward (the rotary of each forward
+carries it, so every block of queries of one forward maps alike): a whole prefill in one
 forward is the paper's prefill; each decoding step re-maps with the new length, as the
-reference decoder does; a chunked prefill maps each chunk with its own end). Keys are kept
+reference decoder does; a chunked prefill maps each chunk with its own end. Keys are kept
 before RoPE so they can be re-mapped. Not built: the paper's third, "tail" pass.
 """
 
@@ -52,9 +53,12 @@ class LaMPE(MultiPassPosition):
         ratio = self.mapping_length(length) / max(1, length - 1)
         return torch.floor(positions.double() * ratio).long()
 
+    def frequency_key(self, seq_len: int, trained: int) -> int | None:
+        return seq_len  # a new rotary (its seq_len: the mapping's L) for every forward
+
     def rotary(self, config: Any, seq_len: int) -> Rotary:
         base = super().rotary(config, seq_len)
-        return Rotary(base.inv_freq, base.attention_factor * self.attention_factor, base.trained_length)
+        return Rotary(base.inv_freq, base.attention_factor * self.attention_factor, base.trained_length, seq_len)
 
     def passes(self, q_pos: Tensor, k_pos: Tensor, rotary: Rotary, length: int) -> list[Pass]:
         distance = distances(q_pos, k_pos)

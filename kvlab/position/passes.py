@@ -67,6 +67,13 @@ def distances(q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return q_pos[:, None] - k_pos[..., None, :]
 
 
+def attended_length(q_pos: Tensor, rotary: Rotary) -> int:
+    """Positions attended so far: the forward's end (``rotary.seq_len``, the same for every call
+    of one forward, however a prefill or retrieve method splits its queries), else the last
+    query position + 1."""
+    return int(rotary.seq_len) if rotary.seq_len is not None else int(q_pos.max()) + 1
+
+
 def resolve(value: int, default: int, where: str) -> int:
     """``value`` when set (> 0), else the paper's ``default``, which must be >= 1."""
     chosen = value if value > 0 else default
@@ -96,8 +103,8 @@ class MultiPassPosition(PositionMethod):
     def passes(self, q_pos: Tensor, k_pos: Tensor, rotary: Rotary, length: int) -> list[Pass]:
         """The regions of the causal pairs of queries at ``q_pos`` ``[t]`` and keys at
         ``k_pos`` ``[n]`` (or ``[b, kv_heads, n]``), with their positions; ``length`` is the
-        number of positions attended so far (the forward's last query position + 1: the
-        same for every block of query rows)."""
+        number of positions attended so far (:func:`attended_length`: the same for every
+        block of query rows of one forward)."""
 
     def _pass_logits(
         self, part: Pass, q: Tensor, keys: Tensor, rotary: Rotary, scaling: float, allowed: Tensor | None
@@ -113,7 +120,7 @@ class MultiPassPosition(PositionMethod):
     ) -> Tensor:
         """Causal fp32 logits ``[b, Hq, t, n]``, each pair rotated by its region's positions."""
         out = None
-        for part in self.passes(q_pos, k_pos, rotary, int(q_pos.max()) + 1):
+        for part in self.passes(q_pos, k_pos, rotary, attended_length(q_pos, rotary)):
             logits = self._pass_logits(part, q, keys, rotary, scaling, None)
             out = logits if out is None else torch.where(expand_heads(part.region, q.shape[1]), logits, out)
         assert out is not None
@@ -127,7 +134,7 @@ class MultiPassPosition(PositionMethod):
         Each pass reads only the span of stored keys its region touches in the block of query
         rows (Self-Extend's window, DCA's current and previous chunk), not every key."""
         rows = max(1, _MAX_LOGIT_ELEMENTS // (keys.shape[-2] * q.shape[1] * max(1, q.shape[0])))
-        outputs, length = [], int(q_pos.max()) + 1
+        outputs, length = [], attended_length(q_pos, rotary)
         for start in range(0, q.shape[2], rows):
             sl = slice(start, start + rows)
             block_allowed = None

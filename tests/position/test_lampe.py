@@ -66,3 +66,22 @@ def test_engine_chunked_prefill_and_decoding_equal_the_written_out_matrix():
 
 def test_shorter_than_two_heads_is_full_attention():
     assert_equals_full("lampe(head=64, attention_factor=1.0)")  # 106 tokens < 2 x 64
+
+
+def test_one_forward_maps_with_one_length_however_its_queries_are_split():
+    """A prefill method (A-shape) attends a forward's queries block by block: the mapping uses
+    the forward's length (the rotary's), so blocks equal one call over every query."""
+    torch.manual_seed(3)
+    n, d = 48, 8
+    q, k, v = torch.randn(1, 4, 30, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d), trained_length=64, seq_len=n)
+    method, q_pos = LaMPE(head=8, scale=40.0, slope=0.1, offset=-4.0), torch.arange(n - 30, n)
+    whole = method.attend(q, q_pos, k, torch.arange(n), v, rotary, d**-0.5)
+    blocks = torch.cat([
+        method.attend(q[:, :, a : a + 7], q_pos[a : a + 7], k, torch.arange(n), v, rotary, d**-0.5)
+        for a in range(0, 30, 7)
+    ], dim=2)
+    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-6)
+    unknown = Rotary(rotary.inv_freq, trained_length=64)  # no seq_len: L = the block's last + 1
+    early = method.attend(q[:, :, :7], q_pos[:7], k, torch.arange(n), v, unknown, d**-0.5)
+    assert not torch.allclose(early, whole[:, :, :7], atol=1e-4)  # L = 25: another mapping
