@@ -1,6 +1,6 @@
 """The machinery of position methods that give near and far keys different positions.
 
-Self-Extend, DCA, STRING, ReRoPE and LaMPE all split the causal (query, key) pairs into
+Self-Extend, DPE, DCA, STRING, ReRoPE and LaMPE all split the causal (query, key) pairs into
 disjoint regions and rotate q and k in each region by positions of their own (keys are kept
 before RoPE, :attr:`PositionMethod.stores_pre_rope`). A method only says what its regions are
 (:meth:`MultiPassPosition.passes`, one :class:`Pass` per region); this module computes each
@@ -163,6 +163,9 @@ def log_scale(q_pos: Tensor, trained: int) -> Tensor:
     return (torch.log(q_pos.double() + 1) / math.log(trained)).clamp(min=1.0).float()
 
 
-__all__ = ["MultiPassPosition", "Pass", "UNBOUNDED_EXTENSION", "distances", "log_scale", "resolve", "trained_length"]
+__all__ = [
+    "MultiPassPosition", "Pass", "UNBOUNDED_EXTENSION", "attended_length", "distances", "log_scale",
+    "resolve", "rotate_pairs", "trained_length",
+]
 
 
