@@ -3,7 +3,8 @@
 
 Shapes of Qwen2.5-0.5B (14 query heads, 2 KV heads, d=64), random rotated q/k/v, the whole
 prompt in one forward. For each length and repeat the variants run in rotating order; medians
-are printed with the fraction of causal 64x64 tiles each computed and the load average.
+are printed with the share of the causal query-key pairs each computed (counted by the kernels,
+``LayerContext.count_pairs``) and the load average.
 ``--flex`` adds torch's flex_attention with a BlockMask built from block_sparse's tiles
 (eager, and compiled if torch.compile works here).
 
@@ -24,7 +25,7 @@ from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import LayerContext, Phase
 from kvlab.engine.rotary import Rotary
 from kvlab.position.base import TRAINED_ROPE
-from kvlab.prefill.blocks import causal_blocks, rotated
+from kvlab.prefill.blocks import rotated
 from kvlab.recipe import parse_recipe
 
 RECIPES = ["ashape(sink=128, window=1024)", "tri_shape(sink=128, window=1024)", "vertical_slash",
@@ -53,20 +54,16 @@ def main() -> None:
         n = int(float(length.rstrip("k")) * 1024) if length.endswith("k") else int(length)
         ctx, q = context(n)
         qr, keys, values = rotated(q, ctx)
-        variants = {"dense": lambda: F.scaled_dot_product_attention(qr, keys, values, is_causal=True, scale=ctx.scaling)}
+        variants = {"dense": lambda: F.scaled_dot_product_attention(
+            qr, keys, values, is_causal=True, scale=ctx.scaling, enable_gqa=True)}
         density = {"dense": 1.0}
-        causal = causal_blocks(ctx.positions, n, 64)
         for recipe in recipes:
             method = parse_recipe(recipe).prefill
             variants[recipe] = (lambda m: lambda: m.attend(q, ctx))(method)
-            if hasattr(method, "block_mask"):
-                if method.name == "vertical_slash":
-                    tiles = method.block_mask(*method.estimate(qr, keys, ctx.positions, ctx.scaling), ctx.positions, n)
-                elif method.name == "sale":
-                    tiles = method.block_mask(qr, keys, ctx.positions, ctx.scaling)
-                else:
-                    tiles = method.block_mask(qr, keys, ctx.positions)
-                density[recipe] = float(tiles.sum() / (causal.sum() * tiles.shape[1]))
+            ctx.pairs = [0]  # the pairs the method computes, counted where it computes them
+            method.attend(q, ctx)
+            density[recipe] = ctx.pairs[0] / (q.shape[1] * n * (n + 1) / 2)
+            ctx.pairs = None
         if args.flex:
             from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -98,8 +95,8 @@ def main() -> None:
         print(f"n={n}  load average {os.getloadavg()[0]:.2f}  torch {torch.__version__}  threads {torch.get_num_threads()}")
         for name in names:
             t = median(times[name])
-            tiles = f"{density[name]:.3f}" if name in density else "  -  "
-            print(f"  {name:38s} {t:8.3f} s   x{base / t:5.2f} vs dense   tiles {tiles}")
+            share = f"{density[name]:.3f}" if name in density else "  -  "
+            print(f"  {name:38s} {t:8.3f} s   x{base / t:5.2f} vs dense   pairs {share}")
 
 
 if __name__ == "__main__":

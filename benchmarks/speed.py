@@ -61,6 +61,7 @@ import kvlab  # noqa: E402
 from kvlab.bench import timing  # noqa: E402
 from kvlab.bench.lengths import format_length, parse_length  # noqa: E402
 from kvlab.corpus import prose_text  # noqa: E402
+from kvlab.engine.forward import Phase  # noqa: E402
 
 DEFAULT_RECIPES = ("snapkv(budget=0.125)", "quest(budget=0.125)", "ashape(sink=4, window=512)")
 OUT = ROOT / "benchmarks" / "results" / "speed"
@@ -116,48 +117,41 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def prefill_flops(config: Any, layer_tokens: list[int], context: int, recipe: str) -> float:
-    """Matmul FLOPs of a prefill of a ``context``-token prompt, layer by layer, from the tokens
-    each layer really ran (``Stats.prefilled_per_layer``: fewer than ``context`` in the later
-    layers of a token-selective prefill, FastKV; more in GemFilter's early layers, which run
-    the context once to select and the kept tokens again). A layer's linear work is
-    2 x its params x its tokens; its attention work 4 x head_dim x heads x the query-key pairs
-    it computed (:func:`attended_pairs`). The lm head runs on the last token only."""
+def prefill_flops(config: Any, layer_tokens: list[int], context: int,
+                  layer_pairs: list[int] | None = None) -> float:
+    """Matmul FLOPs of a prefill of a ``context``-token prompt, layer by layer, from the work
+    each layer really did, as kvlab's engine counted it: the tokens it ran
+    (``Stats.prefilled_per_layer``: fewer than ``context`` in the later layers of a
+    token-selective prefill, FastKV; more in GemFilter's early layers, which run the context
+    once to select and the kept tokens again) and the query-key pairs its attention computed
+    (``Stats.attended_pairs_per_layer``, summed over query heads: a sparse pattern's band or
+    tiles, not the dense triangle). A layer's linear work is 2 x its params x its tokens, its
+    attention work 4 x head_dim x its pairs. Without counts (plain transformers) every layer ran
+    the prompt densely: ``heads x n (n + 1) / 2`` pairs. The lm head runs on the last token."""
     d, layers = config.hidden_size, config.num_hidden_layers
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     per_layer = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2 + 3 * d * config.intermediate_size
-    if len(layer_tokens) != layers:
-        layer_tokens = [context] * layers  # plain transformers: every layer runs the prompt
+    if len(layer_tokens) != layers or not layer_pairs or len(layer_pairs) != layers:
+        layer_tokens = [context] * layers
+        layer_pairs = [heads * context * (context + 1) // 2] * layers
     total = 2 * d * config.vocab_size
-    for tokens in layer_tokens:
-        total += 2 * per_layer * tokens + 4 * head_dim * heads * attended_pairs(recipe, tokens, context)
+    for tokens, pairs in zip(layer_tokens, layer_pairs):
+        total += 2 * per_layer * tokens + 4 * head_dim * pairs
     return total
 
 
-def _band_pairs(n: int, sink: int, window: int) -> float:
-    """Causal pairs of ``n`` queries in A-shape's band: query i sees the ``window`` keys up to
-    itself and the first ``sink`` keys before that window."""
-    seen = torch.arange(1, n + 1, dtype=torch.float64)  # query i sees i + 1 keys when dense
-    return float(torch.minimum(seen, window + (seen - window).clamp(0, sink)).sum())
-
-
-def attended_pairs(recipe: str, tokens: int, context: int) -> float:
-    """Query-key pairs one layer's prefill computes when it ran ``tokens`` of a ``context``-token
-    prompt: dense and causal, n(n+1)/2, for each pass over the layer (``tokens`` above
-    ``context`` is a context pass plus a pass over the kept tokens, GemFilter's early layers;
-    below it, a pass over the kept tokens only); A-shape's band of sinks + window instead. The
-    block-sparse methods' (tri-shape, vertical-slash, block-sparse, SALE) selected tiles are not
-    counted: their bound is the dense one, so they can run below it."""
-    parsed = kvlab.parse_recipe(recipe) if recipe not in ("transformers", "full") else None
-    prefill = parsed.prefill if parsed is not None else None
-    passes = [context, tokens - context] if tokens > context else [tokens]
-    if prefill is not None and prefill.name == "ashape":
-        return sum(_band_pairs(n, prefill.sink, prefill.window) for n in passes)
-    return sum(n * (n + 1) / 2 for n in passes)
-
-
 # -- one measurement -------------------------------------------------------------------------------
+def attended_share(config: Any, row: dict[str, Any], context: int) -> float | None:
+    """The share of the dense causal query-key pairs a kvlab prefill computed (1.0 when dense;
+    a sparse pattern's density), from the engine's counts; None without counts."""
+    pairs = row.get("layer_pairs")
+    if not pairs:
+        return None
+    dense = config.num_attention_heads * context * (context + 1) / 2 * len(pairs)
+    return sum(pairs) / dense
+
+
 def prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
     text = prose_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -166,7 +160,39 @@ def prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[int]) -> dict[str, Any]:
+PROFILE_PARTS = ("weight matmuls", "attention", "selection and gathers", "other ops")
+
+
+def decode_profile(step: Any) -> dict[str, float]:
+    """Self CPU milliseconds of one decoding step (``step()``) by part, from torch.profiler:
+    the weight matmuls (``mm``/``addmm`` on 2-D weights: linear layers and the lm head), the
+    attention kernels (SDPA, the one-query matmuls, softmax), selection and gathers (topk,
+    index_select, gather, sort, scatter, cat, the comparisons of a selection), other ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    parts = dict.fromkeys(PROFILE_PARTS, 0.0)
+    selection = ("topk", "index_select", "gather", "sort", "scatter", "cat", "index", "take",
+                 "masked_select", "nonzero", "searchsorted", "repeat_interleave", "eq", "any",
+                 "where", "clamp", "amin", "amax", "cumsum")
+    for event in prof.key_averages(group_by_input_shape=True):
+        name, ms = event.key.removeprefix("aten::"), event.self_cpu_time_total / 1000
+        shapes = event.input_shapes or []
+        weight = len(shapes) > 1 and len(shapes[1]) == 2 and name in ("mm", "addmm", "linear")
+        if weight or (name == "addmm" and len(shapes) > 2 and len(shapes[2]) == 2):
+            parts["weight matmuls"] += ms
+        elif "attention" in name or name in ("bmm", "matmul", "_softmax", "softmax", "baddbmm"):
+            parts["attention"] += ms
+        elif name in selection or name.startswith(selection):
+            parts["selection and gathers"] += ms
+        else:
+            parts["other ops"] += ms
+    return parts
+
+
+def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[int],
+              profile: bool = False) -> dict[str, Any]:
     sequence = engine.new_sequence(recipe if recipe != "full" else None)
     _sync(engine.device)
     start = time.perf_counter()
@@ -174,17 +200,21 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
     _sync(engine.device)
     prefill_s = time.perf_counter() - start
     layer_tokens = list(sequence.layer_tokens)  # the prefill's, before decoding adds to them
+    layer_pairs = list(sequence.layer_pairs)
     start = time.perf_counter()
     engine.teacher_force(sequence, logits, forced + [forced[-1]])  # len(forced) decoding steps
     _sync(engine.device)
     decode_s = time.perf_counter() - start
     kv_bytes = sequence.nbytes()  # after decoding: with any index built then (Quest's bounds)
-    return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
-            "kv_bytes": kv_bytes, "layer_tokens": list(layer_tokens)}
+    profiled = None
+    if profile:  # one more step, untimed: where its time goes
+        profiled = decode_profile(lambda: engine.forward(sequence, [forced[-1]], Phase.DECODE))
+    return {"decode_profile_ms": profiled, "prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
+            "kv_bytes": kv_bytes, "layer_tokens": layer_tokens, "layer_pairs": layer_pairs}
 
 
 @torch.inference_mode()
-def run_transformers(model: Any, ids: list[int], forced: list[int]) -> dict[str, Any]:
+def run_transformers(model: Any, ids: list[int], forced: list[int], profile: bool = False) -> dict[str, Any]:
     """transformers' own loop: one forward over the prompt (a fresh ``DynamicCache``), then one
     forward per forced token on that cache — what ``generate`` runs, without its sampling
     machinery, so it is the floor of any engine on this model."""
@@ -204,8 +234,28 @@ def run_transformers(model: Any, ids: list[int], forced: list[int]) -> dict[str,
     _sync(device)
     decode_s = time.perf_counter() - start
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
+    profiled = None
+    if profile:
+        profiled = decode_profile(lambda: model(input_ids=torch.tensor([[forced[-1]]], device=device),
+                                                cache=cache, use_cache=True, logits_to_keep=1))
+    return {"decode_profile_ms": profiled, "prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
             "kv_bytes": kv_bytes}
+
+
+def profile_markdown(rows: list[dict[str, Any]]) -> str:
+    """Where one decoding step's time goes, per length and variant (self CPU ms by part)."""
+    lines = ["One decoding step profiled per variant (torch.profiler, self CPU ms; untimed "
+             "step after the timed ones):", "",
+             "| length | variant | " + " | ".join(PROFILE_PARTS) + " | total |",
+             "|---:|---|" + "---:|" * (len(PROFILE_PARTS) + 1)]
+    for row in rows:
+        parts = row.get("decode_profile_ms")
+        if not parts or row.get("repeat_index", 0):
+            continue
+        lines.append(f"| {format_length(row['context_length'])} | `{row['variant']}` | "
+                     + " | ".join(f"{parts[p]:.1f}" for p in PROFILE_PARTS)
+                     + f" | {sum(parts.values()):.1f} |")
+    return "\n".join(lines)
 
 
 def position_for(length: int, window: int) -> str | None:
@@ -259,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                              "length); past it kvlab variants get a position method added")
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the plain transformers variant")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more decoding step per variant (torch.profiler, untimed): "
+                             "where its time goes, in the .json and a second table in the .md")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output path stem (default: {OUT.relative_to(ROOT)})")
     parser.add_argument("--store", type=Path, default=STORE,
                         help="results directory: the rows go to its results.duckdb, table speed, and "
@@ -285,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvlab.bench.store import ResultStore
     from kvlab.engine.loading import converted_gguf, default_gguf, quiet_loading
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype_name = str(dtype).removeprefix("torch.")
     try:
         store = ResultStore(args.store)
@@ -335,11 +392,12 @@ def main(argv: list[str] | None = None) -> int:
             for variant in order:
                 recipe = None if variant == "transformers" else with_position(variant, position)
                 if recipe is None:
-                    row = run_transformers(plain, ids, forced)
+                    row = run_transformers(plain, ids, forced, args.profile)
                 else:
-                    row = run_kvlab(engine, recipe, ids, forced)
+                    row = run_kvlab(engine, recipe, ids, forced, args.profile)
+                share = attended_share(engine.config, row, len(ids))
                 work = prefill_flops(engine.config, row.pop("layer_tokens", []), len(ids),
-                                     recipe or "transformers")
+                                     row.pop("layer_pairs", None))
                 row.update(
                     run_id=run_id, model=engine.name, device=str(device), dtype=dtype_name,
                     threads=torch.get_num_threads(), context_length=length, variant=variant,
@@ -348,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                     decode_bound_ms_per_token=1000 * (weights + row["kv_bytes"]) / bandwidth,
                     weight_bytes=weights, memory_bandwidth_bytes_per_s=bandwidth,
                     matmul_flops_per_s=flops, load_average=os.getloadavg()[0],
+                    attended_share=share,
                 )
                 rows.append(row)
                 print(f"{format_length(length):>5} {recipe or variant:<40} prefill {row['prefill_s']:7.3f} s"
@@ -378,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n\n" + textwrap.fill(
             f"Past the {window}-token window, position method added: {added}.", 80)
     table = text + "\n\n" + timing.markdown(summary)
+    if args.profile:
+        table += "\n\n" + profile_markdown(measured)
     args.out.with_suffix(".md").write_text(table)
     fig = timing.time_figure(summary)
     fig.savefig(args.out.with_suffix(".png"), dpi=110, facecolor="white")

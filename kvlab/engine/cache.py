@@ -37,6 +37,20 @@ this, so the reserve stays under 1/16 of the layer. Prompt chunks and compressio
 exactly. Reserved entries are allocated memory and count in nbytes."""
 
 
+_RANGES: dict[torch.device, Tensor] = {}
+
+
+def entry_range(n: int, device: torch.device) -> Tensor:
+    """``0, 1, ..., n - 1`` (int64) as a view of one table per device, grown by doubling: a
+    contiguous layer's positions are asked for in every layer and decoding step, and need not
+    be written anew each time. Read-only: never write into the view."""
+    table = _RANGES.get(device)
+    if table is None or table.numel() < n:
+        table = _RANGES[device] = torch.arange(max(n, 2 * (0 if table is None else table.numel()), 4096),
+                                               device=device)
+    return table[:n]
+
+
 class LayerKV:
     """One layer's KV entries.
 
@@ -105,7 +119,7 @@ class LayerKV:
         """Position of every entry: ``[n]`` or ``[batch, kv_heads, n]``."""
         if self.positions is not None:
             return self.positions
-        return torch.arange(self.num_entries, device=self.keys.device)
+        return entry_range(self.num_entries, self.keys.device)
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Add ``t`` new entries ``[batch, kv_heads, t, d]`` at ``positions`` ``[t]``."""

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
+from kvlab.engine.kernels import causal_allowed
 from kvlab.engine.rotary import Rotary
 from kvlab.engine.workspace import Workspace
 from kvlab.position.base import PositionMethod
@@ -80,6 +82,14 @@ class LayerContext:
     prepared: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
     workspace: Workspace = field(default_factory=Workspace)
+    pairs: list[int] | None = None
+    """The forward's per-layer tally of computed query-key pairs (prefill only; None: off)."""
+
+    def count_pairs(self, pairs: int | Tensor) -> None:
+        """Add ``pairs`` query-key pairs (summed over query heads) to what this layer's
+        attention computed in this prefill (``Stats.attended_pairs_per_layer``)."""
+        if self.pairs is not None:
+            self.pairs[self.index] += int(pairs)
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A reused uninitialised buffer of ``shape`` with ``like``'s dtype and device."""
@@ -96,7 +106,10 @@ class LayerContext:
         allowed: Tensor | None = None,
     ) -> Tensor:
         """Exact attention of unrotated queries ``q`` ``[b, Hq, t, d]`` at ``q_pos`` over stored
-        keys at ``k_pos``, causal by position, restricted further by ``allowed``."""
+        keys at ``k_pos``, causal by position, restricted further by ``allowed``. In a prefill
+        the pairs it computes are counted (:meth:`count_pairs`)."""
+        if self.pairs is not None:
+            self.count_pairs(causal_pairs(q, q_pos, k_pos, allowed))
         return self.position.attend(q, q_pos, keys, k_pos, values, self.rotary, self.scaling, allowed)
 
     def logits(self, q: Tensor, q_pos: Tensor) -> Tensor:
@@ -105,4 +118,22 @@ class LayerContext:
         return self.position.logits(q, q_pos, layer.keys, layer.key_positions(), self.rotary, self.scaling)
 
 
-__all__ = ["PROPAGATED_ROWS", "LayerContext", "Phase"]
+def causal_pairs(q: Tensor, q_pos: Tensor, k_pos: Tensor, allowed: Tensor | None) -> Tensor:
+    """Query-key pairs, summed over ``q``'s batch and heads, of causal attention of queries at
+    ``q_pos`` ``[t]`` over keys at ``k_pos`` ``[n]`` or ``[b, Hk, n]`` (stored in position
+    order), restricted by the boolean ``allowed`` where given."""
+    b, hq = q.shape[:2]
+    if allowed is not None and allowed.dtype == torch.bool:
+        mask = causal_allowed(q_pos, k_pos) & allowed
+    elif k_pos.dim() == 1:
+        return torch.searchsorted(k_pos, q_pos, right=True).sum() * (b * hq)
+    else:
+        mask = None
+        seen = torch.searchsorted(k_pos.contiguous(), q_pos.expand(*k_pos.shape[:2], -1).contiguous(), right=True)
+        return seen.sum() * (hq // k_pos.shape[1])
+    while mask.dim() < 4:
+        mask = mask[None]
+    return mask.sum() * (b // mask.shape[0]) * (hq // mask.shape[1])
+
+
+__all__ = ["PROPAGATED_ROWS", "LayerContext", "Phase", "causal_pairs"]

@@ -134,11 +134,12 @@ class Engine:
     @torch.inference_mode()
     def forward(
         self, sequence: Sequence, ids: list[int], phase: Phase, stop_after: int | None = None,
-        counts: list[int] | None = None,
+        counts: list[int] | None = None, pairs: list[int] | None = None,
     ) -> Tensor:
         """Run ``ids`` through the model on top of ``sequence``; next-token logits ``[vocab]``.
         With ``stop_after``, the forward ends in that layer's attention (:class:`StopForward`).
-        ``counts`` (default: the sequence's) tallies the tokens each layer ran."""
+        ``counts`` and ``pairs`` (default: the sequence's) tally the tokens each layer ran and
+        the query-key pairs its attention computed."""
         start = sequence.seen
         positions = torch.arange(start, start + len(ids), device=self.device)
         forward = ForwardContext(
@@ -150,6 +151,7 @@ class Engine:
             prepared=sequence.prepared,
             stop_after=stop_after,
             counts=sequence.layer_tokens if counts is None else counts,
+            pairs=sequence.layer_pairs if pairs is None else pairs,
         )
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
@@ -183,6 +185,7 @@ class Engine:
         if not ids:
             raise InputError("nothing to prefill: the prompt encodes to zero tokens")
         sequence.layer_tokens[:] = [0] * len(sequence.layer_tokens)
+        sequence.layer_pairs[:] = [0] * len(sequence.layer_pairs)
         method = sequence.recipe.prefill
         if compress and method is not None:
             context = ids
@@ -209,11 +212,12 @@ class Engine:
         """Run ``ids`` chunk by chunk through layers ``0..layer`` only, on a scratch cache
         beside ``sequence`` (same recipe, plain storage, nothing compressed); returns layer
         ``layer``'s unrotated queries of the last chunk and its :class:`LayerContext`. The
-        tokens run are added to ``sequence.layer_tokens``."""
+        tokens run and pairs computed are added to ``sequence.layer_tokens`` / ``layer_pairs``."""
         scratch = Sequence(sequence.recipe, KVCache(self.config.num_hidden_layers), sequence.prepared)
         for a, b in self.chunks(len(ids)):
             try:
-                self.forward(scratch, ids[a:b], Phase.APPEND, stop_after=layer, counts=sequence.layer_tokens)
+                self.forward(scratch, ids[a:b], Phase.APPEND, stop_after=layer, counts=sequence.layer_tokens,
+                             pairs=sequence.layer_pairs)
             except StopForward as stop:
                 query, ctx = stop.query, stop.ctx
         return query, ctx

@@ -10,7 +10,8 @@ Two seams let a prefill method change what the layers of a forward see (token-se
 prefill): ``stop_after`` ends the forward inside that layer's attention with
 :class:`StopForward` (a probe through the first layers, GemFilter), and a layer that asks for
 it (:meth:`LayerContext.propagate_only`) makes the engine run only those tokens through the
-later layers (FastKV). ``counts`` tallies the tokens each layer ran (``Stats.prefilled_per_layer``).
+later layers (FastKV). ``counts`` tallies the tokens each layer ran (``Stats.prefilled_per_layer``),
+``pairs`` the query-key pairs its attention computed (``Stats.attended_pairs_per_layer``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class ForwardContext:
     """Stop the forward in this layer's attention, once its keys are stored (a probe)."""
     counts: list[int] | None = None
     """Tokens each layer ran in this prefill, added to as layers store (None: not counted)."""
+    pairs: list[int] | None = None
+    """Query-key pairs (summed over query heads) each layer's prefill attention computed,
+    added to by :meth:`LayerContext.count_pairs` (None: not counted)."""
 
     def __post_init__(self) -> None:
         if type(self.rotary).cos_sin is Rotary.cos_sin:  # a method's own cos_sin is kept as is
@@ -71,6 +75,7 @@ class ForwardContext:
             positions=self.positions, rotary=self.rotary, position=self.position,
             scaling=scaling, phase=self.phase, prepared=self.prepared, scratch=self.scratch,
             workspace=self.cache.workspace,
+            pairs=self.pairs if self.phase.is_prefill else None,
         )
 
 

@@ -26,7 +26,10 @@ class Stats:
       values), not in ``kv_bytes``; 0 for methods that offload nothing;
     - ``prefill_s`` / ``decode_s``: wall-clock seconds of the prefill and of the decoding;
     - ``prefilled_per_layer``: tokens each layer ran in that prefill (a token-selective prefill
-      method runs fewer through later layers, or probes the first layers first).
+      method runs fewer through later layers, or probes the first layers first);
+    - ``attended_pairs_per_layer``: query-key pairs each layer's attention computed in that
+      prefill, summed over query heads (dense causal attention: ``heads x n (n + 1) / 2``; a
+      sparse prefill pattern computes fewer).
     """
 
     prompt_tokens: int
@@ -38,6 +41,7 @@ class Stats:
     decode_s: float
     kv_offloaded_bytes: int = 0
     prefilled_per_layer: list[int] = field(default_factory=list)
+    attended_pairs_per_layer: list[int] = field(default_factory=list)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -60,6 +64,7 @@ class Stats:
             decode_s=decoded.seconds if decoded else 0.0,
             kv_offloaded_bytes=sequence.offloaded_nbytes(),
             prefilled_per_layer=list(sequence.layer_tokens),
+            attended_pairs_per_layer=list(sequence.layer_pairs),
         )
 
     def as_dict(self) -> dict[str, Any]:

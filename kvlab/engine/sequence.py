@@ -79,6 +79,9 @@ class Sequence:
         self.layer_tokens: list[int] = [0] * len(cache.layers)
         """Tokens each layer ran in the last prefill (fewer in later layers when a prefill
         method selects tokens)."""
+        self.layer_pairs: list[int] = [0] * len(cache.layers)
+        """Query-key pairs each layer's attention computed in the last prefill, summed over
+        query heads (fewer than the causal ``n (n + 1) / 2`` per head under a sparse pattern)."""
         self._rotary: tuple[Any, Rotary] | None = None
 
     @property

@@ -57,9 +57,11 @@ class BlockSparse(PrefillMethod):
     block: int = param(64, "tokens per query and key block", min=1)
 
     def block_mask(self, q: Tensor, keys: Tensor, q_pos: Tensor) -> Tensor:
-        """``[b, Hq, query_blocks, key_blocks]`` from rotated queries and keys."""
+        """``[b, Hq, query_blocks, key_blocks]`` from rotated queries ``[b, Hq, t, d]`` and keys
+        ``[b, Hk, n, d]``."""
         n = keys.shape[2]
-        scores = mean_pool(q, self.block) @ mean_pool(keys, self.block).transpose(-1, -2)
+        pooled = mean_pool(keys, self.block).repeat_interleave(q.shape[1] // keys.shape[1], 1)
+        scores = mean_pool(q, self.block) @ pooled.transpose(-1, -2)
         causal = causal_blocks(q_pos, n, self.block)
         scores = scores.masked_fill(~causal, float("-inf"))
         top = scores.topk(min(self.topk, scores.shape[-1]), -1)
@@ -73,4 +75,5 @@ class BlockSparse(PrefillMethod):
             return None
         q_rot, keys, values = rotated(q, ctx)
         mask = self.block_mask(q_rot, keys, ctx.positions)
-        return block_sparse_attention(q_rot, keys, values, ctx.positions, mask, ctx.scaling, self.block).to(q.dtype)
+        return block_sparse_attention(q_rot, keys, values, ctx.positions, mask, ctx.scaling, self.block,
+                                      count=ctx.count_pairs).to(q.dtype)

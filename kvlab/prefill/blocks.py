@@ -36,16 +36,13 @@ def supported(ctx: LayerContext) -> bool:
 
 
 def rotated(q: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor, Tensor]:
-    """Rotated queries ``[b, Hq, t, d]``, rotated keys and values of the whole layer, the keys
-    repeated to the query heads (GQA): ``[b, Hq, n, d]`` each."""
+    """Rotated queries ``[b, Hq, t, d]``, and the layer's rotated keys and its values at their
+    KV heads, ``[b, Hk, n, d]`` (GQA: never copied per query head)."""
     layer = ctx.layer
-    keys, values = layer.keys, layer.values
+    keys = layer.keys
     if ctx.position.stores_pre_rope:
         keys = ctx.rotary.rotate(keys, layer.key_positions())
-    group = q.shape[1] // keys.shape[1]
-    if group > 1:
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    return ctx.rotary.rotate(q, ctx.positions), keys, values
+    return ctx.rotary.rotate(q, ctx.positions), keys, layer.values
 
 
 def query_block_bounds(q_pos: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -65,14 +62,19 @@ def causal_blocks(q_pos: Tensor, n: int, block: int) -> Tensor:
 
 def block_sparse_attention(
     q: Tensor, keys: Tensor, values: Tensor, q_pos: Tensor, blocks: Tensor, scaling: float,
-    block: int, budget: int = BUDGET,
+    block: int, budget: int = BUDGET, count: Callable[[Tensor], None] | None = None,
+    columns: Tensor | None = None,
 ) -> Tensor:
     """Attention ``[b, Hq, t, d]`` of rotated ``q`` over the key blocks ``blocks``
     ``[b, Hq, ceil(t / block), ceil(n / block)]`` selects, from rotated ``keys``/``values``
-    ``[b, Hq, n, d]`` (key index = position), causal by position. Every query must have at
-    least one allowed key among its blocks (the diagonal block guarantees it)."""
+    ``[b, Hk, n, d]`` (key index = position; query head ``h`` reads KV head ``h // (Hq / Hk)``),
+    causal by position, and over the single key ``columns`` ``[b, Hq, V]`` where given (each
+    query attends to the columns at or before it that its blocks do not hold: MInference's
+    vertical lines, gathered one by one). Every query must have at least one allowed key (the
+    diagonal block guarantees it). ``count`` (:meth:`LayerContext.count_pairs`) receives the
+    query-key pairs computed, padding left out."""
     b, h, t, d = q.shape
-    n = keys.shape[2]
+    n, group = keys.shape[2], h // keys.shape[1]
     nqb = blocks.shape[2]
     pad = nqb * block - t
     if pad:
@@ -82,10 +84,19 @@ def block_sparse_attention(
     order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
     offsets = torch.arange(block, device=q.device)
     key_pad = -n % block
-    key_blocks = F.pad(keys, (0, 0, 0, key_pad)).unflatten(2, (-1, block))  # [b, h, nkb, block, d]
-    value_blocks = F.pad(values, (0, 0, 0, key_pad)).unflatten(2, (-1, block))
+    nkb = (n + key_pad) // block
+    # one row per key block, [b * Hk * nkb, block * d]: a chosen block is one index_select row
+    key_blocks = F.pad(keys, (0, 0, 0, key_pad)).reshape(-1, block * d)
+    value_blocks = F.pad(values, (0, 0, 0, key_pad)).reshape(-1, block * d)
     batch = torch.arange(b, device=q.device)[:, None, None, None]
-    head = torch.arange(h, device=q.device)[None, :, None, None]
+    head = (torch.arange(h, device=q.device) // group)[None, :, None, None]
+    first_row = (batch * keys.shape[1] + head) * nkb  # [b, h, 1, 1]: the head's first key block
+    width = 0
+    if columns is not None:
+        width = columns.shape[-1]
+        column_keys = keys[batch[..., 0], head[..., 0], columns]  # [b, h, V, d]
+        column_values = values[batch[..., 0], head[..., 0], columns]
+        column_block = columns // block
     outputs = []
     start = 0
     while start < nqb:
@@ -93,7 +104,7 @@ def block_sparse_attention(
         stop = start + 1
         while stop < nqb:
             wider = max(widest, int(counts[:, :, stop].max()))
-            if (stop + 1 - start) * wider * block * b * h * d > budget:
+            if (stop + 1 - start) * (wider * block + width) * b * h * d > budget:
                 break
             widest, stop = wider, stop + 1
         chosen = order[:, :, start:stop, :widest]  # [b, h, g, s]
@@ -101,16 +112,27 @@ def block_sparse_attention(
         tokens = (chosen[..., None] * block + offsets).flatten(-2)  # [b, h, g, s * block]
         valid = valid[..., None].expand(*valid.shape, block).flatten(-2) & (tokens < n)
         g = stop - start
-        k = key_blocks[batch, head, chosen].view(b, h, g, -1, d)  # whole blocks, no per-element index
-        v = value_blocks[batch, head, chosen].view(b, h, g, -1, d)
+        rows_index = (first_row + chosen).flatten()
+        k = key_blocks.index_select(0, rows_index).view(b, h, g, -1, d)  # whole blocks
+        v = value_blocks.index_select(0, rows_index).view(b, h, g, -1, d)
+        if columns is not None:  # the columns no chosen block holds, for every query block
+            held = torch.gather(blocks[:, :, start:stop], -1, column_block[:, :, None, :].expand(-1, -1, g, -1))
+            tokens = torch.cat([tokens, columns[:, :, None, :].expand(-1, -1, g, -1)], dim=-1)
+            valid = torch.cat([valid, ~held], dim=-1)
+            k = torch.cat([k, column_keys[:, :, None].expand(-1, -1, g, -1, -1)], dim=3)
+            v = torch.cat([v, column_values[:, :, None].expand(-1, -1, g, -1, -1)], dim=3)
         rows = q_pos[start * block : stop * block].view(g, block)
         allowed = valid[..., None, :] & (tokens[..., None, :] <= rows[None, None, :, :, None])
         qg = q[:, :, start * block : stop * block].view(b, h, g, block, d)
         # 4-D, so that torch's fused CPU kernel (not the math fallback) takes the mask
         out = F.scaled_dot_product_attention(
-            qg.reshape(b * h, g, block, d), k.view(b * h, g, -1, d), v.view(b * h, g, -1, d),
+            qg.reshape(b * h, g, block, d), k.reshape(b * h, g, -1, d), v.reshape(b * h, g, -1, d),
             attn_mask=allowed.view(b * h, g, block, -1), scale=scaling,
         )
+        if count is not None:  # per key: the block's real rows (consecutive positions) at or after it
+            real = (torch.arange(start * block, stop * block, device=q.device) < t).view(g, block).sum(-1)
+            after = (rows[:, -1, None] - tokens + 1).clamp(min=0)  # padding repeats the last row
+            count(torch.where(valid, torch.minimum(after, real[:, None]), 0).sum())
         outputs.append(out.view(b, h, g, block, d))
         start = stop
     return torch.cat(outputs, 2).flatten(2, 3)[:, :, :t]

@@ -58,11 +58,13 @@ class Sale(PrefillMethod):
     block: int = param(64, "tokens per query and key block", min=1)
 
     def block_mask(self, q: Tensor, keys: Tensor, q_pos: Tensor, scaling: float) -> Tensor:
-        """``[b, Hq, query_blocks, key_blocks]`` from rotated queries and keys."""
+        """``[b, Hq, query_blocks, key_blocks]`` from rotated queries ``[b, Hq, t, d]`` and keys
+        ``[b, Hk, n, d]``."""
         bs, n = self.block, keys.shape[2]
         b, h, t, _ = q.shape
         qq = quantize_blocks(q, bs)
         kq = quantize_blocks(keys.float() - keys.float().mean(2, keepdim=True), bs)
+        kq = kq.repeat_interleave(h // keys.shape[1], 1)  # the estimate is per query head
         pad = -n % bs
         k_pos = torch.arange(n, device=q.device)
         nqb = -(-t // bs)
@@ -85,4 +87,5 @@ class Sale(PrefillMethod):
             return None
         q_rot, keys, values = rotated(q, ctx)
         mask = self.block_mask(q_rot, keys, ctx.positions, ctx.scaling)
-        return block_sparse_attention(q_rot, keys, values, ctx.positions, mask, ctx.scaling, self.block).to(q.dtype)
+        return block_sparse_attention(q_rot, keys, values, ctx.positions, mask, ctx.scaling, self.block,
+                                      count=ctx.count_pairs).to(q.dtype)

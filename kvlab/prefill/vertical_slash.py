@@ -7,10 +7,16 @@ last ``last_q`` queries, ``softmax(q[-last_q:] K^T / sqrt(d))`` with its causal 
 every diagonal (slash: sums along ``i - j = offset``). The first 30 columns and the 100 nearest
 diagonals are forced in (the paper's constants, parameters here so that a short prompt can
 show the pattern); the top ``vertical_size`` columns and top ``slash_size`` diagonals are
-kept. As in the paper's block kernel the pattern is converted to ``block x block`` tiles: a
-query block attends to every key block holding a kept column (at or before its last query) or
-crossed by a kept diagonal, computed by :func:`kvlab.prefill.blocks.block_sparse_attention`.
-The last ``last_q`` query rows attend densely.
+kept. As in the paper's kernel (its ``convert_vertical_slash_indexes``), the diagonals become
+``block x block`` tiles and the columns stay columns: a query block attends to every key block
+a kept diagonal crosses, and to each kept column at or before its queries that those blocks do
+not hold, gathered one by one, so a column costs one key, not a tile
+(:func:`kvlab.prefill.blocks.block_sparse_attention`). The last ``last_q`` query rows attend
+densely.
+
+The defaults (1,000 columns, 6,096 diagonals) are the paper's for contexts of 128k tokens and
+more; at 16k they keep most of the causal pairs (the share is measured:
+``Stats.attended_pairs_per_layer``, benchmarks/README.md "Time vs length").
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import Tensor
 
 from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import masked_logits
 from kvlab.errors import RecipeError
 from kvlab.prefill.base import PrefillMethod
 from kvlab.prefill.blocks import (
@@ -55,10 +62,10 @@ class VerticalSlash(PrefillMethod):
 
     def estimate(self, q: Tensor, keys: Tensor, q_pos: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         """Kept key columns ``[b, Hq, V]`` and diagonal offsets ``[b, Hq, S]`` from rotated
-        queries and keys (key index = position)."""
+        queries ``[b, Hq, t, d]`` and keys ``[b, Hk, n, d]`` (key index = position)."""
         n = keys.shape[2]
         tail_pos = q_pos[-self.last_q :]
-        logits = torch.matmul(q[:, :, -self.last_q :].float(), keys.float().transpose(-1, -2)) * scaling
+        logits = masked_logits(q[:, :, -self.last_q :].contiguous(), keys, scaling, None)
         k_pos = torch.arange(n, device=q.device)
         causal = k_pos[None, :] <= tail_pos[:, None]
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
@@ -73,17 +80,13 @@ class VerticalSlash(PrefillMethod):
         diagonals = slash.topk(min(self.slash_size, n), -1).indices
         return columns, diagonals
 
-    def block_mask(self, columns: Tensor, diagonals: Tensor, q_pos: Tensor, n: int) -> Tensor:
-        """``[b, Hq, query_blocks, key_blocks]``: tiles holding a kept column at or before the
-        query block's last query, or crossed by a kept diagonal."""
+    def block_mask(self, diagonals: Tensor, q_pos: Tensor, n: int) -> Tensor:
+        """``[b, Hq, query_blocks, key_blocks]``: the tiles a kept diagonal crosses."""
         bs = self.block
         starts, ends = query_block_bounds(q_pos, bs)
         nkb = -(-n // bs)
-        b, h = columns.shape[:2]
+        b, h = diagonals.shape[:2]
         mask = torch.zeros(b, h, starts.numel(), nkb + 1, dtype=torch.bool, device=q_pos.device)
-        past = columns[:, :, None, :] <= ends[None, None, :, None]  # [b, h, nqb, V]
-        col_blocks = torch.where(past, columns[:, :, None, :] // bs, nkb)
-        mask.scatter_(-1, col_blocks, True)
         o = diagonals[:, :, None, :]
         hi = ends[None, None, :, None] - o
         lo = (starts[None, None, :, None] - o).clamp(min=0)
@@ -101,10 +104,11 @@ class VerticalSlash(PrefillMethod):
 
         def sparse(head: Tensor, sub: LayerContext) -> Tensor:
             cut = head.shape[2]
-            tiles = self.block_mask(columns, diagonals, ctx.positions, n)  # whole tiles
+            tiles = self.block_mask(diagonals, ctx.positions, n)  # whole tiles
             mask = tiles[:, :, : -(-cut // self.block)]
             return block_sparse_attention(
-                q_rot[:, :, :cut], keys, values, sub.positions, mask, ctx.scaling, self.block
+                q_rot[:, :, :cut], keys, values, sub.positions, mask, ctx.scaling, self.block,
+                count=ctx.count_pairs, columns=columns,
             ).to(q.dtype)
 
         return dense_tail(q, ctx, self.last_q, sparse)

@@ -32,9 +32,10 @@ are cached in memory and on disk as DuoAttention's are
 (:func:`kvlab.compress.duo_heads.cached_head_scores`); recall is measured between adjacent
 layers only, while a sparse head may inherit through several sparse layers.
 
-Cost: kvlab computes the sparse heads with a mask over the whole layer (one attention call
-per layer), so this measures quality, not speed; no side index is stored (the choice lives in
-the forward's scratch), so the cache's bytes are those of ``full``.
+Cost: a retrieval head reads its KV head's whole cache (twice: its attention, then its
+logits for the choice); a sparse head reads only its ``count`` blocks, gathered as runs of
+``block`` entries. No side index is stored (the choice lives in the forward's scratch), so
+the cache's bytes are those of ``full``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from torch import Tensor
 from kvlab.compress.base import CompressMethod
 from kvlab.compress.duo_heads import cached_head_scores, kv_heads_of
 from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import gather_entries
 from kvlab.registry import Budget, param, register, resolve_budget
 from kvlab.retrieve.base import RetrieveMethod
 
@@ -140,25 +142,52 @@ class Lychee(RetrieveMethod):
         split = ctx.prepared.get("retrieve")
         if split is None:
             raise RuntimeError("lychee runs in a sequence made by Engine.new_sequence (no head split)")
-        inherited = ctx.scratch.get(SCRATCH_KEY)
-        retrieval = torch.tensor(split[ctx.index], device=q.device)
-        if inherited is None:
-            retrieval = torch.ones_like(retrieval)
-        q_pos, k_pos = ctx.positions, layer.key_positions()
-        allowed = None
-        if not bool(retrieval.all()):
-            b, blocks = q.shape[0], -(-n // self.block)
-            in_blocks = torch.zeros(b, kv_heads, 1, blocks, dtype=torch.bool, device=q.device)
-            in_blocks.scatter_(-1, inherited, True)
-            in_blocks = in_blocks.repeat_interleave(self.block, dim=-1)[..., :n]
-            allowed = in_blocks | retrieval[None, :, None, None]  # [b, kv_heads, 1, n]
-        out = ctx.attend(q, q_pos, layer.keys, k_pos, layer.values, allowed)
-        chosen = inherited
-        if bool(retrieval.any()):
-            fresh = top_blocks(ctx.logits(q, q_pos), kv_heads, self.block, count)
-            chosen = fresh if inherited is None else torch.where(retrieval[None, :, None, None], fresh, inherited)
-        ctx.scratch[SCRATCH_KEY] = chosen
-        return out
+        inherited = ctx.scratch.get(SCRATCH_KEY)  # [b, kv_heads, 1, count] or None (layer 0)
+        retrieval = split[ctx.index] if inherited is not None else (True,) * kv_heads
+        group = q.shape[1] // kv_heads
+        outputs, chosen = [], []
+        for head in range(kv_heads):  # per KV head: a slice of the layer, never a copy of it
+            q_head = q[:, head * group : (head + 1) * group]
+            if retrieval[head]:
+                out, blocks = self.retrieve(q_head, ctx, head, count)
+            else:
+                blocks = inherited[:, head : head + 1]
+                out = self.reuse(q_head, ctx, head, blocks[:, :, 0])
+            outputs.append(out)
+            chosen.append(blocks)
+        ctx.scratch[SCRATCH_KEY] = torch.cat(chosen, dim=1)
+        return torch.cat(outputs, dim=1)
+
+    def retrieve(self, q: Tensor, ctx: LayerContext, head: int, count: int) -> tuple[Tensor, Tensor]:
+        """A retrieval head: attention ``[b, g, 1, d]`` of its query heads ``q`` over the KV
+        head's whole cache, and its ``count`` blocks ``[b, 1, 1, count]`` of most probability."""
+        layer = ctx.layer
+        keys, values = layer.keys[:, head : head + 1], layer.values[:, head : head + 1]
+        k_pos = layer.key_positions()
+        if k_pos.dim() == 3:
+            k_pos = k_pos[:, head : head + 1]
+        out = ctx.attend(q, ctx.positions, keys, k_pos, values)
+        logits = ctx.position.logits(q, ctx.positions, keys, k_pos, ctx.rotary, ctx.scaling)
+        return out, top_blocks(logits, 1, self.block, count)
+
+    def reuse(self, q: Tensor, ctx: LayerContext, head: int, blocks: Tensor) -> Tensor:
+        """A sparse head: attention ``[b, g, 1, d]`` of its query heads ``q`` over the blocks
+        ``[b, 1, count]`` only (gathered as runs of ``block`` entries; the partial last block's
+        run starts early and its entries before the block do not count)."""
+        layer = ctx.layer
+        n = layer.num_entries
+        firsts = blocks * self.block
+        starts = firsts.clamp(max=n - self.block)
+        keys = gather_entries(layer.keys[:, head : head + 1], starts, self.block)
+        values = gather_entries(layer.values[:, head : head + 1], starts, self.block)
+        entries = (starts[..., None] + torch.arange(self.block, device=q.device)).flatten(-2)
+        valid = entries >= firsts.repeat_interleave(self.block, dim=-1)  # [b, 1, count * block]
+        k_pos = layer.key_positions()
+        if k_pos.dim() == 1:
+            k_pos = k_pos[entries]
+        else:
+            k_pos = k_pos[:, head : head + 1].gather(2, entries)
+        return ctx.attend(q, ctx.positions, keys, k_pos, values, valid[:, :, None, :])
 
 
 def measure_recall(engine: Any, settings: Calibration) -> Tensor:

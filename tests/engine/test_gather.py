@@ -63,3 +63,32 @@ def test_rope_table_gives_the_direct_values() -> None:
     grown = torch.arange(0, 20000, 3)  # beyond the table: it grows
     torch.testing.assert_close(rotary.cos_sin(grown, torch.float32)[1], _direct(rotary, grown)[1],
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["none", "bool_q", "bool_kv", "float", "empty_row"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_decode_attention_equals_sdpa(mask: str, group: int) -> None:
+    """The one-query matmul kernel gives SDPA's output, GQA, masks of every layout included."""
+    import torch.nn.functional as F
+
+    from kvlab.engine.kernels import decode_attention, dense_attention
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2 * group, 1, 16, generator=g)
+    storage = torch.randn(2, 2, 40, 16, generator=g)
+    k, v = storage[:, :, :33], torch.randn(2, 2, 33, 16, generator=g)
+    allowed = None
+    if mask == "bool_q" or mask == "empty_row":
+        allowed = torch.rand(2, 2 * group, 1, 33, generator=g) > 0.4
+        if mask == "empty_row":
+            allowed[1, 0] = False
+    elif mask == "bool_kv":
+        allowed = torch.rand(2, 2, 1, 33, generator=g) > 0.4
+    elif mask == "float":
+        allowed = torch.where(torch.rand(2, 1, 1, 33, generator=g) > 0.4, 0.0, float("-inf"))
+    sdpa_mask = None if allowed is None else (
+        allowed.repeat_interleave(group, dim=1) if allowed.shape[1] == 2 and group > 1 else allowed)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=sdpa_mask, scale=0.3)
+    torch.testing.assert_close(decode_attention(q, k, v, 0.3, allowed), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense_attention(q, k, v, 0.3, allowed), want, rtol=1e-5, atol=1e-6)

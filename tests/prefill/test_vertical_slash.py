@@ -1,4 +1,4 @@
-"""Vertical-slash: columns and diagonals from the last queries' attention, as 64x64-style tiles."""
+"""Vertical-slash: columns and diagonals from the last queries' attention; diagonals as tiles, columns as keys."""
 
 import pytest
 import torch
@@ -16,7 +16,8 @@ LISTED = "vertical_slash(vertical_size=4, slash_size=8, forced_columns=2, forced
 
 def reference_mask(ctx, q, vertical_size, slash_size, forced_columns, forced_diagonals, last_q, block):
     """The paper's pattern written out: per head, column and diagonal sums of the last
-    ``last_q`` rows' causal softmax, forced lines, top-k, tiles, the last rows dense."""
+    ``last_q`` rows' causal softmax, forced lines, top-k, diagonals as tiles, columns as
+    single keys, the last rows dense."""
     qr, k, _ = rotated_inputs(ctx, q)
     heads, n = q.shape[1], q.shape[2]
     group = heads // k.shape[1]
@@ -37,9 +38,11 @@ def reference_mask(ctx, q, vertical_size, slash_size, forced_columns, forced_dia
         tiles = torch.zeros(1, nb, nb, dtype=torch.bool)
         for i in range(n):
             for j in range(i + 1):
-                if j in columns or i - j in diagonals:
+                if i - j in diagonals:  # a diagonal keeps its tiles
                     tiles[0, i // block, j // block] = True
         mask[0, h] = tiles_to_tokens(tiles, n, block)[0, 0]
+        for j in columns:  # a column keeps itself, for every query at or after it
+            mask[0, h, j:, j] = True
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     return mask | ((i >= n - last_q) & (j <= i))
 
@@ -67,8 +70,8 @@ def test_widest_gathered_set_is_bounded_by_the_lines_not_n():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
     columns, diagonals = method.estimate(q, k, torch.arange(n), 8**-0.5)
-    tiles = method.block_mask(columns, diagonals, torch.arange(n - 64), n)
-    assert widest_gathered(tiles, 64) <= (30 + 2 * 100) * 64 < n
+    tiles = method.block_mask(diagonals, torch.arange(n - 64), n)
+    assert widest_gathered(tiles, 64) + columns.shape[-1] <= 2 * 100 * 64 + 30 < n
 
 
 def test_bad_parameters_refused():

@@ -154,3 +154,27 @@ def test_every_head_retrieving_or_a_budget_covering_everything_is_full_attention
     sparse = engine.generate_ids(ids, LISTED, max_new_tokens=6)
     assert sparse.token_ids != full.token_ids
     assert sparse.stats.kv_bytes == full.stats.kv_bytes  # no side index: the choice is per forward
+
+
+def test_a_sparse_head_reads_exactly_its_blocks_the_partial_last_one_included():
+    """``Lychee.reuse`` against attention written out over the chosen blocks' entries: the
+    partial last block (entries 16..20 of 21) is read from its first entry, not earlier."""
+    from kvlab.engine.cache import LayerKV
+    from kvlab.engine.context import LayerContext, Phase
+    from kvlab.engine.rotary import Rotary
+    from kvlab.position.base import TRAINED_ROPE
+
+    g = torch.Generator().manual_seed(5)
+    n, d = 21, 8
+    layer = LayerKV()
+    keys, values = torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d, generator=g)
+    layer.append(keys, values, torch.arange(n))
+    rotary = Rotary(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    ctx = LayerContext(0, 1, layer, torch.tensor([n - 1]), rotary, TRAINED_ROPE, d**-0.5, Phase.DECODE)
+    q = torch.randn(1, 2, 1, d, generator=g)  # the query heads of KV head 1
+    for blocks, entries in (([0, 2], [*range(8), *range(16, 21)]), ([1], list(range(8, 16)))):
+        got = Lychee(block=8).reuse(q, ctx, 1, torch.tensor([[blocks]]))
+        qr = rotary.rotate(q, torch.tensor([n - 1]))
+        logits = qr[0, :, 0] @ keys[0, 1, entries].T * d**-0.5
+        want = torch.softmax(logits, -1) @ values[0, 1, entries]
+        torch.testing.assert_close(got[0, :, 0], want, atol=1e-6, rtol=1e-5)
