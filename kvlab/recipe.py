@@ -113,21 +113,43 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _rotated_alternative(position: PositionMethod) -> str:
+    """What to use instead of a position method that keeps keys before RoPE."""
+    if any(f.name == "rerotate_cache" for f in fields(position)):
+        return f"{position.name}(rerotate_cache=false) or another drop-in position method (e.g. yarn)"
+    return "a drop-in position method (e.g. yarn, pi, llama3)"
+
+
+def _prefill_alternatives() -> str:
+    """The registered prefill methods that attend through the position method."""
+    from kvlab.registry import methods
+
+    names = [m.name for m in methods() if m.stage == "prefill" and not method_class(m.name).plain_rope_kernel]
+    return ", ".join(names)
+
+
 def check_compatible(recipe: Recipe) -> None:
     """Refuse combinations whose methods cannot work together (they need different key
-    storage, or both choose the kept entries): a :class:`RecipeError` ``"a + b is not
-    supported: why; what to use instead"``. Every other combination of methods runs
+    storage or attention, or both choose the kept entries): a :class:`RecipeError` ``"a + b is
+    not supported: why; what to use instead"``. Every other combination of methods runs
     (``tests/test_composition.py`` runs every pair of methods of two stages)."""
     position, prefill, compress = recipe.position, recipe.prefill, recipe.compress
     quantize, retrieve = recipe.quantize, recipe.retrieve
-    drop_in = "a drop-in position method (e.g. yarn, or dynamic_ntk(rerotate_cache=false))"
     if position is not None and retrieve is not None:
         if position.stores_pre_rope and retrieve.needs_rotated_keys:
             raise _unsupported(
                 position, retrieve,
                 f"{retrieve.name} scores post-RoPE keys, but {position.name} keeps keys before RoPE",
-                f"choose {drop_in} with {retrieve.name}",
+                f"choose {_rotated_alternative(position)} with {retrieve.name}",
             )
+    if position is not None and prefill is not None and position.own_attention and prefill.plain_rope_kernel:
+        raise _unsupported(
+            position, prefill,
+            f"{prefill.name} attends with its block-sparse kernel over keys at plain RoPE "
+            f"positions, but {position.name} gives each (query, key) pair positions of its own",
+            f"use {prefill.name} with a drop-in position method (e.g. yarn), or {position.name} "
+            f"with a prefill method that attends through it ({_prefill_alternatives()})",
+        )
     if prefill is not None and compress is not None and prefill.selects_kv:
         raise _unsupported(
             prefill, compress,
@@ -153,7 +175,7 @@ def check_compatible(recipe: Recipe) -> None:
                 position, quantize,
                 f"{quantize.name} selects channels of post-RoPE keys, but {position.name} keeps "
                 "keys before RoPE (pruning unrotated channels is a different selection)",
-                f"choose {drop_in} with {quantize.name}",
+                f"choose {_rotated_alternative(position)} with {quantize.name}",
             )
 
 

@@ -45,17 +45,28 @@ def stage_methods(*stages: str) -> set[str]:
     return {m.name for m in METHODS if m.stage in stages}
 
 
+def _position_methods(flag: str) -> set[str]:
+    """Position methods whose default instance has ``flag`` set."""
+    from kvlab.registry import method_class
+
+    return {m.name for m in METHODS if m.stage == "position" and getattr(method_class(m.name)(), flag)}
+
+
 PRE_ROPE = "keeps keys before RoPE"
+OWN_ATTENTION = "attends with its block-sparse kernel over keys at plain RoPE positions"
 SELECTS_KV = "chooses the kept KV entries itself"
 RAGGED = "keeps a different number of entries per KV head"
 REFUSED = {
-    PRE_ROPE: ({"self_extend", "dynamic_ntk"}, {"quest", "tokenselect", "retrieval_attention", "think"}),
+    PRE_ROPE: (_position_methods("stores_pre_rope"), {"quest", "tokenselect", "retrieval_attention", "think"}),
+    OWN_ATTENTION: (_position_methods("own_attention"), {"vertical_slash", "block_sparse", "sale"}),
     SELECTS_KV: ({"fastkv"}, stage_methods("compress")),
     RAGGED: ({"adakv", "duo_attention"}, stage_methods("quantize", "retrieve")),
 }
 """The refusals, by rule: the words of the reason, and which methods it sets against which.
 - position methods that keep keys before RoPE, against methods that score or prune the
   stored keys as post-RoPE vectors;
+- position methods with their own attention arithmetic (several passes), against the
+  block-sparse prefill kernels, which rotate at plain RoPE positions;
 - FastKV, which keeps the entries its own budget chooses, against any compress method;
 - compress methods that keep a different number of entries per KV head (ragged storage),
   against the quantize formats and the retrieve methods (one rectangular tensor per layer)."""
@@ -226,6 +237,6 @@ def test_every_rule_names_registered_methods_refuses_a_pair_and_is_in_the_readme
     assert set(REFUSED) <= seen
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     paragraph = readme[readme.index("**Which combinations hold.**"):readme.index("## Set up")]
-    left, right = REFUSED[PRE_ROPE]
-    for name in sorted(left | right | REFUSED[SELECTS_KV][0] | REFUSED[RAGGED][0]):
+    named = set().union(*REFUSED[PRE_ROPE], *REFUSED[OWN_ATTENTION], REFUSED[SELECTS_KV][0], REFUSED[RAGGED][0])
+    for name in sorted(named):
         assert f"`{name}`" in paragraph, name

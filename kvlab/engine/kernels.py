@@ -145,9 +145,14 @@ def partial_attention(logits: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     group = logits.shape[1] // values.shape[1]
     if group > 1:
         values = values.repeat_interleave(group, dim=1)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.clamp(min=torch.finfo(lse.dtype).min)[..., None])
-    return torch.matmul(probs, values.float()), lse
+    # one exp over the logits: the row maximum, the unnormalised weights, their sum; the
+    # output is normalised after the matmul ([t, d], not [t, m])
+    peak = logits.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)
+    weights = torch.exp(logits - peak)
+    total = weights.sum(dim=-1)
+    lse = peak.squeeze(-1) + torch.log(total)  # -inf for a row with no allowed key
+    out = torch.matmul(weights, values.float()) / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
+    return out, lse
 
 
 def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> Tensor:

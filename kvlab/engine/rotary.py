@@ -24,12 +24,21 @@ _TABLE_FROM = 256
 class Rotary:
     """RoPE in transformers' layout: channel ``i`` is paired with ``i + d/2``.
 
-    ``inv_freq`` is ``[d/2]``; ``attention_factor`` multiplies cos and sin (YaRN's mscale).
+    ``inv_freq`` is ``[d/2]``; ``attention_factor`` multiplies cos and sin (YaRN's mscale);
+    ``trained_length`` is the model's trained context ``L0`` (None: unknown), for position
+    methods whose positions are defined relative to it (DCA's chunks, ReRoPE's log scaling);
+    ``seq_len`` is the sequence length at the end of the forward the rotary was made for, set
+    only by a method that asks for a new rotary at every length (LaMPE's mapping), else None.
     """
 
-    def __init__(self, inv_freq: Tensor, attention_factor: float = 1.0) -> None:
+    def __init__(
+        self, inv_freq: Tensor, attention_factor: float = 1.0, trained_length: int | None = None,
+        seq_len: int | None = None,
+    ) -> None:
         self.inv_freq = inv_freq.float()
         self.attention_factor = float(attention_factor)
+        self.trained_length = trained_length
+        self.seq_len = seq_len
         self._table: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -79,6 +88,8 @@ class PinnedRotary(Rotary):
     def __init__(self, base: Rotary, positions: Tensor) -> None:
         self.inv_freq = base.inv_freq
         self.attention_factor = base.attention_factor
+        self.trained_length = base.trained_length
+        self.seq_len = base.seq_len
         self._table = base._table  # the position table outlives the forward
         self.positions = positions
         self._tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}

@@ -23,6 +23,10 @@ class PositionMethod(Method):
     """Base of position methods; by itself it is RoPE as the model was trained."""
 
     stage: ClassVar[str] = "position"
+    own_attention: ClassVar[bool] = False
+    """True when the method computes attention itself, giving (query, key) pairs positions of
+    their own (:mod:`kvlab.position.passes`): a kernel that rotates keys by plain RoPE at their
+    positions cannot stand in for it."""
 
     @property
     def stores_pre_rope(self) -> bool:
@@ -44,7 +48,7 @@ class PositionMethod(Method):
     def rotary(self, config: Any, seq_len: int) -> Rotary:
         """The RoPE frequencies to use when the sequence is ``seq_len`` tokens long."""
         inv_freq, attention_factor = rope_frequencies(config, self.rope_parameters(config), seq_len)
-        return Rotary(inv_freq, attention_factor)
+        return Rotary(inv_freq, attention_factor, int(config.max_position_embeddings))
 
     def logits(
         self, q: Tensor, q_pos: Tensor, keys: Tensor, k_pos: Tensor, rotary: Rotary, scaling: float

@@ -37,6 +37,10 @@ class PrefillMethod(Method, ABC):
     chooses which tokens the model, or its later layers, run)."""
     selects_kv: ClassVar[bool] = False
     """True when the method chooses the kept KV entries itself (no compress method then)."""
+    plain_rope_kernel: ClassVar[bool] = False
+    """True when the method attends with its own kernel over keys rotated by plain RoPE at
+    their positions, so it cannot serve a position method with its own attention
+    (:attr:`PositionMethod.own_attention`); the recipe refuses that combination."""
 
     @abstractmethod
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:

@@ -51,6 +51,7 @@ class BlockSparse(PrefillMethod):
     name: ClassVar[str] = "block_sparse"
     paper: ClassVar[str] = "MInference (Jiang et al., NeurIPS 2024), arXiv:2407.02490"
     summary: ClassVar[str] = "Sparse prefill: top key blocks per query block by mean-pooled q.k."
+    plain_rope_kernel: ClassVar[bool] = True
 
     topk: int = param(100, "key blocks kept per query block (plus its diagonal and the first)", min=1)
     block: int = param(64, "tokens per query and key block", min=1)

@@ -52,6 +52,7 @@ class Sale(PrefillMethod):
     name: ClassVar[str] = "sale"
     paper: ClassVar[str] = "SALE (Ji et al., 2025), arXiv:2505.24179"
     summary: ClassVar[str] = "Sparse prefill: 4-bit q.k estimate, tiles above a relative-score threshold."
+    plain_rope_kernel: ClassVar[bool] = True
 
     threshold: float = param(0.004, "Relative Attention Score a tile must reach (0: dense)", min=0.0, max=1.0)
     block: int = param(64, "tokens per query and key block", min=1)

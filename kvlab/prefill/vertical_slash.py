@@ -42,6 +42,7 @@ class VerticalSlash(PrefillMethod):
     name: ClassVar[str] = "vertical_slash"
     paper: ClassVar[str] = "MInference (Jiang et al., NeurIPS 2024), arXiv:2407.02490"
     summary: ClassVar[str] = "Sparse prefill: top key columns and diagonals estimated from the last queries."
+    plain_rope_kernel: ClassVar[bool] = True
 
     vertical_size: int = param(1000, "key columns kept per head (forced_columns included)", min=1)
     slash_size: int = param(6096, "diagonals kept per head (forced_diagonals included)", min=1)
