@@ -1,4 +1,4 @@
-"""The ``kvlab`` command line: ``kvlab methods``, ``kvlab ask``."""
+"""The ``kvlab`` command line: ``kvlab methods``, ``ask``, ``bench``, ``report``, ``serve``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -209,6 +209,48 @@ def report(
                 print(summary_markdown(store.rows()), end="")
     except kvlab.KvlabError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    recipe: Annotated[str, typer.Option(help="Default recipe; a request may name its own in {\"kvlab\": {\"recipe\": ...}}.")] = "full",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one per line, optionally followed by a tenant name.")] = None,
+    max_cache_gib: Annotated[float, typer.Option(help="Most GiB of measured KV bytes the store of encoded contexts holds.")] = 4.0,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for the engine; beyond it a 503.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
+    import kvlab
+
+    if not 0 < port < 65536:
+        _fail(f"--port {port}: must be in 1..65535")
+    if not max_cache_gib > 0:
+        _fail(f"--max-cache-gib {max_cache_gib}: must be a number of GiB > 0")
+    if max_queue < 0:
+        _fail(f"--max-queue {max_queue}: must be an integer >= 0")
+    try:
+        from kvlab.server import ServerConfig, serve as run_server
+        from kvlab.server.auth import load_api_keys
+
+        parsed = kvlab.parse_recipe(recipe)
+        keys = load_api_keys(api_key_file) if api_key_file is not None else None
+        config = ServerConfig(str(parsed), int(max_cache_gib * 2**30), max_queue, keys)
+        with err.status("loading model"):
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    keys_note = f", {len(keys)} API keys" if keys else ", no API key needed"
+    err.print(
+        f"kvlab serve: {engine.name} (recipe {parsed}) on http://{host}:{port}/v1 "
+        f"(cache cap {max_cache_gib:g} GiB, queue {max_queue}{keys_note}); Ctrl-C stops it",
+        highlight=False,
+    )
+    run_server(engine, config, host=host, port=port)
 
 
 @app.command()
