@@ -250,7 +250,7 @@ def serve(
         f"(cache cap {max_cache_gib:g} GiB, queue {max_queue}{keys_note}); Ctrl-C stops it",
         highlight=False,
     )
-    run_server(engine, config, host=host, port=port)
+    run_server(engine, config, host=host, port=port, on_stop=lambda: err.print("kvlab serve: stopped"))
 
 
 @app.command()

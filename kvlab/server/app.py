@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +48,12 @@ class ServerConfig:
             raise ValueError(f"max_queue={self.max_queue!r}: must be an integer >= 0")
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, config: ServerConfig | None = None, on_stop: Callable[[], None] | None = None,
+) -> FastAPI:
     """The server app for a loaded ``engine`` (an in-memory model works: tests build one).
-    The engine thread starts and stops with the app's lifespan."""
+    The engine thread starts and stops with the app's lifespan; ``on_stop`` is called once
+    it has stopped."""
     config = config or ServerConfig()
     default_recipe: Recipe = parse_recipe(config.recipe)
     metrics = Metrics()
@@ -64,6 +67,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             yield
         finally:
             worker.close()
+            if on_stop is not None:
+                on_stop()
 
     app = FastAPI(title="kvlab", lifespan=lifespan)
     app.state.engine, app.state.worker, app.state.store, app.state.metrics = engine, worker, store, metrics
@@ -223,13 +228,14 @@ def _response(request: GenerationRequest, model: str, text: str, outcome: Outcom
 
 def serve(
     engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-    log_level: str = "warning",
+    log_level: str = "warning", on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM (uvicorn's handlers: in-flight responses end, the engine
-    thread stops)."""
+    """Serve until SIGINT or SIGTERM. uvicorn's handlers shut down gracefully (responses in
+    flight end, the engine thread stops, ``on_stop`` runs), then re-raise the signal, so the
+    process ends as that signal's default says (SIGTERM: status -15 / 143)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(engine, config, on_stop), host=host, port=port, log_level=log_level)
 
 
 __all__ = ["CANCELLED", "ServerConfig", "create_app", "serve"]

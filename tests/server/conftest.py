@@ -24,20 +24,25 @@ class Running:
     def __init__(self, url: str, app) -> None:
         self.url = url
         self.app = app
+        self.clients: list = []  # closed when the server stops
 
     @property
     def engine(self):
         return self.app.state.engine
 
     def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
 
     def http(self) -> httpx2.Client:
+        """A raw HTTP client; use it in a ``with`` block."""
         return httpx2.Client(base_url=self.url, timeout=60)
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample's value from GET /metrics (0 when absent)."""
-        text = self.http().get("/metrics").text
+        with self.http() as http:
+            text = http.get("/metrics").text
         want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
         for line in text.splitlines():
             if line.startswith(want + " "):
@@ -59,9 +64,12 @@ def running(engine, config: ServerConfig) -> Iterator[Running]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
+    server_handle = Running(f"http://127.0.0.1:{port}", app)
     try:
-        yield Running(f"http://127.0.0.1:{port}", app)
+        yield server_handle
     finally:
+        for client in server_handle.clients:
+            client.close()
         server.should_exit = True
         thread.join(30)
         sock.close()
