@@ -118,6 +118,8 @@ def test_a_shared_system_prompt_is_encoded_once_and_reused(serve):
     cold = serve().client().chat.completions.create(model=engine.name, messages=chat(DOCUMENT, "Who keeps it?"), **GREEDY)
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
     assert second.choices[0].message.content == again.choices[0].message.content == cold.choices[0].message.content
+    [entry] = server.app.state.store.entries()
+    assert len(entry.tokens) == cached and entry.sequence.seen == cached and entry.pins == 0
 
 
 def test_a_compressed_context_is_reused_under_its_own_recipe_only(serve):
