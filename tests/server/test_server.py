@@ -146,3 +146,26 @@ def test_the_whole_prompt_is_reused_by_the_next_turn(serve):
                         {"role": "user", "content": "And who keeps it?"}]
     second = client.chat.completions.create(model=name, messages=following, **GREEDY)
     assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+
+
+def test_a_compressed_answer_is_the_engines_own_on_the_same_split(serve):
+    """Written out with the engine's public API: the head (system prompt) prefilled and
+    compressed as a context, the question appended, greedy decoding: the server's answer,
+    cold and reused, is exactly that."""
+    server = serve()
+    engine, fmt = server.engine, server.engine.prompt_format
+    messages = chat(DOCUMENT, "Code?")
+    full = fmt.render(messages)
+    head = full[: full.index("Code?")]
+    head_ids, rest_ids = fmt.encode(head, first=True), fmt.encode(full[len(head):], first=False)
+    sequence = engine.new_sequence("snapkv(budget=0.25)")
+    engine.prefill(sequence, head_ids, compress=True)
+    logits = engine.prefill(sequence, rest_ids, compress=False)
+    reference = engine.decode(sequence, logits, 6, kvlab.engine.sampling.Sampling().sampler(engine.device))
+    snap = {"kvlab": {"recipe": "snapkv(budget=0.25)"}}
+    client = server.client()
+    cold = client.chat.completions.create(model=engine.name, messages=messages, extra_body=snap, **GREEDY)
+    hit = client.chat.completions.create(model=engine.name, messages=messages, extra_body=snap, **GREEDY)
+    expected = engine.tokenizer.decode(reference.tokens, skip_special_tokens=True)
+    assert hit.usage.prompt_tokens_details.cached_tokens == len(head_ids)
+    assert cold.choices[0].message.content == hit.choices[0].message.content == expected
