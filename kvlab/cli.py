@@ -1,4 +1,4 @@
-"""The ``kvlab`` command line: ``kvlab methods``, ``ask``, ``bench``, ``report``, ``serve``, ``tasks``."""
+"""The ``kvlab`` command line: ``kvlab methods``, ``ask``, ``bench``, ``report``, ``serve``, ``cache``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -251,6 +251,89 @@ def serve(
         highlight=False,
     )
     run_server(engine, config, host=host, port=port, on_stop=lambda: err.print("kvlab serve: stopped"))
+
+
+cache_app = typer.Typer(help="Encoded contexts on disk: encode once, answer from any process later.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("save")
+def cache_save(
+    context_file: Annotated[Path, typer.Option(help="Text file holding the context to encode.")],
+    out_file: Annotated[Path, typer.Option("--out", help="File to write (safetensors with a kvlab header).")],
+    recipe: Annotated[str, typer.Option(help="Recipe the context is encoded (compressed) with.")] = "full",
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    mode: Annotated[str, typer.Option(help="multi-request or multi-turn: how later questions use it.")] = "multi-request",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    allow_overflow: Annotated[bool, typer.Option(help="Encode past the model's window anyway.")] = False,
+) -> None:
+    """Encode a context file with a recipe and write its cache to a file."""
+    import kvlab
+
+    context = _read_context(context_file)
+    try:
+        parsed = kvlab.parse_recipe(recipe)
+        with err.status("loading model"):
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+        session = engine.session(context, recipe=parsed, mode=mode, allow_overflow=allow_overflow)
+        size = session.save(out_file)
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    stats = session.context_stats
+    out.print(
+        f"wrote {out_file} ({size / 2**20:.2f} MiB): {stats.prompt_tokens} context tokens, "
+        f"{stats.kv_bytes / 2**20:.2f} MiB of KV, encoded with {parsed} on {engine.name} "
+        f"in {stats.prefill_s:.2f} s", highlight=False,
+    )
+
+
+@cache_app.command("load")
+def cache_load(
+    file: Annotated[Path, typer.Argument(help="A file written by kvlab cache save (or Session.save).")],
+    question: Annotated[list[str], typer.Option(help="A question; repeat for several.")],
+    model: Annotated[Optional[str], typer.Option(help="The model the file was saved with (default: SmolLM2-135M-Instruct).")] = None,
+    answer_prefix: Annotated[str, typer.Option(help="Text the answer starts with.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Load a saved context and answer questions against it (no context prefill)."""
+    import kvlab
+    from kvlab.reuse import persist
+
+    _check_max_new_tokens(max_new_tokens)
+    try:
+        header = persist.read_header(file)
+        with err.status("loading model") if not as_json else _nothing():
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+        session = kvlab.Session.load(engine, file)
+        answers = [session.ask(q, answer_prefix=answer_prefix, max_new_tokens=max_new_tokens) for q in question]
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        print(json.dumps({
+            "model": engine.name, "recipe": header["recipe"], "mode": session.mode,
+            "answers": [{"question": q, "answer": a.text, "stats": a.stats.as_dict()} for q, a in zip(question, answers)],
+        }, indent=2))
+        return
+    out.print(f"[dim]model[/] {engine.name}   [dim]recipe[/] {header['recipe']}   [dim]loaded[/] {file}")
+    for q, a in zip(question, answers):
+        out.print(f"\n[bold]Q:[/] {q}\n[bold green]A:[/] {answer_prefix}{a.text}", highlight=False)
+    out.print(_stats_table(session.context_stats, answers))
+
+
+def _read_context(path: Path) -> str:
+    if not path.is_file():
+        _fail(f"--context-file {str(path)!r} is not a readable file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read --context-file {str(path)!r}: {exc}")
+    return ""
 
 
 @app.command()

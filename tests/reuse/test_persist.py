@@ -93,3 +93,27 @@ def test_not_a_cache_file(engine, tmp_path):
         kvlab.Session.load(engine, path)
     with pytest.raises(kvlab.InputError, match="is not a readable file"):
         kvlab.Session.load(engine, tmp_path / "missing.kv")
+
+
+def test_cache_save_then_load_from_the_command_line(model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvlab.cli import app
+
+    runner = CliRunner()
+    context = tmp_path / "context.txt"
+    context.write_text(CONTEXT)
+    saved = tmp_path / "context.kv"
+    result = runner.invoke(app, ["cache", "save", "--context-file", str(context), "--out", str(saved),
+                                 "--recipe", "snapkv(budget=0.5)", "--model", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    assert "context tokens" in result.output and "MiB of KV" in result.output
+    ask = ["--question", "What is the code?", "--max-new-tokens", "4", "--model", str(model_dir), "--json"]
+    loaded = runner.invoke(app, ["cache", "load", str(saved), *ask])
+    assert loaded.exit_code == 0, loaded.output
+    direct = runner.invoke(app, ["ask", "--context-file", str(context), "--recipe", "snapkv(budget=0.5)", *ask])
+    answer = json.loads(loaded.stdout)["answers"][0]
+    assert answer["answer"] == json.loads(direct.stdout)["answers"][0]["answer"]
+    assert answer["stats"]["prefilled_tokens"] < 20  # only the question was prefilled
+    refused = runner.invoke(app, ["cache", "load", str(context), *ask])
+    assert refused.exit_code == 2 and "not a kvlab cache file" in refused.output
