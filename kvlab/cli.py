@@ -220,6 +220,7 @@ def serve(
     api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one per line, optionally followed by a tenant name.")] = None,
     max_cache_gib: Annotated[float, typer.Option(help="Most GiB of measured KV bytes the store of encoded contexts holds.")] = 4.0,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting for the engine; beyond it a 503.")] = 64,
+    load_context: Annotated[Optional[list[Path]], typer.Option(help="A context saved by 'kvlab cache save', served to every tenant; repeatable.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
@@ -233,14 +234,22 @@ def serve(
     if max_queue < 0:
         _fail(f"--max-queue {max_queue}: must be an integer >= 0")
     try:
+        from kvlab.reuse import persist
         from kvlab.server import ServerConfig, serve as run_server
         from kvlab.server.auth import load_api_keys
 
         parsed = kvlab.parse_recipe(recipe)
         keys = load_api_keys(api_key_file) if api_key_file is not None else None
-        config = ServerConfig(str(parsed), int(max_cache_gib * 2**30), max_queue, keys)
+        config = ServerConfig(
+            str(parsed), int(max_cache_gib * 2**30), max_queue, keys, tuple(str(p) for p in load_context or ()),
+        )
+        for path in config.contexts:
+            persist.read_header(path)  # a wrong file is refused before the model loads
         with err.status("loading model"):
             engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+        from kvlab.server import create_app
+
+        server_app = create_app(engine, config, on_stop=lambda: err.print("kvlab serve: stopped"))
     except kvlab.KvlabError as exc:
         _fail(str(exc))
         return
@@ -250,7 +259,7 @@ def serve(
         f"(cache cap {max_cache_gib:g} GiB, queue {max_queue}{keys_note}); Ctrl-C stops it",
         highlight=False,
     )
-    run_server(engine, config, host=host, port=port, on_stop=lambda: err.print("kvlab serve: stopped"))
+    run_server(server_app, host=host, port=port)
 
 
 cache_app = typer.Typer(help="Encoded contexts on disk: encode once, answer from any process later.", no_args_is_help=True)

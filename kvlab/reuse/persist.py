@@ -41,9 +41,14 @@ HEADER_KEY = "kvlab"
 
 
 def kvlab_version() -> str:
-    from kvlab import __version__
+    """The installed kvlab's version (from its package metadata: importing ``kvlab`` here
+    would close an import cycle through the engine)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("kvlab")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvlab.engine.engine import Engine
 from kvlab.recipe import Recipe, parse_recipe
+from kvlab.reuse.session import Session
 from kvlab.server.auth import tenant_of
 from kvlab.server.metrics import Metrics
 from kvlab.server.protocol import ApiError, GenerationRequest, parse_request
@@ -36,12 +37,14 @@ CANCELLED = "499"
 @dataclass(frozen=True)
 class ServerConfig:
     """What ``kvlab serve``'s flags set: the default ``recipe``, the cache cap in bytes, the
-    most requests waiting, and the API keys (key -> tenant; None: no key needed)."""
+    most requests waiting, the API keys (key -> tenant; None: no key needed), and files of
+    saved contexts to serve to every tenant (``kvlab cache save``)."""
 
     recipe: str = "full"
     max_cache_bytes: int = 4 * 2**30
     max_queue: int = 64
     api_keys: dict[str, str] | None = None
+    contexts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -53,12 +56,15 @@ def create_app(
 ) -> FastAPI:
     """The server app for a loaded ``engine`` (an in-memory model works: tests build one).
     The engine thread starts and stops with the app's lifespan; ``on_stop`` is called once
-    it has stopped."""
+    it has stopped. A context file of ``config.contexts`` that does not match the engine is
+    an :class:`InputError` here."""
     config = config or ServerConfig()
     default_recipe: Recipe = parse_recipe(config.recipe)
     metrics = Metrics()
     store = ContextStore(config.max_cache_bytes)
     worker = Worker(engine, store, metrics, config.max_queue)
+    for path in config.contexts:  # checked now: a wrong file stops the server before it listens
+        worker.load_context(Session.load(engine, path))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -226,16 +232,13 @@ def _response(request: GenerationRequest, model: str, text: str, outcome: Outcom
             "system_fingerprint": None, "choices": [choice], "usage": outcome.usage()}
 
 
-def serve(
-    engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-    log_level: str = "warning", on_stop: Callable[[], None] | None = None,
-) -> None:
-    """Serve until SIGINT or SIGTERM. uvicorn's handlers shut down gracefully (responses in
-    flight end, the engine thread stops, ``on_stop`` runs), then re-raise the signal, so the
-    process ends as that signal's default says (SIGTERM: status -15 / 143)."""
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve ``app`` (:func:`create_app`) until SIGINT or SIGTERM. uvicorn's handlers shut down
+    gracefully (responses in flight end, the engine thread stops, ``on_stop`` runs), then
+    re-raise the signal, so the process ends as that signal's default says (SIGTERM: -15)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, config, on_stop), host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 __all__ = ["CANCELLED", "ServerConfig", "create_app", "serve"]

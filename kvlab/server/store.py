@@ -48,14 +48,14 @@ from kvlab.engine.sequence import Sequence
 @dataclass(eq=False)
 class Entry:
     """One encoded context: ``tokens`` (ids), the ``sequence`` that holds their (compressed)
-    cache, the ``logits`` ``[vocab]`` after its last token, and ``nbytes`` measured when it was
-    stored. ``pins`` counts the requests using it; ``stored`` is False for an entry that did
+    cache, the ``logits`` ``[vocab]`` after its last token (None for a context loaded from a
+    file, which does not keep them), and ``nbytes`` measured when it was stored. ``pins`` counts the requests using it; ``stored`` is False for an entry that did
     not fit the store (it is freed when its request ends)."""
 
     namespace: Hashable
     tokens: tuple[int, ...]
     sequence: Sequence
-    logits: Tensor
+    logits: Tensor | None
     nbytes: int
     pins: int = 0
     stored: bool = False
@@ -175,10 +175,10 @@ class ContextStore:
         self.evictions += evicted
         return evicted
 
-    def add(self, namespace: Hashable, tokens: Tokens[int], sequence: Sequence, logits: Tensor) -> Entry:
+    def add(self, namespace: Hashable, tokens: Tokens[int], sequence: Sequence, logits: Tensor | None) -> Entry:
         """Make an entry for a freshly encoded context, pinned. It is stored when it fits
         (after evicting unpinned entries); otherwise it lives only until :meth:`release`."""
-        nbytes = sequence.nbytes() + logits.numel() * logits.element_size()
+        nbytes = sequence.nbytes() + (logits.numel() * logits.element_size() if logits is not None else 0)
         entry = Entry(namespace, tuple(tokens), sequence, logits, nbytes, pins=1)
         self.make_room(nbytes)
         if self.held_bytes + nbytes <= self.max_bytes and entry.tokens:

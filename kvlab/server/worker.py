@@ -24,6 +24,13 @@ What a request's *context* is (the part encoded, compressed and stored for reuse
 
 A request that matches a stored context shorter than its own context prefills the difference
 uncompressed and stores nothing new (the stored context keeps serving).
+
+Contexts loaded from files (``kvlab serve --load-context``, written by ``kvlab cache save`` or
+``Session.save``) are stored under the :data:`SHARED` tenant, which every tenant's requests
+also match: the operator chose to serve them to all. A saved session's cache holds the chat
+template's start and the context of the first user message; a chat request whose rendered
+prompt starts with that text is tokenized as the session tokenized it (the context's tokens,
+then the rest's), so its prompt tokens start with the loaded context's.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from typing import Any
 
 from kvlab.engine.engine import Engine
 from kvlab.engine.rotary import head_dim
-from kvlab.errors import KvlabError
+from kvlab.errors import InputError, KvlabError
+from kvlab.reuse.session import Session
 from kvlab.server.metrics import Metrics
 from kvlab.server.protocol import ApiError, GenerationRequest, TextStream
 from kvlab.server.store import ContextStore, Entry
@@ -51,6 +59,8 @@ COMPLETION_MAX_TOKENS = 16
 CHAT_MAX_TOKENS = 512
 """Default ``max_tokens`` of a chat request (less where the window has less room)."""
 _SPLIT = "\u2063KVLAB_QUESTION\u2063"
+SHARED = "*"
+"""The tenant of contexts loaded from files: matched by every tenant's requests."""
 
 
 @dataclass(eq=False)
@@ -109,6 +119,7 @@ class Worker:
         self._wake = threading.Condition()
         self._closed = False
         self._mean_latency = 1.0
+        self.loaded: list[tuple[str, str]] = []  # (text, recipe) of contexts loaded from files
         self._thread = threading.Thread(target=self._run, name="kvlab-engine", daemon=True)
 
     def start(self) -> None:
@@ -159,6 +170,25 @@ class Worker:
             finally:
                 self.running = None
 
+    def load_context(self, session: Session) -> Entry:
+        """Store a saved multi-request session's context under :data:`SHARED` (before the
+        engine thread starts); an :class:`InputError` when it cannot serve or cannot fit."""
+        if session.mode != "multi-request":
+            raise InputError(f"a loaded context must be saved in multi-request mode, not {session.mode!r}")
+        ids = self.engine.prompt_format.encode(session.transcript, first=True)
+        recipe = str(session.recipe)
+        entry = self.store.add((SHARED, self.engine.name, recipe), ids, session.sequence, None)
+        self.store.release(entry)
+        if not entry.stored:
+            raise InputError(
+                f"a loaded context of {entry.nbytes / 2**20:.1f} MiB does not fit the cache cap of "
+                f"{self.store.max_bytes / 2**20:.1f} MiB (--max-cache-gib) with the others"
+            )
+        self.loaded.append((session.transcript, recipe))
+        self.metrics.kv_bytes_held.set(self.store.held_bytes)
+        self.metrics.cached_contexts.set(len(self.store))
+        return entry
+
     # -- one request on the engine ----------------------------------------------------------
     def execute(self, job: Job) -> None:
         """Serve ``job`` (see the module docstring); every outcome is posted as an event."""
@@ -201,7 +231,7 @@ class Worker:
         engine.check_fits(request.recipe, len(ids), max_tokens, allow_overflow=False)
         self.check_memory(len(ids) + max_tokens)
         namespace = (job.tenant, engine.name, str(request.recipe))
-        entry = self.store.match(namespace, ids)
+        entry = self._match(namespace, ids)
         if entry is None:
             self.metrics.cache_misses.inc()
             self._evict(self.full_bytes(context_tokens))
@@ -244,6 +274,18 @@ class Worker:
         )
         return entry, outcome
 
+    def _match(self, namespace: tuple[str, str, str], ids: list[int]) -> Entry | None:
+        """The longest stored context prefixing ``ids``: the tenant's own or a loaded one."""
+        found = [e for e in (self.store.match(namespace, ids), self.store.match((SHARED, *namespace[1:]), ids)) if e]
+        found.sort(key=lambda e: len(e.tokens), reverse=True)
+        for extra in found[1:]:
+            self.store.release(extra)
+        entry = found[0] if found else None
+        if entry is not None and entry.logits is None and len(entry.tokens) == len(ids):
+            self.store.release(entry)  # the prompt is exactly a loaded context: no logits kept
+            return None
+        return entry
+
     def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
         """The prompt's token ids and how many of the first are its context (module docstring)."""
         fmt = self.engine.prompt_format
@@ -252,6 +294,12 @@ class Worker:
             return ids, len(ids)
         messages = list(request.messages)
         full = fmt.render(messages)
+        recipe = str(request.recipe)
+        loaded = [t for t, r in self.loaded if r == recipe and full.startswith(t) and len(full) > len(t)]
+        if loaded:
+            text = max(loaded, key=len)
+            head_ids = fmt.encode(text, first=True)
+            return head_ids + fmt.encode(full[len(text):], first=False), len(head_ids)
         if len(messages) > 1:
             last = {"role": "user", "content": _SPLIT + messages[-1]["content"]}
             head = fmt.render([*messages[:-1], last]).split(_SPLIT)[0]

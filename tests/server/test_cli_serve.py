@@ -61,6 +61,7 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir, tmp_path):
     (["--recipe", "snapkv(budgt=0.5)"], "budgt"),
     (["--api-key-file", "/nonexistent/keys"], "cannot read it"),
     (["--max-cache-gib", "0"], "--max-cache-gib 0"),
+    (["--load-context", "/nonexistent/doc.kv"], "is not a readable file"),
 ])
 def test_serve_refuses_bad_flags_before_loading_a_model(args, message):
     result = CliRunner().invoke(app, ["serve", *args])

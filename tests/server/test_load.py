@@ -156,3 +156,24 @@ def test_the_cache_cap_evicts_old_contexts_and_refuses_what_cannot_fit(serve):
     with pytest.raises(openai.APIStatusError) as refused:  # its cache alone would pass the cap
         client.chat.completions.create(model=name, messages=chat(DOCUMENT * 6, "Code?"), **GREEDY)
     assert refused.value.status_code == 413 and "--max-cache-gib" in refused.value.message
+
+
+def test_a_saved_context_is_served_after_a_restart_token_for_token(serve, engine, tmp_path, keys):
+    """Encoded and saved by one process (a Session), loaded by a new server: the first
+    request prefills only its question and answers as the session did."""
+    session = engine.session(DOCUMENT, recipe="snapkv(budget=0.25)")
+    path = tmp_path / "document.kv"
+    session.save(path)
+    expected = session.ask("What is the code?", max_new_tokens=6)
+    server = serve(contexts=(str(path),), api_keys=keys)
+    message = [{"role": "user", "content": DOCUMENT + "\n\nWhat is the code?"}]
+    snap = {"kvlab": {"recipe": "snapkv(budget=0.25)"}}
+    prefilled = engine.counters.prefilled_tokens
+    for key in ("sk-alice", "sk-bob"):  # a loaded context serves every tenant
+        out = server.client(key).chat.completions.create(model=engine.name, messages=message, extra_body=snap, **GREEDY)
+        assert out.usage.prompt_tokens_details.cached_tokens == session.context_stats.prompt_tokens
+        assert out.choices[0].message.content == expected.text
+        assert out.usage.model_extra["kv_bytes"] == expected.stats.kv_bytes
+    assert engine.counters.prefilled_tokens - prefilled == 2 * expected.stats.prefilled_tokens
+    other = server.client("sk-alice").chat.completions.create(model=engine.name, messages=message, **GREEDY)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another recipe: not this context
