@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,13 +30,15 @@ def test_a_loaded_session_answers_token_for_token(engine, tmp_path, recipe):
     path = tmp_path / "context.kv"
     size = session.save(path)
     assert size > 0 and path.stat().st_size == size
-    expected = [session.ask(q, max_new_tokens=8) for q in QUESTIONS]
+    expected = [session.ask(q, max_new_tokens=8, keep_logprobs=True) for q in QUESTIONS]
     prefilled = engine.counters.prefilled_tokens
     loaded = kvlab.Session.load(engine, path)
     assert engine.counters.prefilled_tokens == prefilled  # read back, not encoded again
     assert loaded.sequence is not session.sequence and loaded.recipe == session.recipe
-    got = [loaded.ask(q, max_new_tokens=8) for q in QUESTIONS]
+    got = [loaded.ask(q, max_new_tokens=8, keep_logprobs=True) for q in QUESTIONS]
     assert [a.token_ids for a in got] == [a.token_ids for a in expected]
+    for a, b in zip(got, expected):  # the same distributions (float noise aside: memory alignment differs)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
     assert [a.stats.kv_bytes for a in got] == [a.stats.kv_bytes for a in expected]
     assert loaded.context_stats.kv_bytes == session.context_stats.kv_bytes
     # the file holds the cache's bytes (its storages), not a full-size copy of the context
@@ -45,11 +48,15 @@ def test_a_loaded_session_answers_token_for_token(engine, tmp_path, recipe):
 def test_a_multi_turn_session_goes_on_where_it_was_saved(engine, tmp_path):
     session = engine.session(CONTEXT, mode="multi-turn")
     session.ask(QUESTIONS[0], max_new_tokens=5)
-    session.save(tmp_path / "chat.kv")
-    expected = session.ask(QUESTIONS[1], max_new_tokens=5)
+    size = session.save(tmp_path / "chat.kv")
+    assert size < session.sequence.nbytes() + 64 * 1024  # each storage once (views share it)
+    expected = session.ask(QUESTIONS[1], max_new_tokens=5, keep_logprobs=True)
     loaded = kvlab.Session.load(engine, tmp_path / "chat.kv")
     assert loaded.mode == "multi-turn" and loaded.transcript == session.transcript[: len(loaded.transcript)]
-    assert loaded.ask(QUESTIONS[1], max_new_tokens=5).token_ids == expected.token_ids
+    got = loaded.ask(QUESTIONS[1], max_new_tokens=5, keep_logprobs=True)
+    assert got.token_ids == expected.token_ids
+    torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-4, rtol=1e-4)
+    assert got.stats.prompt_tokens == expected.stats.prompt_tokens
 
 
 def rewrite_header(path, **changes):
