@@ -114,36 +114,43 @@ def create_app(
                 headers={"Retry-After": str(worker.retry_after())},
             )
         path = request.url.path
-        if parsed.stream:
-            return StreamingResponse(_stream(job, path), media_type="text/event-stream")
-        text: list[str] = []
         try:
-            while True:
-                event, payload = await job.events.get()
-                if event == "delta":
-                    text.append(payload)
-                elif event == "done":
-                    metrics.requests.labels(path, "200").inc()
-                    return JSONResponse(_response(parsed, engine.name, "".join(text) + payload.rest, payload))
-                elif event == "error":
-                    raise payload
-                else:
-                    metrics.requests.labels(path, CANCELLED).inc()
-                    return Response(status_code=499)
+            first = await job.events.get()  # the first token, or an error with its own status
         except asyncio.CancelledError:
             job.cancel()
             metrics.requests.labels(path, CANCELLED).inc()
             raise
+        if first[0] == "error":
+            raise first[1]
+        if parsed.stream:
+            return StreamingResponse(_stream(job, path, first), media_type="text/event-stream")
+        text: list[str] = []
+        event, payload = first
+        try:
+            while event == "delta":
+                text.append(payload)
+                event, payload = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancel()
+            metrics.requests.labels(path, CANCELLED).inc()
+            raise
+        if event == "error":
+            raise payload
+        if event != "done":
+            metrics.requests.labels(path, CANCELLED).inc()
+            return Response(status_code=499)
+        metrics.requests.labels(path, "200").inc()
+        return JSONResponse(_response(parsed, engine.name, "".join(text) + payload.rest, payload))
 
-    async def _stream(job: Job, path: str) -> AsyncIterator[str]:
-        """SSE chunks as OpenAI sends them; a client that leaves cancels the job (the
-        generator is cancelled or closed, and ``finally`` runs)."""
-        parsed, finished = job.request, False
+    async def _stream(job: Job, path: str, first: tuple[str, Any]) -> AsyncIterator[str]:
+        """SSE chunks as OpenAI sends them, from the ``first`` event on; a client that leaves
+        cancels the job (the generator is cancelled or closed, and ``finally`` runs)."""
+        parsed, finished, pending = job.request, False, [first]
         try:
             if parsed.kind == "chat":
                 yield _sse(_chunk(parsed, engine.name, {"role": "assistant", "content": ""}))
             while True:
-                event, payload = await job.events.get()
+                event, payload = pending.pop() if pending else await job.events.get()
                 if event == "delta":
                     yield _sse(_chunk(parsed, engine.name, _delta(parsed, payload)))
                 elif event == "done":

@@ -169,3 +169,12 @@ def test_a_compressed_answer_is_the_engines_own_on_the_same_split(serve):
     expected = engine.tokenizer.decode(reference.tokens, skip_special_tokens=True)
     assert hit.usage.prompt_tokens_details.cached_tokens == len(head_ids)
     assert cold.choices[0].message.content == hit.choices[0].message.content == expected
+
+
+def test_a_prompt_past_the_window_is_a_400_streaming_or_not(serve):
+    server = serve()
+    body = {"model": server.engine.name, "prompt": "word " * 3000, "max_tokens": 2}
+    with server.http() as http:
+        for stream in (False, True):
+            response = http.post("/v1/completions", json={**body, "stream": stream})
+            assert response.status_code == 400 and "yarn" in response.json()["error"]["message"]
