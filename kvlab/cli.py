@@ -1,4 +1,4 @@
-"""The ``kvlab`` command line: ``kvlab methods``, ``kvlab ask``."""
+"""The ``kvlab`` command line: ``kvlab methods``, ``ask``, ``bench``, ``report``, ``serve``, ``cache``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -209,6 +209,140 @@ def report(
                 print(summary_markdown(store.rows()), end="")
     except kvlab.KvlabError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    recipe: Annotated[str, typer.Option(help="Default recipe; a request may name its own in {\"kvlab\": {\"recipe\": ...}}.")] = "full",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one per line, optionally followed by a tenant name.")] = None,
+    max_cache_gib: Annotated[float, typer.Option(help="Most GiB of measured KV bytes the store of encoded contexts holds.")] = 4.0,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for the engine; beyond it a 503.")] = 64,
+    load_context: Annotated[Optional[list[Path]], typer.Option(help="A context saved by 'kvlab cache save', served to every tenant; repeatable.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
+    import kvlab
+
+    if not 0 < port < 65536:
+        _fail(f"--port {port}: must be in 1..65535")
+    if not max_cache_gib > 0:
+        _fail(f"--max-cache-gib {max_cache_gib}: must be a number of GiB > 0")
+    if max_queue < 0:
+        _fail(f"--max-queue {max_queue}: must be an integer >= 0")
+    try:
+        from kvlab.reuse import persist
+        from kvlab.server import ServerConfig, serve as run_server
+        from kvlab.server.auth import load_api_keys
+
+        parsed = kvlab.parse_recipe(recipe)
+        keys = load_api_keys(api_key_file) if api_key_file is not None else None
+        config = ServerConfig(
+            str(parsed), int(max_cache_gib * 2**30), max_queue, keys, tuple(str(p) for p in load_context or ()),
+        )
+        for path in config.contexts:
+            persist.read_header(path)  # a wrong file is refused before the model loads
+        with err.status("loading model"):
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+        from kvlab.server import create_app
+
+        server_app = create_app(engine, config, on_stop=lambda: err.print("kvlab serve: stopped"))
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    keys_note = f", {len(keys)} API keys" if keys else ", no API key needed"
+    err.print(
+        f"kvlab serve: {engine.name} (recipe {parsed}) on http://{host}:{port}/v1 "
+        f"(cache cap {max_cache_gib:g} GiB, queue {max_queue}{keys_note}); Ctrl-C stops it",
+        highlight=False,
+    )
+    run_server(server_app, host=host, port=port)
+
+
+cache_app = typer.Typer(help="Encoded contexts on disk: encode once, answer from any process later.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("save")
+def cache_save(
+    context_file: Annotated[Path, typer.Option(help="Text file holding the context to encode.")],
+    out_file: Annotated[Path, typer.Option("--out", help="File to write (safetensors with a kvlab header).")],
+    recipe: Annotated[str, typer.Option(help="Recipe the context is encoded (compressed) with.")] = "full",
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    mode: Annotated[str, typer.Option(help="multi-request or multi-turn: how later questions use it.")] = "multi-request",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    allow_overflow: Annotated[bool, typer.Option(help="Encode past the model's window anyway.")] = False,
+) -> None:
+    """Encode a context file with a recipe and write its cache to a file."""
+    import kvlab
+
+    context = _read_context(context_file)
+    try:
+        parsed = kvlab.parse_recipe(recipe)
+        with err.status("loading model"):
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+        session = engine.session(context, recipe=parsed, mode=mode, allow_overflow=allow_overflow)
+        size = session.save(out_file)
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    stats = session.context_stats
+    out.print(
+        f"wrote {out_file} ({size / 2**20:.2f} MiB): {stats.prompt_tokens} context tokens, "
+        f"{stats.kv_bytes / 2**20:.2f} MiB of KV, encoded with {parsed} on {engine.name} "
+        f"in {stats.prefill_s:.2f} s", highlight=False,
+    )
+
+
+@cache_app.command("load")
+def cache_load(
+    file: Annotated[Path, typer.Argument(help="A file written by kvlab cache save (or Session.save).")],
+    question: Annotated[list[str], typer.Option(help="A question; repeat for several.")],
+    model: Annotated[Optional[str], typer.Option(help="The model the file was saved with (default: SmolLM2-135M-Instruct).")] = None,
+    answer_prefix: Annotated[str, typer.Option(help="Text the answer starts with.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Load a saved context and answer questions against it (no context prefill)."""
+    import kvlab
+    from kvlab.reuse import persist
+
+    _check_max_new_tokens(max_new_tokens)
+    try:
+        header = persist.read_header(file)
+        with err.status("loading model") if not as_json else _nothing():
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=False)
+        session = kvlab.Session.load(engine, file)
+        answers = [session.ask(q, answer_prefix=answer_prefix, max_new_tokens=max_new_tokens) for q in question]
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        print(json.dumps({
+            "model": engine.name, "recipe": header["recipe"], "mode": session.mode,
+            "answers": [{"question": q, "answer": a.text, "stats": a.stats.as_dict()} for q, a in zip(question, answers)],
+        }, indent=2))
+        return
+    out.print(f"[dim]model[/] {engine.name}   [dim]recipe[/] {header['recipe']}   [dim]loaded[/] {file}")
+    for q, a in zip(question, answers):
+        out.print(f"\n[bold]Q:[/] {q}\n[bold green]A:[/] {answer_prefix}{a.text}", highlight=False)
+    out.print(_stats_table(session.context_stats, answers))
+
+
+def _read_context(path: Path) -> str:
+    if not path.is_file():
+        _fail(f"--context-file {str(path)!r} is not a readable file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read --context-file {str(path)!r}: {exc}")
+    return ""
 
 
 @app.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -236,10 +237,12 @@ class Engine:
 
     def decode(
         self, sequence: Sequence, logits: Tensor, max_new_tokens: int, sampler: TokenSampler,
-        keep_logprobs: bool = False,
+        keep_logprobs: bool = False, on_token: Callable[[int], bool] | None = None,
     ) -> Decoded:
         """Generate up to ``max_new_tokens``; stops after a stop token. The last token is not
-        run through the model (it is returned, not cached)."""
+        run through the model (it is returned, not cached). ``on_token`` is called with each
+        token as soon as it is drawn; returning False stops the generation there (a server
+        streams tokens this way, and cancels a request whose client left)."""
         result = Decoded()
         start = time.perf_counter()
         for i in range(max_new_tokens):
@@ -247,7 +250,8 @@ class Engine:
                 result.logprobs.append(torch.log_softmax(logits, dim=-1))
             token = sampler(logits)
             result.tokens.append(token)
-            if token in self.stop_ids or i == max_new_tokens - 1:
+            go_on = on_token is None or on_token(token)
+            if token in self.stop_ids or i == max_new_tokens - 1 or not go_on:
                 break
             logits = self.forward(sequence, [token], Phase.DECODE)
         result.seconds = time.perf_counter() - start

@@ -10,10 +10,10 @@ Li et al., "SCBench: A KV Cache-Centric Analysis of Long-Context Methods", arXiv
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-
-from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -23,7 +23,8 @@ from kvlab.engine.sampling import Sampling, TokenSampler
 from kvlab.engine.cache import CacheMark
 from kvlab.engine.sequence import Sequence
 from kvlab.errors import InputError
-from kvlab.recipe import Recipe
+from kvlab.recipe import Recipe, parse_recipe
+from kvlab.reuse import persist
 
 MODES = ("multi-request", "multi-turn")
 
@@ -34,6 +35,8 @@ class SessionEngine(Protocol):
 
     device: Any
     tokenizer: Any
+    model: Any
+    name: str
 
     @property
     def prompt_format(self) -> PromptFormat: ...
@@ -83,6 +86,49 @@ class Session:
         )
         self._mark = self.sequence.mark()
         self._start = (self._consumed, list(self._messages), list(self._pending))
+
+    # -- persistent KV ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> int:
+        """Write the session (its encoded, possibly compressed, cache and where the
+        conversation stands) to ``path``, a safetensors file with a JSON header naming the
+        model, recipe, tokenizer hash and kvlab version (:mod:`kvlab.reuse.persist`); returns
+        the file's size in bytes. Only the state a request left is saved: in multi-request
+        mode, the context alone."""
+        header = {
+            "format": persist.FORMAT, **_identity(self.engine, str(self.recipe)),
+            "mode": self.mode, "context": self._context, "consumed": self._consumed,
+            "messages": self._messages, "pending": self._pending,
+            "context_stats": {k: v for k, v in self.context_stats.as_dict().items() if k != "decode_s_per_token"},
+        }
+        return persist.write(path, header, self.sequence.cache.layers)
+
+    @classmethod
+    def load(
+        cls, engine: SessionEngine, path: str | Path, recipe: Recipe | str | None = None,
+        allow_overflow: bool = False,
+    ) -> Session:
+        """The session saved in ``path``, ready to answer as it would have. Refused (an
+        :class:`InputError` naming the field and both values) when the file was saved by
+        another kvlab version or for another model, tokenizer or (when given) ``recipe``."""
+        header = persist.read_header(path)
+        expected = _identity(engine, str(parse_recipe(recipe)) if recipe is not None else header.get("recipe"))
+        persist.check_matches(path, header, expected)
+        parsed = parse_recipe(header["recipe"])
+        _, layers = persist.read(path, engine.device)
+        session = cls.__new__(cls)
+        session.engine, session.mode, session.recipe = engine, header["mode"], parsed
+        session.allow_overflow = allow_overflow
+        session._format = engine.prompt_format
+        session._context, session._consumed = header["context"], header["consumed"]
+        session._messages, session._pending = header["messages"], header["pending"]
+        session.sequence = engine.new_sequence(parsed)
+        if len(layers) != len(session.sequence.cache.layers):
+            raise InputError(f"{str(path)!r} holds {len(layers)} layers, the model has {len(session.sequence.cache.layers)}")
+        session.sequence.cache.layers[:] = layers
+        session.context_stats = Stats(**header["context_stats"])
+        session._mark = session.sequence.mark()
+        session._start = (session._consumed, list(session._messages), list(session._pending))
+        return session
 
     @property
     def transcript(self) -> str:
@@ -136,6 +182,15 @@ class Session:
                 self._start[0], list(self._start[1]), list(self._start[2])
             )
         return answer
+
+
+def _identity(engine: SessionEngine, recipe: str | None) -> dict[str, Any]:
+    """What a saved cache is valid for, in the order a mismatch is reported."""
+    return {
+        "kvlab_version": persist.kvlab_version(), "model": engine.name,
+        "model_fingerprint": persist.model_fingerprint(engine.model),
+        "tokenizer_sha256": persist.tokenizer_sha256(engine.tokenizer), "recipe": recipe,
+    }
 
 
 def answer_turn(
