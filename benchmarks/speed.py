@@ -191,8 +191,57 @@ def decode_profile(step: Any) -> dict[str, float]:
     return parts
 
 
+def decodes_only(recipe: str) -> bool:
+    """``recipe`` is a retrieve method alone (a position method besides allowed) that acts only
+    while decoding: it observes no prefill chunk, builds nothing at the end of the context and
+    leaves the prompt's attention dense, so its prefill is exactly ``full``'s."""
+    from kvlab.retrieve.base import RetrieveMethod
+
+    parsed = kvlab.parse_recipe(recipe)
+    method = parsed.retrieve
+    if method is None or any(getattr(parsed, s) is not None for s in ("prefill", "compress", "quantize")):
+        return False
+    cls = type(method)
+    prefill_free = cls.attend_prefill is RetrieveMethod.attend_prefill or not getattr(method, "prefill_chunks", True)
+    return (cls.end_context is RetrieveMethod.end_context and cls.observe is RetrieveMethod.observe
+            and cls.attend_appended is RetrieveMethod.attend_appended and prefill_free)
+
+
+def decode_on_full(engine: kvlab.Engine, full: dict[str, Any], recipe: str, forced: list[int],
+                   profile: bool = False) -> dict[str, Any]:
+    """Time ``recipe``'s decoding steps on ``full``'s prefilled cache (a :func:`decodes_only`
+    recipe: its own prefill would compute exactly ``full``'s), then roll the cache back. Its
+    prefill columns are ``full``'s measurement (``prefill_from``: full)."""
+    base, mark = full["sequence"], full["mark"]
+    sequence = engine.new_sequence(recipe)  # the recipe's prepared work (e.g. Lychee's head split)
+    sequence.cache = base.cache
+    sequence.layer_tokens, sequence.layer_pairs = list(base.layer_tokens), list(base.layer_pairs)
+    try:
+        for layer in sequence.layers:
+            layer.side.clear()  # no index of full's decoding is kept
+        _sync(engine.device)
+        start = time.perf_counter()
+        engine.teacher_force(sequence, full["logits"], forced + [forced[-1]])
+        _sync(engine.device)
+        decode_s = time.perf_counter() - start
+        kv_bytes = sequence.nbytes()
+        profiled = None
+        if profile:
+            profiled = decode_profile(lambda: engine.forward(sequence, [forced[-1]], Phase.DECODE))
+    finally:
+        base.rollback(mark)
+        for layer in base.layers:
+            layer.side.clear()
+    return {"decode_profile_ms": profiled, "prefill_s": full["prefill_s"], "prefill_from": "full",
+            "decode_ms_per_token": 1000 * decode_s / len(forced), "kv_bytes": kv_bytes,
+            "layer_tokens": list(base.layer_tokens), "layer_pairs": list(base.layer_pairs)}
+
+
 def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[int],
-              profile: bool = False) -> dict[str, Any]:
+              profile: bool = False, keep: bool = False) -> dict[str, Any]:
+    """Prefill ``ids`` with ``recipe`` (timed), then ``len(forced)`` teacher-forced decoding
+    steps (timed). With ``keep``, the row also carries the sequence rolled back to its
+    prefilled state, its mark and the prefill's logits, for :func:`decode_on_full`."""
     sequence = engine.new_sequence(recipe if recipe != "full" else None)
     _sync(engine.device)
     start = time.perf_counter()
@@ -201,6 +250,7 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
     prefill_s = time.perf_counter() - start
     layer_tokens = list(sequence.layer_tokens)  # the prefill's, before decoding adds to them
     layer_pairs = list(sequence.layer_pairs)
+    mark = sequence.mark() if keep else None
     start = time.perf_counter()
     engine.teacher_force(sequence, logits, forced + [forced[-1]])  # len(forced) decoding steps
     _sync(engine.device)
@@ -209,8 +259,12 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
     profiled = None
     if profile:  # one more step, untimed: where its time goes
         profiled = decode_profile(lambda: engine.forward(sequence, [forced[-1]], Phase.DECODE))
-    return {"decode_profile_ms": profiled, "prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
-            "kv_bytes": kv_bytes, "layer_tokens": layer_tokens, "layer_pairs": layer_pairs}
+    row = {"decode_profile_ms": profiled, "prefill_s": prefill_s, "decode_ms_per_token": 1000 * decode_s / len(forced),
+           "kv_bytes": kv_bytes, "layer_tokens": layer_tokens, "layer_pairs": layer_pairs}
+    if keep:
+        sequence.rollback(mark)
+        row.update(sequence=sequence, mark=mark, logits=logits)
+    return row
 
 
 @torch.inference_mode()
@@ -312,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile one more decoding step per variant (torch.profiler, untimed): "
                              "where its time goes, in the .json and a second table in the .md")
+    parser.add_argument("--on-full", default="",
+                        help="retrieve recipes that act only while decoding (';'-separated): their "
+                             "decoding is timed on full's prefilled cache right after full, their "
+                             "prefill columns are full's (it is the same computation)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output path stem (default: {OUT.relative_to(ROOT)})")
@@ -324,8 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
         recipes = [r.strip() for r in args.recipes.split(";") if r.strip()]
-        for recipe in recipes:
+        on_full = [r.strip() for r in args.on_full.split(";") if r.strip()]
+        for recipe in recipes + on_full:
             kvlab.parse_recipe(recipe)
+        for recipe in on_full:
+            if not decodes_only(recipe):
+                raise kvlab.RecipeError(
+                    f"--on-full {recipe!r}: only a retrieve method that acts while decoding alone "
+                    "(no prefill, compress or quantize method, no index built from the context) "
+                    "shares full's prefill; give it with --recipes")
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
     except kvlab.KvlabError as exc:
@@ -361,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = engine.tokenizer
     bandwidth, flops = memory_bandwidth(device=device), matmul_flops(device=device, dtype=dtype)
     weights = weight_bytes(engine.model)
-    variants = (["transformers"] if plain is not None else []) + ["full", *recipes]
+    variants = (["transformers"] if plain is not None else []) + ["full", *recipes, *on_full]
     load_start = os.getloadavg()
     started = dt.datetime.now().astimezone()
     run_id = f"{started.isoformat(timespec='seconds')} {platform.node()}"
@@ -392,27 +457,40 @@ def main(argv: list[str] | None = None) -> int:
             for variant in order:
                 recipe = None if variant == "transformers" else with_position(variant, position)
                 if recipe is None:
-                    row = run_transformers(plain, ids, forced, args.profile)
+                    measured_rows = [(variant, recipe, run_transformers(plain, ids, forced, args.profile))]
+                elif variant == "full" and on_full:
+                    row = run_kvlab(engine, recipe, ids, forced, args.profile, keep=True)
+                    measured_rows = [(variant, recipe, row)] + [
+                        (other, with_position(other, position),
+                         decode_on_full(engine, row, with_position(other, position), forced, args.profile))
+                        for other in on_full
+                    ]
+                    for key in ("sequence", "mark", "logits"):
+                        row.pop(key)
+                elif variant in on_full:
+                    continue  # timed on full's cache, right after full
                 else:
-                    row = run_kvlab(engine, recipe, ids, forced, args.profile)
-                share = attended_share(engine.config, row, len(ids))
-                work = prefill_flops(engine.config, row.pop("layer_tokens", []), len(ids),
-                                     row.pop("layer_pairs", None))
-                row.update(
-                    run_id=run_id, model=engine.name, device=str(device), dtype=dtype_name,
-                    threads=torch.get_num_threads(), context_length=length, variant=variant,
-                    recipe=recipe, position=position, repeat_index=repeat,
-                    new_tokens=args.new_tokens, prefill_flops=work, prefill_bound_s=work / flops,
-                    decode_bound_ms_per_token=1000 * (weights + row["kv_bytes"]) / bandwidth,
-                    weight_bytes=weights, memory_bandwidth_bytes_per_s=bandwidth,
-                    matmul_flops_per_s=flops, load_average=os.getloadavg()[0],
-                    attended_share=share,
-                )
-                rows.append(row)
-                print(f"{format_length(length):>5} {recipe or variant:<40} prefill {row['prefill_s']:7.3f} s"
-                      f"   decode {row['decode_ms_per_token']:8.1f} ms/token"
-                      f"   KV {row['kv_bytes'] / 2**20:7.1f} MiB   load {row['load_average']:.2f}",
-                      flush=True)
+                    measured_rows = [(variant, recipe, run_kvlab(engine, recipe, ids, forced, args.profile))]
+                for name, run_recipe, row in measured_rows:
+                    share = attended_share(engine.config, row, len(ids))
+                    work = prefill_flops(engine.config, row.pop("layer_tokens", []), len(ids),
+                                         row.pop("layer_pairs", None))
+                    row.update(
+                        run_id=run_id, model=engine.name, device=str(device), dtype=dtype_name,
+                        threads=torch.get_num_threads(), context_length=length, variant=name,
+                        recipe=run_recipe, position=position, repeat_index=repeat,
+                        new_tokens=args.new_tokens, prefill_flops=work, prefill_bound_s=work / flops,
+                        decode_bound_ms_per_token=1000 * (weights + row["kv_bytes"]) / bandwidth,
+                        weight_bytes=weights, memory_bandwidth_bytes_per_s=bandwidth,
+                        matmul_flops_per_s=flops, load_average=os.getloadavg()[0],
+                        attended_share=share,
+                    )
+                    rows.append(row)
+                    shared = " (full's)" if row.get("prefill_from") else ""
+                    print(f"{format_length(length):>5} {run_recipe or name:<40} prefill {row['prefill_s']:7.3f} s{shared}"
+                          f"   decode {row['decode_ms_per_token']:8.1f} ms/token"
+                          f"   KV {row['kv_bytes'] / 2**20:7.1f} MiB   load {row['load_average']:.2f}",
+                          flush=True)
         store.add_speed(rows)  # one length at a time: an interrupted run keeps what it measured
         measured += rows
     store.close()
