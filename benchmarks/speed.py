@@ -208,7 +208,7 @@ def decodes_only(recipe: str) -> bool:
 
 
 def decode_on_full(engine: kvlab.Engine, full: dict[str, Any], recipe: str, forced: list[int],
-                   profile: bool = False) -> dict[str, Any]:
+                   profile: bool = False, warmup: list[int] = ()) -> dict[str, Any]:
     """Time ``recipe``'s decoding steps on ``full``'s prefilled cache (a :func:`decodes_only`
     recipe: its own prefill would compute exactly ``full``'s), then roll the cache back. Its
     prefill columns are ``full``'s measurement (``prefill_from``: full)."""
@@ -219,9 +219,12 @@ def decode_on_full(engine: kvlab.Engine, full: dict[str, Any], recipe: str, forc
     try:
         for layer in sequence.layers:
             layer.side.clear()  # no index of full's decoding is kept
+        logits = full["logits"]
+        for token in warmup:
+            logits = engine.forward(sequence, [token], Phase.DECODE)
         _sync(engine.device)
         start = time.perf_counter()
-        engine.teacher_force(sequence, full["logits"], forced + [forced[-1]])
+        engine.teacher_force(sequence, logits, forced + [forced[-1]])
         _sync(engine.device)
         decode_s = time.perf_counter() - start
         kv_bytes = sequence.nbytes()
@@ -238,7 +241,7 @@ def decode_on_full(engine: kvlab.Engine, full: dict[str, Any], recipe: str, forc
 
 
 def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[int],
-              profile: bool = False, keep: bool = False) -> dict[str, Any]:
+              profile: bool = False, keep: bool = False, warmup: list[int] = ()) -> dict[str, Any]:
     """Prefill ``ids`` with ``recipe`` (timed), then ``len(forced)`` teacher-forced decoding
     steps (timed). With ``keep``, the row also carries the sequence rolled back to its
     prefilled state, its mark and the prefill's logits, for :func:`decode_on_full`."""
@@ -251,6 +254,9 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
     layer_tokens = list(sequence.layer_tokens)  # the prefill's, before decoding adds to them
     layer_pairs = list(sequence.layer_pairs)
     mark = sequence.mark() if keep else None
+    first = logits
+    for token in warmup:  # untimed steps first: the timed ones are steady (indexes built lazily)
+        logits = engine.forward(sequence, [token], Phase.DECODE)
     start = time.perf_counter()
     engine.teacher_force(sequence, logits, forced + [forced[-1]])  # len(forced) decoding steps
     _sync(engine.device)
@@ -263,12 +269,13 @@ def run_kvlab(engine: kvlab.Engine, recipe: str, ids: list[int], forced: list[in
            "kv_bytes": kv_bytes, "layer_tokens": layer_tokens, "layer_pairs": layer_pairs}
     if keep:
         sequence.rollback(mark)
-        row.update(sequence=sequence, mark=mark, logits=logits)
+        row.update(sequence=sequence, mark=mark, logits=first)
     return row
 
 
 @torch.inference_mode()
-def run_transformers(model: Any, ids: list[int], forced: list[int], profile: bool = False) -> dict[str, Any]:
+def run_transformers(model: Any, ids: list[int], forced: list[int], profile: bool = False,
+                     warmup: list[int] = ()) -> dict[str, Any]:
     """transformers' own loop: one forward over the prompt (a fresh ``DynamicCache``), then one
     forward per forced token on that cache — what ``generate`` runs, without its sampling
     machinery, so it is the floor of any engine on this model."""
@@ -281,6 +288,8 @@ def run_transformers(model: Any, ids: list[int], forced: list[int], profile: boo
     model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
     _sync(device)
     prefill_s = time.perf_counter() - start
+    for token in warmup:
+        model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
     start = time.perf_counter()
     for token in forced:
         model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True,
@@ -370,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="retrieve recipes that act only while decoding (';'-separated): their "
                              "decoding is timed on full's prefilled cache right after full, their "
                              "prefill columns are full's (it is the same computation)")
+    parser.add_argument("--decode-warmup", type=int, default=0,
+                        help="untimed decoding steps before the timed ones, for every variant "
+                             "(steady time per token: a retrieve method's index built at its first "
+                             "step, the storage's first growth left out) (default: 0)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output path stem (default: {OUT.relative_to(ROOT)})")
@@ -449,20 +462,22 @@ def main(argv: list[str] | None = None) -> int:
                   "(config.rope_parameters)", flush=True)
         if plain is not None:
             plain_rope(plain, position, plain_params)
-        ids = prompt_ids(tokenizer, length - args.new_tokens - 1)
-        forced = prompt_ids(tokenizer, args.new_tokens + 7)[7:]
+        ids = prompt_ids(tokenizer, length - args.new_tokens - args.decode_warmup - 1)
+        forced = prompt_ids(tokenizer, args.new_tokens + args.decode_warmup + 7)[7:]
+        warmup, forced = forced[: args.decode_warmup], forced[args.decode_warmup:]
         rows = []
         for repeat in range(args.repeats):
             order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
             for variant in order:
                 recipe = None if variant == "transformers" else with_position(variant, position)
                 if recipe is None:
-                    measured_rows = [(variant, recipe, run_transformers(plain, ids, forced, args.profile))]
+                    measured_rows = [(variant, recipe, run_transformers(plain, ids, forced, args.profile, warmup))]
                 elif variant == "full" and on_full:
-                    row = run_kvlab(engine, recipe, ids, forced, args.profile, keep=True)
+                    row = run_kvlab(engine, recipe, ids, forced, args.profile, keep=True, warmup=warmup)
                     measured_rows = [(variant, recipe, row)] + [
                         (other, with_position(other, position),
-                         decode_on_full(engine, row, with_position(other, position), forced, args.profile))
+                         decode_on_full(engine, row, with_position(other, position), forced, args.profile,
+                                        warmup))
                         for other in on_full
                     ]
                     for key in ("sequence", "mark", "logits"):
@@ -470,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif variant in on_full:
                     continue  # timed on full's cache, right after full
                 else:
-                    measured_rows = [(variant, recipe, run_kvlab(engine, recipe, ids, forced, args.profile))]
+                    measured_rows = [(variant, recipe, run_kvlab(engine, recipe, ids, forced, args.profile,
+                                                                 warmup=warmup))]
                 for name, run_recipe, row in measured_rows:
                     share = attended_share(engine.config, row, len(ids))
                     work = prefill_flops(engine.config, row.pop("layer_tokens", []), len(ids),
