@@ -159,7 +159,8 @@ def time_figure(summary: Rows) -> Figure:
             x = [r["context_length"] for r in mine]
             ax.plot(x, [r[key] for r in mine], marker=markers[name], color=colours[name],
                     label=_wrap(name))
-            ax.plot(x, [r[bound] for r in mine], ":", color=colours[name], linewidth=1.2)
+            ax.plot(x, [r[bound] for r in mine], ":", marker="_", markersize=12,  # seen at one length too
+                    color=colours[name], linewidth=1.2)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(lengths, [format_length(n) for n in lengths])
@@ -173,7 +174,7 @@ def time_figure(summary: Rows) -> Figure:
         ax.set_title(f"{title} (dotted: physical bound)")
         ax.grid(True, which="major", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    handles.append(Line2D([], [], linestyle=":", color="#555555", linewidth=1.2))
+    handles.append(Line2D([], [], linestyle=":", marker="_", markersize=12, color="#555555", linewidth=1.2))
     labels.append("bound (dotted,\nvariant's colour)")
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(names), 4),
                fontsize=10, frameon=False)
