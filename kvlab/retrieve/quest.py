@@ -156,7 +156,10 @@ class Quest(RetrieveMethod):
         b, hq, _ = chosen.shape
         kv_heads, complete = layer.kv_heads, n // self.page
         union, first = group_union(chosen, kv_heads, complete)  # [b, Hk, U] pages, real slots
-        mine = (chosen.reshape(b, kv_heads, hq // kv_heads, pages, 1) == union[:, :, None, None, :]).any(3)
+        group = hq // kv_heads
+        marks = torch.zeros(b, hq, complete + 1, dtype=torch.bool, device=q.device)
+        marks.scatter_(-1, chosen, True)  # [b, Hq, pages + partial]: what each head chose
+        mine = marks.gather(-1, union.repeat_interleave(group, dim=1)).view(b, kv_heads, group, -1)
         read = (mine & first[:, :, None, :]).reshape(b, hq, -1)  # [b, Hq, U]
         starts = union * self.page
         valid = read.repeat_interleave(self.page, dim=-1)
