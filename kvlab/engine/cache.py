@@ -121,6 +121,16 @@ class LayerKV:
             return self.positions
         return entry_range(self.num_entries, self.keys.device)
 
+    def entry_positions(self, entries: Tensor, heads: slice = slice(None)) -> Tensor:
+        """Token positions ``[b, h, m]`` of the entries ``entries`` ``[b, h, m]`` each KV head
+        of ``heads`` (all by default) gathered: the entries themselves while the layer is
+        contiguous (entry ``i`` holds token ``i``), else read from :attr:`positions`."""
+        if self.positions is None:
+            return entries
+        if self.positions.dim() == 1:
+            return self.positions[entries]
+        return self.positions[:, heads].gather(2, entries)
+
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Add ``t`` new entries ``[batch, kv_heads, t, d]`` at ``positions`` ``[t]``."""
         if not self.is_initialized or self.keys is None:

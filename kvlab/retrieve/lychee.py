@@ -182,11 +182,7 @@ class Lychee(RetrieveMethod):
         values = gather_entries(layer.values[:, head : head + 1], starts, self.block)
         entries = (starts[..., None] + torch.arange(self.block, device=q.device)).flatten(-2)
         valid = entries >= firsts.repeat_interleave(self.block, dim=-1)  # [b, 1, count * block]
-        k_pos = layer.key_positions()
-        if k_pos.dim() == 1:
-            k_pos = k_pos[entries]
-        else:
-            k_pos = k_pos[:, head : head + 1].gather(2, entries)
+        k_pos = layer.entry_positions(entries, slice(head, head + 1))
         return ctx.attend(q, ctx.positions, keys, k_pos, values, valid[:, :, None, :])
 
 

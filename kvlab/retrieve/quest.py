@@ -212,13 +212,7 @@ class Quest(RetrieveMethod):
                               out=ctx.buffer("quest.keys", shape, layer.keys))
         values = gather_entries(layer.values, selection.starts, self.page,
                                 out=ctx.buffer("quest.values", shape, layer.values))
-        k_pos = layer.key_positions()
-        if layer.is_contiguous:
-            k_pos = selection.entries  # entry i holds token i
-        elif k_pos.dim() == 1:
-            k_pos = k_pos[selection.entries]
-        else:
-            k_pos = k_pos.gather(2, selection.entries)
+        k_pos = layer.entry_positions(selection.entries)
         return ctx.attend(q, ctx.positions, keys, k_pos, values, selection.valid[:, :, None, :])
 
 

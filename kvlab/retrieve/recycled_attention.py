@@ -102,11 +102,4 @@ class RecycledAttention(RetrieveMethod):
         shape = (b, kv_heads, entries.shape[-1], layer.keys.shape[-1])
         keys = gather_entries(layer.keys, entries, out=ctx.buffer("recycled.keys", shape, layer.keys))
         values = gather_entries(layer.values, entries, out=ctx.buffer("recycled.values", shape, layer.values))
-        positions = layer.key_positions()
-        if layer.is_contiguous:
-            k_pos = entries  # entry i holds token i
-        elif positions.dim() == 1:
-            k_pos = positions[entries]
-        else:
-            k_pos = positions.gather(2, entries)
-        return ctx.attend(q, ctx.positions, keys, k_pos, values)
+        return ctx.attend(q, ctx.positions, keys, layer.entry_positions(entries), values)

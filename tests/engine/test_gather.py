@@ -92,3 +92,19 @@ def test_decode_attention_equals_sdpa(mask: str, group: int) -> None:
                                           attn_mask=sdpa_mask, scale=0.3)
     torch.testing.assert_close(decode_attention(q, k, v, 0.3, allowed), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dense_attention(q, k, v, 0.3, allowed), want, rtol=1e-5, atol=1e-6)
+
+
+def test_entry_positions_follow_the_layers_positions() -> None:
+    """Gathered entries' token positions: the entries while contiguous, else the stored
+    positions (shared ``[n]`` or per KV head ``[b, h, n]``, a slice of heads included)."""
+    from kvlab.engine.cache import LayerKV
+
+    layer = LayerKV()
+    layer.append(torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4), torch.arange(6))
+    entries = torch.tensor([[[0, 5], [1, 2]]])
+    assert torch.equal(layer.entry_positions(entries), entries)
+    layer.positions = torch.tensor([3, 7, 8, 10, 11, 20])
+    assert layer.entry_positions(entries).tolist() == [[[3, 20], [7, 8]]]
+    layer.positions = torch.tensor([[[0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15]]])
+    assert layer.entry_positions(entries).tolist() == [[[0, 5], [11, 12]]]
+    assert layer.entry_positions(entries[:, 1:], slice(1, 2)).tolist() == [[[11, 12]]]
