@@ -141,6 +141,19 @@ def test_full_generates_what_transformers_generates(pair, chunk):
     torch.testing.assert_close(logprobs, want_logprobs, atol=1e-4, rtol=1e-4)
 
 
+def test_full_with_linearly_scaled_global_rope_as_in_gemma3_4b():
+    """Gemma-3 4B-27B scale their global layers' RoPE linearly (factor 8), not the local
+    layers': kvlab reads each layer type's rope parameters as transformers does."""
+    rope = copy.deepcopy(ROPE)
+    rope[GLOBAL].update({"rope_type": "linear", "factor": 8.0})
+    reference, model = gemma_pair(seed=3, rope_parameters=rope)
+    ids = prompt_ids(PROMPT, seed=8)
+    want_tokens, want_logprobs = hf_generate(reference, ids, NEW)
+    tokens, logprobs, _ = kvlab_generate(engine_of(model, chunk=16), ids, NEW)
+    assert tokens == want_tokens
+    torch.testing.assert_close(logprobs, want_logprobs, atol=1e-4, rtol=1e-4)
+
+
 def test_the_prompt_is_long_enough_for_the_window_to_matter(pair):
     """Without the window (every layer global, or a window over the whole prompt) the same
     weights answer otherwise: the equality above is not the one of a model without windows."""
@@ -380,3 +393,25 @@ def test_other_sliding_window_models_and_softcapping_are_refused():
         kvlab.Engine(Gemma3ForCausalLM(gemma_config(attn_logit_softcapping=50.0)), progress=False)
     with pytest.raises(kvlab.ModelError, match="sliding_window=32.*gemma3_text"):
         kvlab.Engine(tiny_model("mistral", sliding_window=32), progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["full", "snapkv(budget=0.25)"])
+def test_a_saved_session_answers_token_for_token_after_loading(tokenizer, tmp_path, recipe):
+    """The window layers (views into a storage that slid) are saved and read back: the
+    loaded session answers as the saved one, and its local layers still hold their window."""
+    from tests.reuse.test_persist import QUESTIONS
+    from tests.reuse.test_session import CONTEXT
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(gemma_config(vocab_size=len(tokenizer), max_position_embeddings=2048)).eval()
+    engine = kvlab.Engine(model, tokenizer, progress=False, prefill_chunk=64)
+    session = engine.session(CONTEXT, recipe=recipe)
+    session.save(tmp_path / "context.kv")
+    expected = [session.ask(q, max_new_tokens=6, keep_logprobs=True) for q in QUESTIONS]
+    loaded = kvlab.Session.load(engine, tmp_path / "context.kv")
+    assert [layer.num_entries for layer, kind in zip(loaded.sequence.layers, LAYER_TYPES) if kind == LOCAL] == [WINDOW - 1] * 3
+    got = [loaded.ask(q, max_new_tokens=6, keep_logprobs=True) for q in QUESTIONS]
+    assert [a.token_ids for a in got] == [a.token_ids for a in expected]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
+    assert loaded.context_stats.kv_bytes == session.context_stats.kv_bytes
