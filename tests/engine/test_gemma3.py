@@ -101,24 +101,14 @@ def chunked(pair):
 
 @torch.no_grad()
 def hf_generate(model, ids: list[int], new: int):
+    """transformers' greedy ``generate``; every prompt token attended (the random prompts hold
+    the pad token 0, which ``generate`` would otherwise take for padding and re-position)."""
+    input_ids = torch.tensor([ids])
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=new, do_sample=False, output_logits=True,
-        return_dict_in_generate=True,
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
     )
     return out.sequences[0, len(ids):].tolist(), torch.stack([torch.log_softmax(x[0].float(), -1) for x in out.logits])
-
-
-@torch.no_grad()
-def hf_greedy(model, ids: list[int], new: int):
-    """Greedy decoding by transformers' forward over the whole sequence at every step (no
-    cache): the reference where ``generate`` is not one (with YaRN rope parameters its first
-    logits differ from the forward's by ~0.2, in transformers 5.25)."""
-    tokens, rows = [], []
-    for _ in range(new):
-        row = torch.log_softmax(model(torch.tensor([ids + tokens])).logits[0, -1].float(), -1)
-        rows.append(row)
-        tokens.append(int(row.argmax()))
-    return tokens, torch.stack(rows)
 
 
 def kvlab_generate(engine, ids: list[int], new: int, recipe: str | None = None):
@@ -254,14 +244,14 @@ def test_yarn_equals_transformers_with_yarn_in_the_global_layers_only(pair):
             "beta_fast": 32.0, "beta_slow": 1.0}
     global_only = copy.deepcopy(ROPE)
     global_only[GLOBAL].update(yarn)
-    want_tokens, want_logprobs = hf_greedy(with_config(reference, rope_parameters=global_only), ids, NEW)
+    want_tokens, want_logprobs = hf_generate(with_config(reference, rope_parameters=global_only), ids, NEW)
     assert tokens == want_tokens
     torch.testing.assert_close(logprobs, want_logprobs, atol=1e-4, rtol=1e-4)
     both = copy.deepcopy(global_only)
     both[LOCAL].update(yarn)
-    _, other = hf_greedy(with_config(reference, rope_parameters=both), ids, NEW)
+    _, other = hf_generate(with_config(reference, rope_parameters=both), ids, NEW)
     assert (other - want_logprobs).abs().max() > 1e-2  # YaRN in the local layers would show
-    _, plain = hf_greedy(reference, ids, NEW)
+    _, plain = hf_generate(reference, ids, NEW)
     assert (plain - want_logprobs).abs().max() > 1e-2  # and YaRN acts on the global layer
 
 
