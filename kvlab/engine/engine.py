@@ -45,8 +45,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 GLOBAL_LAYER, LOCAL_LAYER = "full_attention", "sliding_attention"
 """transformers' ``layer_types``: a global layer attends over the whole sequence, a local one
 over a sliding window of the last ``sliding_window`` tokens."""
-LAYER_WINDOW_MODELS = ("gemma3_text",)
-"""Model types whose sliding-window layers kvlab runs (a window cache per local layer)."""
+SOFTMAX_SETTINGS = ("attn_logit_softcapping", "use_bidirectional_attention")
+"""Config settings that change attention beyond causal softmax (Gemma-2's logit soft-capping,
+bidirectional encoders): kvlab's kernels do not compute them, so a model setting one is
+refused."""
 
 
 def check_architecture(config: Any) -> None:
@@ -61,37 +63,36 @@ def check_architecture(config: Any) -> None:
             f"model type {model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}{hint}"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    if model_type in LAYER_WINDOW_MODELS:
-        unknown = sorted(set(layer_types) - {GLOBAL_LAYER, LOCAL_LAYER})
-        if unknown:
-            raise ModelError(
-                f"this {model_type} model has layer types {unknown}; kvlab runs "
-                f"{GLOBAL_LAYER!r} and {LOCAL_LAYER!r} layers only"
-            )
-        for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
-            if getattr(config, name, None):
-                raise ModelError(
-                    f"this {model_type} model sets {name}={getattr(config, name)!r}; kvlab's "
-                    f"attention computes causal softmax attention without it (supported: {name} unset)"
-                )
-        return
-    sliding = [t for t in layer_types if t != GLOBAL_LAYER]
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
-    if sliding or (window is not None and window < config.max_position_embeddings):
+    unknown = sorted(set(getattr(config, "layer_types", None) or []) - {GLOBAL_LAYER, LOCAL_LAYER})
+    if unknown:
         raise ModelError(
-            f"this {model_type} model uses sliding-window attention (sliding_window={window}, "
-            f"layer types {sorted(set(layer_types)) or 'n/a'}); kvlab runs sliding-window "
-            f"layers of {', '.join(LAYER_WINDOW_MODELS)} models only"
+            f"this {model_type} model has layer types {unknown}; kvlab runs "
+            f"{GLOBAL_LAYER!r} and {LOCAL_LAYER!r} layers only"
         )
+    for name in SOFTMAX_SETTINGS:
+        if getattr(config, name, None):
+            raise ModelError(
+                f"this {model_type} model sets {name}={getattr(config, name)!r}; kvlab's "
+                f"attention computes causal softmax attention without it (supported: {name} unset)"
+            )
 
 
 def layer_windows(config: Any) -> list[int | None]:
-    """Each layer's sliding window (None: a global layer), from the config's ``layer_types``."""
-    layer_types = getattr(config, "layer_types", None) or [GLOBAL_LAYER] * config.num_hidden_layers
-    return [int(config.sliding_window) if t == LOCAL_LAYER else None for t in layer_types]
+    """Each layer's sliding window (None: a global layer): from the config's ``layer_types``
+    (Gemma-3's pattern of local and global layers; Qwen2's local layers from
+    ``max_window_layers`` on, with ``use_sliding_window``), else, for a model without them
+    (Mistral), every layer is local when ``sliding_window`` is shorter than the trained
+    length (a window at least that long never masks a prompt the model accepts)."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        local = window is not None and window < config.max_position_embeddings
+        layer_types = [LOCAL_LAYER if local else GLOBAL_LAYER] * config.num_hidden_layers
+    if window is None:
+        return [None] * len(layer_types)
+    return [int(window) if t == LOCAL_LAYER else None for t in layer_types]
 
 
 class Engine:
@@ -168,18 +169,25 @@ class Engine:
 
     def check_layers(self, recipe: Recipe) -> None:
         """Refuse the recipe's methods that cannot run on this model's sliding-window layers
-        (:attr:`Method.sliding_window_refusal`); the others act on its global layers only."""
+        (:attr:`Method.sliding_window_refusal`), and every method on a model without a global
+        layer (nothing for it to act on); the others act on the global layers only."""
         local = sum(w is not None for w in self.windows)
         if not local:
             return
+        layers = (
+            f"this model ({self.name}), which has sliding-window layers ({local} of "
+            f"{len(self.windows)} layers attend over the last "
+            f"{max(w for w in self.windows if w is not None)} tokens only)"
+        )
         for method in recipe.methods:
-            if method.sliding_window_refusal:
+            if local == len(self.windows):
                 raise RecipeError(
-                    f"{method.name} is not supported on this model ({self.name}), which has "
-                    f"sliding-window layers ({local} of {len(self.windows)} layers attend over the last "
-                    f"{max(w for w in self.windows if w is not None)} tokens only): "
-                    f"{method.sliding_window_refusal}"
+                    f"{method.name} is not supported on {layers}: kvlab's methods act on the global "
+                    "layers and this model has none (its cache is already bounded by the window); "
+                    "use the recipe full"
                 )
+            if method.sliding_window_refusal:
+                raise RecipeError(f"{method.name} is not supported on {layers}: {method.sliding_window_refusal}")
 
     def context_window(self, recipe: Recipe) -> int:
         return (recipe.position or TRAINED_ROPE).context_window(self.trained_length)

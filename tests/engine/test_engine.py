@@ -59,11 +59,6 @@ def test_multimodal_gemma3_is_refused_with_the_text_model_named():
         check_architecture(SimpleNamespace(model_type="gemma3"))
 
 
-def test_sliding_window_mistral_is_refused():
-    with pytest.raises(kvlab.ModelError, match="sliding"):
-        tiny_engine("mistral", sliding_window=32)
-
-
 def test_overflow_is_refused_with_a_suggestion_unless_allowed():
     engine = tiny_engine()  # trained window: 256 tokens
     ids = prompt_ids(300)

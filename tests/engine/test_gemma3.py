@@ -377,31 +377,45 @@ def test_every_other_method_runs_on_the_global_layers(chunked):
     assert len(ran) >= 35
 
 
-def test_other_sliding_window_models_and_softcapping_are_refused():
+# -- the other sliding-window models: Qwen2 (local layers from max_window_layers on), Mistral (all) --
+@pytest.mark.parametrize("arch, overrides, windows", [
+    ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), [None, WINDOW, WINDOW]),
+    ("mistral", dict(sliding_window=WINDOW), [WINDOW, WINDOW]),
+], ids=["qwen2", "mistral"])
+def test_other_sliding_window_models_generate_what_transformers_generates(arch, overrides, windows):
+    reference = tiny_model(arch, **overrides)
+    reference.set_attn_implementation("eager")
+    engine = engine_of(copy.deepcopy(reference), chunk=8)
+    assert engine.windows == windows
+    ids = prompt_ids(PROMPT, seed=1)
+    want_tokens, want_logprobs = hf_generate(reference, ids, NEW)
+    tokens, logprobs, sequence = kvlab_generate(engine, ids, NEW)
+    assert tokens == want_tokens
+    torch.testing.assert_close(logprobs, want_logprobs, atol=1e-4, rtol=1e-4)
+    assert [layer.num_entries for layer in sequence.layers] == [PROMPT + NEW - 1 if w is None else w - 1 for w in windows]
+    unwindowed = tiny_model(arch, **{**overrides, "sliding_window": None, "use_sliding_window": False})
+    unwindowed.set_attn_implementation("eager")
+    assert hf_generate(unwindowed, ids, NEW)[1].sub(want_logprobs).abs().max() > 1e-2  # the window matters here
+
+
+def test_a_model_without_global_layers_takes_no_method():
+    """Mistral with a sliding window in every layer: no global layer for a method to act on."""
+    engine = kvlab.Engine(tiny_model("mistral", sliding_window=WINDOW), progress=False)
+    for recipe in ("snapkv(budget=30)", "yarn(factor=2)", "quest(budget=32)"):
+        with pytest.raises(kvlab.RecipeError, match=r"^\w+ is not supported on this model .*\(2 of 2 layers attend over the last 16 tokens only\): .*has none.*use the recipe full"):
+            engine.new_sequence(recipe)
+    engine.new_sequence("full")
+    wide = kvlab.Engine(tiny_model("mistral", sliding_window=256), progress=False)  # the trained length
+    assert wide.windows == [None, None]
+
+
+def test_softcapping_and_unknown_layer_types_are_refused():
     torch.manual_seed(0)
     with pytest.raises(kvlab.ModelError, match="attn_logit_softcapping=50.0"):
         kvlab.Engine(Gemma3ForCausalLM(gemma_config(attn_logit_softcapping=50.0)), progress=False)
-    with pytest.raises(kvlab.ModelError, match="sliding_window=32.*gemma3_text"):
-        kvlab.Engine(tiny_model("mistral", sliding_window=32), progress=False)
+    from types import SimpleNamespace
 
+    from kvlab.engine.engine import check_architecture
 
-@pytest.mark.parametrize("recipe", ["full", "snapkv(budget=0.25)"])
-def test_a_saved_session_answers_token_for_token_after_loading(tokenizer, tmp_path, recipe):
-    """The window layers (views into a storage that slid) are saved and read back: the
-    loaded session answers as the saved one, and its local layers still hold their window."""
-    from tests.reuse.test_persist import QUESTIONS
-    from tests.reuse.test_session import CONTEXT
-
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(gemma_config(vocab_size=len(tokenizer), max_position_embeddings=2048)).eval()
-    engine = kvlab.Engine(model, tokenizer, progress=False, prefill_chunk=64)
-    session = engine.session(CONTEXT, recipe=recipe)
-    session.save(tmp_path / "context.kv")
-    expected = [session.ask(q, max_new_tokens=6, keep_logprobs=True) for q in QUESTIONS]
-    loaded = kvlab.Session.load(engine, tmp_path / "context.kv")
-    assert [layer.num_entries for layer, kind in zip(loaded.sequence.layers, LAYER_TYPES) if kind == LOCAL] == [WINDOW - 1] * 3
-    got = [loaded.ask(q, max_new_tokens=6, keep_logprobs=True) for q in QUESTIONS]
-    assert [a.token_ids for a in got] == [a.token_ids for a in expected]
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
-    assert loaded.context_stats.kv_bytes == session.context_stats.kv_bytes
+    with pytest.raises(kvlab.ModelError, match=r"layer types \['chunked_attention'\]"):
+        check_architecture(SimpleNamespace(model_type="gemma3_text", layer_types=["chunked_attention", LOCAL]))
