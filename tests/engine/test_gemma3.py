@@ -17,7 +17,9 @@ rotary embeddings per layer type and ``DynamicCache``):
   that layer on the same input, while the global layers' differs;
 - snapkv compresses the global layers (the top votes of transformers' attention plus the
   window), the local layers keep exactly their window; the methods that cannot run on such
-  a model are refused with a RecipeError naming them, every other registered method runs.
+  a model are refused with a RecipeError naming them, every other registered method runs;
+- Qwen2's local layers (from ``max_window_layers`` on) and Mistral's (every layer) run the
+  same way against transformers; a model without a global layer takes no method.
 """
 
 from __future__ import annotations
