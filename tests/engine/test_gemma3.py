@@ -92,7 +92,7 @@ def engine_of(model, chunk: int = 1024) -> kvlab.Engine:
 
 @pytest.fixture(scope="module")
 def engine(pair):
-    return engine_of(pair[1])
+    return engine_of(copy.deepcopy(pair[1]))  # pair[1] stays untouched: each engine gets a copy
 
 
 @pytest.fixture(scope="module")
