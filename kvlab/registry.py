@@ -88,6 +88,10 @@ class Method:
     name: ClassVar[str]
     paper: ClassVar[str]
     summary: ClassVar[str]
+    sliding_window_refusal: ClassVar[str | None] = None
+    """Why the method cannot run on a model with sliding-window (local) layers, such as
+    Gemma-3, followed by what to use instead; None: it acts on the model's global layers
+    only (the local layers keep their window, RoPE as trained, dense attention)."""
 
     def __post_init__(self) -> None:
         validate_params(self)

@@ -98,6 +98,11 @@ class HeadSplit:
 class DuoAttention(CompressMethod):
     name: ClassVar[str] = "duo_attention"
     paper: ClassVar[str] = "Xiao et al., DuoAttention, ICLR 2025, arXiv:2410.10819"
+    sliding_window_refusal: ClassVar[str | None] = (
+        "its head identification scores the heads of every layer over the whole context, and a "
+        "sliding-window layer's heads see only their window (streaming heads by construction); "
+        "use a compress method that scores each global layer, e.g. snapkv"
+    )
     summary: ClassVar[str] = (
         "Retrieval heads keep the whole cache, streaming heads sinks + recent (training-free "
         "head identification)."

@@ -51,6 +51,10 @@ def pyramid_budgets(
 class PyramidKV(SnapKV):
     name: ClassVar[str] = "pyramidkv"
     paper: ClassVar[str] = "Cai et al., PyramidKV, arXiv:2406.02069"
+    sliding_window_refusal: ClassVar[str | None] = (
+        "it shares one total budget among all layers by depth, and a sliding-window layer keeps "
+        "its window whatever its share; use snapkv (the same votes, one budget per global layer)"
+    )
     summary: ClassVar[str] = "SnapKV votes; layer budgets shrink with depth, mean = budget."
 
     budget: Budget = param(2048, "entries kept per KV head, averaged over layers (window included)")

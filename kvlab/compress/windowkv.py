@@ -110,6 +110,11 @@ def group_budgets(
 class WindowKV(CompressMethod):
     name: ClassVar[str] = "windowkv"
     paper: ClassVar[str] = "Zuo et al., WindowKV, arXiv:2503.17922"
+    sliding_window_refusal: ClassVar[str | None] = (
+        "it shares one total budget among all layers and one choice of windows within each group "
+        "of adjacent layers, and the groups would mix sliding-window and global layers; use "
+        "snapkv (one budget per global layer)"
+    )
     summary: ClassVar[str] = "Whole 8-token windows by suffix votes; one choice per layer group."
 
     budget: Budget = param(

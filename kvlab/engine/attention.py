@@ -14,6 +14,10 @@ computes this call:
 3. otherwise dense attention over the layer's entries (head by head when the compress method
    left KV heads with different entries: :mod:`kvlab.engine.ragged`);
 
+a sliding-window (local) layer (Gemma-3's) is none of the stages' business: it attends
+densely over its window with RoPE as trained, then drops what left the window
+(:class:`~kvlab.engine.cache.SlidingLayerKV`); the methods act on the global layers;
+
 and then lets the **compress** method see every chunk of the context prefill (``observe``) and
 every decoding step (``after_decode_step``), and shrink the layer at the end of that prefill,
 where the **quantize** method converts what is kept, and the **retrieve** method builds its
@@ -28,6 +32,7 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from kvlab.engine.forward import ForwardContext, Phase, StopForward
+from kvlab.engine.kernels import window_allowed
 from kvlab.engine.ragged import RaggedLayerKV, ragged_attention
 
 ATTENTION_NAME = "kvlab"
@@ -57,6 +62,13 @@ def kvlab_attention(
     ctx = forward.layer_context(module.layer_idx, scaling if scaling is not None else module.scaling)
     if forward.stop_after == module.layer_idx:
         raise StopForward(query, ctx)  # a probe of the first layers ends here (Engine.probe_layer)
+    layer = ctx.layer
+    if layer.window is not None:  # a sliding-window layer: its window, no stage method
+        k_pos = layer.key_positions()
+        allowed = window_allowed(ctx.positions, k_pos, layer.window)
+        out = ctx.attend(query, ctx.positions, layer.keys, k_pos, layer.values, allowed)
+        layer.slide()
+        return out.transpose(1, 2).contiguous(), None
     decoding = query.shape[2] == 1 and ctx.phase is Phase.DECODE
     out: Tensor | None = None
     if decoding and recipe.retrieve is not None:
@@ -70,7 +82,6 @@ def kvlab_attention(
         elif recipe.retrieve is not None:
             out = recipe.retrieve.attend_prefill(query, ctx)
     if out is None:
-        layer = ctx.layer
         if isinstance(layer, RaggedLayerKV) and layer.is_ragged:
             out = ragged_attention(query, ctx.positions, layer, ctx.attend)
         else:

@@ -69,6 +69,9 @@ class LayerKV:
 
     is_sliding = False  # what transformers asks of a cache layer
     is_compileable = False
+    window: int | None = None
+    """A sliding-window (local) layer's window (:class:`SlidingLayerKV`); None: a global
+    layer, which holds the whole sequence (or what the recipe's methods kept of it)."""
 
     def __init__(self) -> None:
         self.keys: Tensor | None = None
@@ -240,6 +243,106 @@ class LayerKV:
         return sum(getattr(index, "offloaded_nbytes", _none)() for index in self.side.values())
 
 
+class SlidingLayerKV(LayerKV):
+    """A sliding-window (local) layer's entries: the last ``window - 1`` tokens only.
+
+    Gemma-3's local layers (Gemma Team, "Gemma 3 Technical Report", 2025, arXiv:2503.19786,
+    sec. 2: local layers attend over a sliding window of ``sliding_window`` tokens, one global
+    layer every few local ones) let a query at position ``p`` see keys at ``p - window + 1 ..
+    p``: the next token needs only the ``window - 1`` before it. After each forward the
+    attention entry point calls :meth:`slide`, which drops older entries *physically*: a
+    prompt chunk's storage is replaced by a copy of the kept entries, a decoding step moves
+    the view's start inside a storage of at most ``window`` plus a decoding reserve entries
+    (:func:`decode_reserve` of the window), copied anew only when the reserve runs out.
+    :meth:`nbytes` is therefore bounded by the window whatever the sequence's length.
+
+    The layer always holds a run of consecutive tokens ``seen - n .. seen - 1`` (no position
+    tensor is stored); tokens must be appended in order and without gaps. Every drop counts
+    as an eviction, so :meth:`mark` always snapshots (a rollback must bring dropped entries
+    back: a question appended to a context in a session slides old context out).
+    """
+
+    is_sliding = True
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"SlidingLayerKV: window={window} must be at least 1")
+        self.window = window
+        self._start = 0  # first used entry of the storage
+
+    @property
+    def kept(self) -> int:
+        """Entries kept after a forward: the window before the next token."""
+        return self.window - 1
+
+    @property
+    def storage_limit(self) -> int:
+        """Most entries the storage holds after a forward: the kept ones, the next token and
+        the decoding reserve."""
+        return self.window + decode_reserve(self.kept, 1)
+
+    @property
+    def is_contiguous(self) -> bool:
+        return self.num_entries == self.seen
+
+    def key_positions(self) -> Tensor:
+        n = self.num_entries
+        return entry_range(self.seen, self.keys.device)[self.seen - n :]
+
+    def entry_positions(self, entries: Tensor, heads: slice = slice(None)) -> Tensor:
+        return entries + (self.seen - self.num_entries)
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Add ``t`` new entries ``[batch, kv_heads, t, d]`` at ``positions`` ``[t]``, which
+        must be the next ``t`` tokens (``seen .. seen + t - 1``)."""
+        t = keys.shape[-2]
+        if int(positions[0]) != self.seen or int(positions[-1]) != self.seen + t - 1:
+            raise AssertionError(
+                f"SlidingLayerKV.append: positions {int(positions[0])}..{int(positions[-1])} are not the "
+                f"next {t} tokens from {self.seen}: a sliding-window layer holds consecutive tokens"
+            )
+        if not self.is_initialized or self.keys is None:
+            self.lazy_initialization(keys, values)
+        else:
+            n, end = self.num_entries, self._start + self.num_entries
+            if end + t > self.capacity:  # move the used entries to a new storage, reserve after
+                self._key_storage = append_in_place(self.keys, n, keys, decode_reserve(self.kept, t))
+                self._value_storage = append_in_place(self.values, n, values, decode_reserve(self.kept, t))
+                self._start, end = 0, n
+            else:
+                self._key_storage[..., end : end + t, :] = keys
+                self._value_storage[..., end : end + t, :] = values
+            self.keys = self._key_storage[..., self._start : end + t, :]
+            self.values = self._value_storage[..., self._start : end + t, :]
+        self.seen += t
+
+    def slide(self) -> None:
+        """Drop the entries no later token can attend to (all but the last ``window - 1``);
+        free their memory when the storage outgrew :attr:`storage_limit` (a prompt chunk)."""
+        drop = self.num_entries - self.kept
+        if drop <= 0:
+            return
+        self.evictions += 1
+        if self.capacity > self.storage_limit:
+            self._store(self.keys[..., drop:, :].clone(), self.values[..., drop:, :].clone())
+        else:
+            self._start += drop
+            end = self._start + self.kept
+            self.keys = self._key_storage[..., self._start : end, :]
+            self.values = self._value_storage[..., self._start : end, :]
+
+    def select(self, keep: Tensor) -> None:
+        raise AssertionError("SlidingLayerKV.select: a sliding-window layer keeps its window, nothing else")
+
+    def mark(self, snapshot: bool) -> LayerMark:
+        return super().mark(True)
+
+    def _store(self, keys: Tensor, values: Tensor) -> None:
+        super()._store(keys, values)
+        self._start = 0
+
+
 def _none() -> int:
     return 0
 
@@ -282,4 +385,4 @@ class CacheMark:
     layers: tuple[LayerMark, ...]
 
 
-__all__ = ["LayerKV", "append_in_place", "decode_reserve", "CacheMark", "LayerMark", "SideIndex"]
+__all__ = ["LayerKV", "SlidingLayerKV", "append_in_place", "decode_reserve", "CacheMark", "LayerMark", "SideIndex"]

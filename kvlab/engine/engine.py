@@ -30,10 +30,10 @@ from kvlab.engine.forward import ForwardContext, Phase, StopForward
 from kvlab.engine.progress import progress_bar
 from kvlab.engine.prompt import PromptFormat
 from kvlab.engine.ragged import RaggedLayerKV
-from kvlab.engine.rotary import DeferredRotary, head_dim
+from kvlab.engine.rotary import DeferredRotary, Rotary, head_dim, layer_type_config
 from kvlab.engine.sampling import Sampling, TokenSampler
 from kvlab.engine.sequence import KVCache, Sequence
-from kvlab.errors import InputError, ModelError
+from kvlab.errors import InputError, ModelError, RecipeError
 from kvlab.position.base import TRAINED_ROPE
 from kvlab.recipe import Recipe, parse_recipe
 from kvlab.engine.results import (
@@ -41,29 +41,58 @@ from kvlab.engine.results import (
 )
 from kvlab.reuse.session import Session
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+GLOBAL_LAYER, LOCAL_LAYER = "full_attention", "sliding_attention"
+"""transformers' ``layer_types``: a global layer attends over the whole sequence, a local one
+over a sliding window of the last ``sliding_window`` tokens."""
+SOFTMAX_SETTINGS = ("attn_logit_softcapping", "use_bidirectional_attention")
+"""Config settings that change attention beyond causal softmax (Gemma-2's logit soft-capping,
+bidirectional encoders): kvlab's kernels do not compute them, so a model setting one is
+refused."""
 
 
 def check_architecture(config: Any) -> None:
     """Refuse models whose attention kvlab would compute differently from the model."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
+        hint = (
+            "; for a Gemma-3 checkpoint load its text model (Gemma3ForCausalLM, model type "
+            "gemma3_text)" if model_type == "gemma3" else ""
+        )
         raise ModelError(
             f"model type {model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (sliding-window models such as gemma3 are not "
-            "handled yet)"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}{hint}"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = [t for t in layer_types if t != "full_attention"]
+    unknown = sorted(set(getattr(config, "layer_types", None) or []) - {GLOBAL_LAYER, LOCAL_LAYER})
+    if unknown:
+        raise ModelError(
+            f"this {model_type} model has layer types {unknown}; kvlab runs "
+            f"{GLOBAL_LAYER!r} and {LOCAL_LAYER!r} layers only"
+        )
+    for name in SOFTMAX_SETTINGS:
+        if getattr(config, name, None):
+            raise ModelError(
+                f"this {model_type} model sets {name}={getattr(config, name)!r}; kvlab's "
+                f"attention computes causal softmax attention without it (supported: {name} unset)"
+            )
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (None: a global layer): from the config's ``layer_types``
+    (Gemma-3's pattern of local and global layers; Qwen2's local layers from
+    ``max_window_layers`` on, with ``use_sliding_window``), else, for a model without them
+    (Mistral), every layer is local when ``sliding_window`` is shorter than the trained
+    length (a window at least that long never masks a prompt the model accepts)."""
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
-    if sliding or (window is not None and window < config.max_position_embeddings):
-        raise ModelError(
-            f"this {model_type} model uses sliding-window attention (sliding_window={window}, "
-            f"layer types {sorted(set(layer_types)) or 'n/a'}); kvlab does not support "
-            "sliding-window layers yet"
-        )
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        local = window is not None and window < config.max_position_embeddings
+        layer_types = [LOCAL_LAYER if local else GLOBAL_LAYER] * config.num_hidden_layers
+    if window is None:
+        return [None] * len(layer_types)
+    return [int(window) if t == LOCAL_LAYER else None for t in layer_types]
 
 
 class Engine:
@@ -89,6 +118,14 @@ class Engine:
         self.trained_length = int(self.config.max_position_embeddings)
         self.counters = Counters()
         self.stop_ids = self._stop_ids()
+        self.windows = layer_windows(self.config)
+        """Each layer's sliding window (None: a global layer; see :class:`SlidingLayerKV`)."""
+        self.rope_config = layer_type_config(self.config, GLOBAL_LAYER)
+        """The config the position method sees: the global layers' rope parameters."""
+        self.local_rotary: Rotary | None = None
+        """The local layers' RoPE, as trained (Gemma-3's ``rope_local_base_freq``)."""
+        if any(w is not None for w in self.windows):
+            self.local_rotary = TRAINED_ROPE.rotary(layer_type_config(self.config, LOCAL_LAYER), self.trained_length)
         model.set_attn_implementation(ATTENTION_NAME)
         model.get_decoder().rotary_emb = DeferredRotary(head_dim(self.config))
         for layer in model.get_decoder().layers:
@@ -116,6 +153,7 @@ class Engine:
         """An empty sequence for ``recipe``: storage in the recipe's format, and what its
         methods prepare once per model (:meth:`Method.prepare`)."""
         parsed = parse_recipe(recipe)
+        self.check_layers(parsed)
         if parsed.quantize is not None:
             new_layer = parsed.quantize.new_layer
         elif parsed.compress is not None and parsed.compress.ragged_heads:
@@ -127,7 +165,29 @@ class Engine:
             state = method.prepare(self)
             if state is not None:
                 prepared[method.stage] = state
-        return Sequence(parsed, KVCache(self.config.num_hidden_layers, new_layer), prepared)
+        return Sequence(parsed, KVCache(self.config.num_hidden_layers, new_layer, self.windows), prepared)
+
+    def check_layers(self, recipe: Recipe) -> None:
+        """Refuse the recipe's methods that cannot run on this model's sliding-window layers
+        (:attr:`Method.sliding_window_refusal`), and every method on a model without a global
+        layer (nothing for it to act on); the others act on the global layers only."""
+        local = sum(w is not None for w in self.windows)
+        if not local:
+            return
+        layers = (
+            f"this model ({self.name}), which has sliding-window layers ({local} of "
+            f"{len(self.windows)} layers attend over the last "
+            f"{max(w for w in self.windows if w is not None)} tokens only)"
+        )
+        for method in recipe.methods:
+            if local == len(self.windows):
+                raise RecipeError(
+                    f"{method.name} is not supported on {layers}: kvlab's methods act on the global "
+                    "layers and this model has none (its cache is already bounded by the window); "
+                    "use the recipe full"
+                )
+            if method.sliding_window_refusal:
+                raise RecipeError(f"{method.name} is not supported on {layers}: {method.sliding_window_refusal}")
 
     def context_window(self, recipe: Recipe) -> int:
         return (recipe.position or TRAINED_ROPE).context_window(self.trained_length)
@@ -147,7 +207,8 @@ class Engine:
             recipe=sequence.recipe,
             cache=sequence.cache,
             positions=positions,
-            rotary=sequence.rotary(self.config, start + len(ids), self.trained_length),
+            rotary=sequence.rotary(self.rope_config, start + len(ids), self.trained_length),
+            local_rotary=self.local_rotary,
             phase=phase,
             prepared=sequence.prepared,
             stop_after=stop_after,
@@ -214,7 +275,9 @@ class Engine:
         beside ``sequence`` (same recipe, plain storage, nothing compressed); returns layer
         ``layer``'s unrotated queries of the last chunk and its :class:`LayerContext`. The
         tokens run and pairs computed are added to ``sequence.layer_tokens`` / ``layer_pairs``."""
-        scratch = Sequence(sequence.recipe, KVCache(self.config.num_hidden_layers), sequence.prepared)
+        scratch = Sequence(
+            sequence.recipe, KVCache(self.config.num_hidden_layers, windows=self.windows), sequence.prepared
+        )
         for a, b in self.chunks(len(ids)):
             try:
                 self.forward(scratch, ids[a:b], Phase.APPEND, stop_after=layer, counts=sequence.layer_tokens,

@@ -47,22 +47,38 @@ class ForwardContext:
     pairs: list[int] | None = None
     """Query-key pairs (summed over query heads) each layer's prefill attention computed,
     added to by :meth:`LayerContext.count_pairs` (None: not counted)."""
+    local_rotary: Rotary | None = None
+    """RoPE of the sliding-window (local) layers, as the model was trained (Gemma-3's
+    ``rope_local_base_freq``): the position method acts on the global layers only."""
 
     def __post_init__(self) -> None:
         if type(self.rotary).cos_sin is Rotary.cos_sin:  # a method's own cos_sin is kept as is
             self.rotary = self.rotary.pinned(self.positions)
+        if self.local_rotary is not None:
+            self.local_rotary = self.local_rotary.pinned(self.positions)
 
     @property
     def position(self) -> PositionMethod:
         return self.recipe.position or TRAINED_ROPE
 
+    def layer_rope(self, layer: LayerKV) -> tuple[PositionMethod, Rotary]:
+        """The position method and rotary of ``layer``: the recipe's for a global layer, RoPE
+        as trained with the local frequencies for a sliding-window layer (whose window the
+        model was trained on: no position method has anything to extend there)."""
+        if layer.window is None:
+            return self.position, self.rotary
+        if self.local_rotary is None:
+            raise RuntimeError("a sliding-window layer was reached without the local layers' rotary")
+        return TRAINED_ROPE, self.local_rotary
+
     def store(self, index: int, keys: Tensor, values: Tensor) -> LayerKV:
         """Append the forward's new (unrotated) keys and values ``[b, kv_heads, t, d]`` to layer
         ``index``: keys rotated at their positions, unless the position method keeps them
         before RoPE."""
-        if not self.position.stores_pre_rope:
-            keys = self.rotary.rotate(keys, self.positions)
         layer = self.cache.layers[index]
+        position, rotary = self.layer_rope(layer)
+        if not position.stores_pre_rope:
+            keys = rotary.rotate(keys, self.positions)
         layer.append(keys, values, self.positions)
         if self.counts is not None and self.phase.is_prefill:
             self.counts[index] += keys.shape[2]
@@ -70,9 +86,11 @@ class ForwardContext:
 
     def layer_context(self, index: int, scaling: float) -> LayerContext:
         """The view of this forward from layer ``index``, as the stage methods see it."""
+        layer = self.cache.layers[index]
+        position, rotary = self.layer_rope(layer)
         return LayerContext(
-            index=index, num_layers=len(self.cache.layers), layer=self.cache.layers[index],
-            positions=self.positions, rotary=self.rotary, position=self.position,
+            index=index, num_layers=len(self.cache.layers), layer=layer,
+            positions=self.positions, rotary=rotary, position=position,
             scaling=scaling, phase=self.phase, prepared=self.prepared, scratch=self.scratch,
             workspace=self.cache.workspace,
             pairs=self.pairs if self.phase.is_prefill else None,

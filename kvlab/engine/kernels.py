@@ -22,6 +22,16 @@ def causal_allowed(q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return k_pos[..., None, :] <= q_pos[:, None]
 
 
+def window_allowed(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor | None:
+    """Boolean mask ``[t, n]``, True where the key at ``k_pos`` ``[n]`` is among the last
+    ``window`` tokens of the query at ``q_pos`` ``[t]`` (``q - k < window``, the query itself
+    included: transformers' ``sliding_window_overlay``); None when every key is (a decoding
+    step over a sliding-window layer's cache). Combine with :func:`causal_mask`."""
+    if int(q_pos[-1]) - int(k_pos[0]) < window:
+        return None
+    return k_pos[None, :] > q_pos[:, None] - window
+
+
 def _is_arange(pos: Tensor) -> bool:
     """``pos`` ``[n]`` is ``start, start + 1, ..., start + n - 1``."""
     n = pos.numel()

@@ -140,6 +140,21 @@ def rope_frequencies(
     return ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len)
 
 
+def layer_type_config(config: Any, layer_type: str) -> Any:
+    """``config`` as seen by the layers of ``layer_type`` (``"full_attention"``,
+    ``"sliding_attention"``): a model with rope parameters per layer type (Gemma-3: the
+    global layers' ``rope_theta`` and scaling, the local layers' ``rope_local_base_freq``)
+    gets a shallow copy holding that type's parameters alone, which
+    :func:`rope_frequencies` and transformers' ``ROPE_INIT_FUNCTIONS`` read as a model with
+    one kind of layer; any other config is returned as is."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or not isinstance(params.get(layer_type), dict):
+        return config
+    view = copy.copy(config)
+    view.rope_parameters = dict(params[layer_type])
+    return view
+
+
 def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -152,7 +167,8 @@ class DeferredRotary(nn.Module):
         super().__init__()
         self.dim = dim
 
-    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, position_ids: Tensor, layer_type: str | None = None) -> tuple[Tensor, Tensor]:
+        """Identity rotation for any ``layer_type`` (models with rope per layer type ask per type)."""
         shape = (*position_ids.shape, self.dim)
         return (
             torch.ones(shape, dtype=x.dtype, device=x.device),

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from kvlab.engine.cache import CacheMark, LayerKV
+from kvlab.engine.cache import CacheMark, LayerKV, SlidingLayerKV
 from kvlab.engine.rotary import Rotary
 from kvlab.engine.workspace import Workspace
 from kvlab.position.base import TRAINED_ROPE, PositionMethod
@@ -25,10 +25,20 @@ from kvlab.recipe import Recipe
 class KVCache(Cache):
     """The transformers ``Cache`` kvlab hands the model: storage only, one :class:`LayerKV` per
     layer. New keys and values are stored by kvlab's attention function (which knows the
-    forward's positions and rotary), so :meth:`update` passes them through untouched."""
+    forward's positions and rotary), so :meth:`update` passes them through untouched.
 
-    def __init__(self, num_layers: int, new_layer: Callable[[], LayerKV] = LayerKV) -> None:
-        super().__init__(layers=[new_layer() for _ in range(num_layers)])
+    ``windows`` gives each layer's sliding window (None: a global layer, made by
+    ``new_layer``, the recipe's storage format); a sliding-window layer is a
+    :class:`SlidingLayerKV`, which keeps its window only, in plain storage."""
+
+    def __init__(
+        self, num_layers: int, new_layer: Callable[[], LayerKV] = LayerKV,
+        windows: list[int | None] | None = None,
+    ) -> None:
+        windows = windows or [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"KVCache: {len(windows)} windows for {num_layers} layers")
+        super().__init__(layers=[new_layer() if w is None else SlidingLayerKV(w) for w in windows])
         self.layers: list[LayerKV]
         self.workspace = Workspace()
         """Reused buffers of the decoding steps on this cache (not KV: not in :meth:`nbytes`)."""

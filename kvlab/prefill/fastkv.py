@@ -37,6 +37,12 @@ from kvlab.registry import Budget, param, register
 class FastKV(PrefillMethod):
     name: ClassVar[str] = "fastkv"
     paper: ClassVar[str] = "Jo et al., FastKV (token-selective propagation), arXiv:2502.01068"
+    sliding_window_refusal: ClassVar[str | None] = (
+        "it runs only the tokens an early layer selects through the later layers, so a "
+        "sliding-window layer's window would hold other tokens than the last ones the model was "
+        "trained to see; use gemfilter (the selected tokens re-read as a shorter prompt) or a "
+        "compress method"
+    )
     summary: ClassVar[str] = "Later layers run only tokens an early layer selects; SnapKV-style KV budget."
     whole_context: ClassVar[bool] = True
     selects_tokens: ClassVar[bool] = True

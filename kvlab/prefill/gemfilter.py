@@ -13,7 +13,9 @@ Engine seams: :meth:`GemFilter.select_tokens` (asked before a context prefill) w
 engine's probe, which stops the forward inside layer ``r``'s attention; the probe is chunked
 like any prefill (only the last chunk's last query votes). The re-prefill is an ordinary
 context prefill, so a compress method composes (it compresses the ``k`` selected tokens).
-Session questions (appended prompts) are not filtered.
+Session questions (appended prompts) are not filtered. On a model with sliding-window layers
+(Gemma-3) the filter layer must be a global one: a local layer's last query sees only its
+window, so it cannot score the whole context (refused with the layer's index).
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ class GemFilter(PrefillMethod):
         k = resolve_budget(self.topk, len(ids))
         if k >= len(ids):
             return ids
-        q, ctx = probe(layer_at(self.filter_layer, num_layers))
+        layer = layer_at(self.filter_layer, num_layers)
+        q, ctx = probe(layer)
+        if ctx.layer.window is not None:
+            raise RecipeError(
+                f"{self.name}(filter_layer={self.filter_layer}) filters at layer {layer} of {num_layers}, "
+                f"a sliding-window layer whose last query sees only the last {ctx.layer.window} "
+                "tokens, not the whole context; choose a filter_layer that falls on a global "
+                "(full-attention) layer"
+            )
         keep = self.scores(q, ctx).topk(k).indices.sort().values
         return [ids[i] for i in keep.tolist()]

@@ -94,6 +94,11 @@ def top_blocks(logits: Tensor, kv_heads: int, block: int, count: int) -> Tensor:
 class Lychee(RetrieveMethod):
     name: ClassVar[str] = "lychee"
     paper: ClassVar[str] = "Lin et al., LycheeDecode, ICLR 2026, arXiv:2602.04541 (TidalDecode, arXiv:2410.05076)"
+    sliding_window_refusal: ClassVar[str | None] = (
+        "its sparse heads reuse the blocks the layer before chose and its calibration scores "
+        "every layer, and a sliding-window layer chooses no blocks; use quest or shadowkv (each "
+        "global layer selects for itself)"
+    )
     summary: ClassVar[str] = (
         "Calibrated retrieval heads choose the top-k blocks by full attention; the other heads "
         "reuse their KV head's blocks from the previous layer."

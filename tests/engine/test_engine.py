@@ -49,20 +49,14 @@ def test_chunks_merge_a_short_tail():
     assert engine.chunks(50) == [(0, 50)]
 
 
-def test_gemma3_is_refused():
-    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+def test_multimodal_gemma3_is_refused_with_the_text_model_named():
+    """Gemma-3 text models run (tests/engine/test_gemma3.py); the multimodal wrapper does not."""
+    from types import SimpleNamespace
 
-    config = Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
-    )
-    with pytest.raises(kvlab.ModelError, match="gemma3_text.*not supported"):
-        kvlab.Engine(Gemma3ForCausalLM(config), None)
+    from kvlab.engine.engine import check_architecture
 
-
-def test_sliding_window_mistral_is_refused():
-    with pytest.raises(kvlab.ModelError, match="sliding"):
-        tiny_engine("mistral", sliding_window=32)
+    with pytest.raises(kvlab.ModelError, match="'gemma3' is not supported.*Gemma3ForCausalLM"):
+        check_architecture(SimpleNamespace(model_type="gemma3"))
 
 
 def test_overflow_is_refused_with_a_suggestion_unless_allowed():
