@@ -54,7 +54,10 @@ class ForwardContext:
 
     @property
     def position(self) -> PositionMethod:
-        return self.recipe.position or TRAINED_ROPE
+        """The recipe's position method as it runs on this model (what its
+        :meth:`PositionMethod.prepare` gave, e.g. DPE's calibrated scales), RoPE as trained
+        when the recipe has none."""
+        return self.prepared.get("position") or self.recipe.position or TRAINED_ROPE
 
     def store(self, index: int, keys: Tensor, values: Tensor) -> LayerKV:
         """Append the forward's new (unrotated) keys and values ``[b, kv_heads, t, d]`` to layer
