@@ -4,7 +4,8 @@ Zhang et al., "LaMPE: Length-aware Multi-grained Positional Encoding for Adaptiv
 Scaling Without Training", 2025, arXiv:2508.02308 (reference code: github.com/scar-on/LaMPE,
 ``llama_cache1.py``). For a sequence of ``L`` tokens the far positions are compressed into
 ``[0, M(L)]`` with the scaled sigmoid ``M(L) = A / (1 + exp(-(a L + b)))`` (the paper's
-Llama-3 fit by default): ``m(p) = floor(M p / (L - 1))``. Three regions of (query ``i``, key
+Llama-3 fit by default; ``M = 1536`` below 8192 tokens, the reference's ``remap_uselen``):
+``m(p) = floor(M p / (L - 1))``. Three regions of (query ``i``, key
 ``j``) pairs, three exact passes merged by log-sum-exp (:mod:`kvlab.position.passes`):
 
 - **head** (fine grain): the ``head`` nearest keys, ``i - j < H``, at their original positions;
@@ -61,9 +62,13 @@ class LaMPE(MultiPassPosition):
     slope: float = param(1.0493e-4, "a: the sigmoid's slope in L (Llama-3 fit)", min=0.0)
     offset: float = param(-2.4666, "b: the sigmoid's offset (Llama-3 fit)")
     attention_factor: float = param(0.1 * math.log(2) + 1, "multiplies cos and sin (the reference's scale)", min=0.0)
+    short: int = param(8192, "below this many tokens M(L) is short_mapping, not the sigmoid (0: always the sigmoid)", min=0)
+    short_mapping: float = param(1536.0, "M(L) below short tokens (the reference's 1536)", min=1.0)
 
     def mapping_length(self, length: int) -> float:
-        """``M(L) = A / (1 + exp(-(a L + b)))``."""
+        """``M(L) = A / (1 + exp(-(a L + b)))``; ``short_mapping`` when ``L < short``."""
+        if length < self.short:
+            return self.short_mapping
         return self.scale / (1 + math.exp(-(self.slope * length + self.offset)))
 
     def mapped(self, positions: Tensor, length: int) -> Tensor:

@@ -10,13 +10,13 @@ from kvlab.position.lampe import LaMPE
 from tests.position.identity import assert_equals_full
 from tests.position.reference import engine_against_reference, pairwise_attention
 
-SMALL = dict(head=8, tail=5, scale=20.0, slope=0.05, offset=-2.0)
-LISTED = "lampe(head=16, tail=20, scale=60.0, slope=0.01, offset=-1.0)"
+SMALL = dict(head=8, tail=5, scale=20.0, slope=0.05, offset=-2.0, short=0)
+LISTED = "lampe(head=16, tail=20, scale=60.0, slope=0.01, offset=-1.0, short=0)"
 """A setting where the method must change what it says it changes on a 120-token prompt
 of a 2-layer tiny model (run against ``full`` by tests/compress/test_listed.py)."""
 
 
-def lampe_relative(head, tail, scale, slope, offset, length_of):
+def lampe_relative(head, tail, scale, slope, offset, short, length_of):
     """The paper's positions for a query at ``i`` in a sequence of ``L = length_of(i)``,
     written out from the reference code (``llama_cache1.py``): ``i - j`` inside the head window
     (or when ``L < 2 head``); ``i - b2 - j`` in the tail region (the last ``T'`` queries over
@@ -28,7 +28,7 @@ def lampe_relative(head, tail, scale, slope, offset, length_of):
         length = length_of(i)
         if i - j < head or length < 2 * head:
             return i - j
-        mapping = scale / (1 + math.exp(-(slope * length + offset)))
+        mapping = 1536 if length < short else scale / (1 + math.exp(-(slope * length + offset)))
         m = lambda p: math.floor(mapping * p / (length - 1))  # noqa: E731
         b1 = head - (m(head) + 1)
         if tail:
@@ -47,16 +47,17 @@ def test_mapping_length_is_the_scaled_sigmoid():
     for length in (8192, 16384, 65536):
         assert method.mapping_length(length) == pytest.approx(6204.4 / (1 + math.exp(-(1.0493e-4 * length - 2.4666))))
     assert method.mapping_length(16384) > method.mapping_length(8192)  # grows with the length
+    assert method.mapping_length(8191) == method.mapping_length(2048) == 1536  # below 8192 tokens
 
 
-@pytest.mark.parametrize("tail", [5, 0])
-def test_merge_is_exact_against_pairwise_brute_force(tail):
+@pytest.mark.parametrize("tail, short", [(5, 0), (0, 0), (5, 100)])
+def test_merge_is_exact_against_pairwise_brute_force(tail, short):
     torch.manual_seed(0)
     n, t, d = 40, 6, 8
     q, k, v = torch.randn(1, 4, t, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
     rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d), 1.1, trained_length=64)
     q_pos = list(range(n - t, n))
-    settings = {**SMALL, "tail": tail}
+    settings = {**SMALL, "tail": tail, "short": short}  # short=100: L = 40 maps with M = 1536
     got = LaMPE(**settings).attend(q, torch.tensor(q_pos), k, torch.arange(n), v, rotary, d**-0.5)
     relative = lampe_relative(**settings, length_of=lambda i: n)  # one forward: L = n for every row
     expected = pairwise_attention(q, k, v, q_pos, torch.arange(n), relative, rotary, d**-0.5)
@@ -78,7 +79,7 @@ def test_engine_chunked_prefill_and_decoding_equal_the_written_out_matrix(tail, 
     prompt = 60
     first = min(chunk, prompt)
     length_of = lambda i: first if i < first else (prompt if i < prompt else i + 1)  # noqa: E731
-    recipe = f"lampe(head=8, tail={tail}, scale=20.0, slope=0.05, offset=-2.0, attention_factor=1.2)"
+    recipe = f"lampe(head=8, tail={tail}, scale=20.0, slope=0.05, offset=-2.0, short=0, attention_factor=1.2)"
     got, expected, dense = engine_against_reference(
         recipe, lampe_relative(**{**SMALL, "tail": tail}, length_of=length_of), attention_factor=1.2,
         prompt=prompt, chunk=chunk,
@@ -98,7 +99,7 @@ def test_one_forward_maps_with_one_length_however_its_queries_are_split():
     n, d = 48, 8
     q, k, v = torch.randn(1, 4, 30, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
     rotary = Rotary(1.0 / 100 ** (torch.arange(0, d, 2).float() / d), trained_length=64, seq_len=n)
-    method, q_pos = LaMPE(head=8, tail=6, scale=40.0, slope=0.1, offset=-4.0), torch.arange(n - 30, n)
+    method, q_pos = LaMPE(head=8, tail=6, scale=40.0, slope=0.1, offset=-4.0, short=0), torch.arange(n - 30, n)
     whole = method.attend(q, q_pos, k, torch.arange(n), v, rotary, d**-0.5)
     blocks = torch.cat([
         method.attend(q[:, :, a : a + 7], q_pos[a : a + 7], k, torch.arange(n), v, rotary, d**-0.5)
