@@ -155,7 +155,14 @@ def search_scales(
 def probe_prompts(engine: Any, search: Search) -> list[Probe]:
     """The needle prompts: ``search.probes`` probes of ``search.length`` tokens, every needle
     at least ``search.window`` tokens before the first answer query."""
-    return family_prompts(engine, parse_probe_set(search.probe_set), search.probes, search.length, 0, search.window)
+    try:
+        return family_prompts(engine, parse_probe_set(search.probe_set), search.probes, search.length, 0, search.window)
+    except RecipeError:  # the probes' own message speaks of DuoAttention's streaming window
+        raise RecipeError(
+            f"dpe calibration length={search.length}: a probe of the families {search.probe_set} "
+            f"cannot put its needles window={search.window} tokens before its question on this "
+            "model (its prompt template and question take the rest); raise --length or lower --window"
+        ) from None
 
 
 def needle_score(engine: Any, probes: list[Probe], scales: tuple[int, ...], window: int,

@@ -73,6 +73,13 @@ def test_bad_settings_are_refused(overrides, fragment):
         small_search(tiny_engine(), **overrides)
 
 
+def test_probes_too_short_for_their_needles_are_refused_in_dpe_terms(tokenizer):
+    engine = tiny_engine(vocab_size=len(tokenizer), tokenizer=tokenizer)
+    search = small_search(engine, length=130, window=66, probe_set="multikey")  # four needles
+    with pytest.raises(kvlab.RecipeError, match="dpe calibration length=130: .* raise --length or lower --window"):
+        dpe_search.probe_prompts(engine, search)
+
+
 def greedy(engine, recipe, ids, count):
     sequence = engine.new_sequence(recipe)
     logits = engine.prefill(sequence, ids, compress=True)
