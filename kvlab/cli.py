@@ -380,7 +380,7 @@ def calibrate_dpe(
             "seconds": result.seconds, "table": list(result.table), "file": str(path), "recipe": recipe,
         }, indent=2))
         return
-    table = Table(title=f"dpe calibration of {engine.name}: other groups held at scale {search.held}")
+    table = Table(title=f"dpe calibration of {engine.name}", caption=f"other groups held at scale {search.held}")
     for column in ("group", "scale", "needle accuracy", "answer log-prob (nats)", "chosen"):
         table.add_column(column, justify="right")
     for row in result.table:

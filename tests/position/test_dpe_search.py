@@ -208,5 +208,11 @@ def test_the_command_calibrates_and_the_recipe_reads_it(model_dir):
     assert payload["recipe"] == "dpe(scales=calibrated, window=32)"
     engine = kvlab.load(str(model_dir), progress=False)
     assert dpe_search.calibrated_scales(engine, 32) == tuple(payload["scales"])
+    text = CliRunner().invoke(app, [
+        "calibrate", "dpe", "--model", str(model_dir), "--length", "200", "--window", "32",
+        "--groups", "2", "--probes", "1", "--probe-set", "words", "--candidates", "2",
+    ])
+    assert text.exit_code == 0, text.output
+    assert "needle accuracy" in text.stdout and "scales [2, 2]" in text.stdout and " s; written to " in text.stdout
     bad = CliRunner().invoke(app, ["calibrate", "dpe", "--model", str(model_dir), "--candidates", "1,x"])
     assert bad.exit_code == 2 and "'x' is not an integer" in bad.output
