@@ -1,4 +1,4 @@
-"""The ``kvlab`` command line: ``kvlab methods``, ``ask``, ``bench``, ``report``, ``serve``, ``cache``, ``tasks``."""
+"""The ``kvlab`` command line: ``kvlab methods``, ``ask``, ``bench``, ``report``, ``serve``, ``cache``, ``calibrate``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -335,6 +335,64 @@ def cache_load(
     out.print(_stats_table(session.context_stats, answers))
 
 
+calibrate_app = typer.Typer(help="Measure once what a method needs of a model, kept on disk per model.", no_args_is_help=True)
+app.add_typer(calibrate_app, name="calibrate")
+
+
+@calibrate_app.command("dpe")
+def calibrate_dpe(
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    length: Annotated[Optional[str], typer.Option(help="Target length of the needle probes, e.g. 16k (default: twice the model's trained length).")] = None,
+    window: Annotated[int, typer.Option(help="DPE's neighbour window W (the recipe's window).")] = 1024,
+    groups: Annotated[int, typer.Option(help="Groups of RoPE dimension pairs, one scale each (the paper: 8).")] = 8,
+    probes: Annotated[int, typer.Option(help="Needle probes scored per setting.")] = 4,
+    probe_set: Annotated[Optional[str], typer.Option(help="Comma-separated probe families: passkey, words, multikey, multihop (default: all four).")] = None,
+    candidates: Annotated[Optional[str], typer.Option(help="Comma-separated scales tried per group (default: 1, 2, 4, ... while length / scale >= window).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """DPE's needle sweep of group scales (arXiv:2504.18857); dpe(scales=calibrated) then uses them."""
+    import dataclasses
+
+    import kvlab
+    from kvlab.bench.config import parse_length, split_list
+    from kvlab.compress.duo_probes import DEFAULT_PROBE_SET
+    from kvlab.position import dpe_search
+
+    try:
+        chosen = tuple(_int(x, "--candidates scale") for x in split_list(candidates)) if candidates else None
+        with err.status("loading model") if not as_json else _nothing():
+            engine = kvlab.load(model, device=device, dtype=dtype, progress=not as_json)
+        search = dpe_search.search_settings(
+            engine, parse_length(length) if length else 2 * engine.trained_length, window, groups,
+            probes, probe_set or DEFAULT_PROBE_SET, chosen,
+        )
+        result = dpe_search.calibrate(engine, search)
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+        return
+    path = dpe_search.calibration_path(engine)
+    recipe = f"dpe(scales=calibrated, window={window})"
+    if as_json:
+        print(json.dumps({
+            "model": engine.name, "search": dataclasses.asdict(search), "scales": list(result.scales),
+            "seconds": result.seconds, "table": list(result.table), "file": str(path), "recipe": recipe,
+        }, indent=2))
+        return
+    table = Table(title=f"dpe calibration of {engine.name}", caption=f"other groups held at scale {search.held}")
+    for column in ("group", "scale", "needle accuracy", "answer log-prob (nats)", "chosen"):
+        table.add_column(column, justify="right")
+    for row in result.table:
+        picked = "*" if result.scales[row["group"]] == row["scale"] else ""
+        table.add_row(str(row["group"]), str(row["scale"]), f"{row['accuracy']:.2f}", f"{row['logprob']:.3f}", picked)
+    out.print(table)
+    out.print(
+        f"scales {list(result.scales)} ({search.probes} probes of {search.length} tokens, window "
+        f"{window}) in {result.seconds:.1f} s; written to {path}; use {recipe}", highlight=False,
+    )
+
+
 def _read_context(path: Path) -> str:
     if not path.is_file():
         _fail(f"--context-file {str(path)!r} is not a readable file")
@@ -371,6 +429,15 @@ def _float(text: str, what: str) -> float:
         return float(text)
     except ValueError:
         raise kvlab.InputError(f"{what} {text!r} is not a number") from None
+
+
+def _int(text: str, what: str) -> int:
+    import kvlab
+
+    try:
+        return int(text)
+    except ValueError:
+        raise kvlab.InputError(f"{what} {text!r} is not an integer") from None
 
 
 class _nothing:

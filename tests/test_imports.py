@@ -19,7 +19,7 @@ STAGES = ("position", "prefill", "compress", "quantize", "retrieve")
 PRIMITIVES = {
     "kvlab.engine.cache", "kvlab.engine.ragged", "kvlab.engine.rotary", "kvlab.engine.kernels",
     "kvlab.engine.workspace",
-    "kvlab.engine.context", "kvlab.engine.progress", "kvlab.engine.prompt",
+    "kvlab.engine.context", "kvlab.engine.progress", "kvlab.engine.prompt", "kvlab.engine.calibration",
     "kvlab.engine.sampling", "kvlab.engine.loading", "kvlab.corpus", "kvlab.recipe",
     "kvlab.compress.decoding", *(f"kvlab.{stage}.base" for stage in STAGES),
 }

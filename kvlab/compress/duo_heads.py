@@ -6,13 +6,7 @@ of :mod:`kvlab.compress.duo_probes`, and their cache on disk and in memory (see
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import re
-import tempfile
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -22,6 +16,7 @@ from torch import Tensor
 
 from kvlab.compress.base import CompressMethod
 from kvlab.compress.duo_probes import DEFAULT_PROBE_SET, Probe, family_prompts, parse_probe_set
+from kvlab.engine import calibration
 from kvlab.engine.context import LayerContext
 from kvlab.engine.progress import progress_bar
 
@@ -32,7 +27,6 @@ PROBE_ROOM = 64
 """Tokens a probe needs beyond ``sink + recent``: the needles, the question and the answer."""
 
 _SCORES: dict[str, Tensor] = {}  # method:cache key -> scores [layers, kv_heads], for this process
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weight digest
 
 
 @dataclass(frozen=True)
@@ -86,42 +80,20 @@ def cached_head_scores(
 
 
 def cache_key(engine: Any, settings: Any) -> str:
-    """Digest of the model (name, configuration, weight fingerprint, dtype) and the settings."""
-    parts = {
-        "version": SCORE_VERSION,
-        "model": engine.name,
-        "config": engine.config.to_json_string(use_diff=False),
-        "weights": _weight_fingerprint(engine.model),
-        "tokenizer": type(engine.tokenizer).__name__ if engine.tokenizer is not None else None,
-        "settings": dataclasses.asdict(settings),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    """Digest of the model (name, configuration, weight fingerprint, dtype) and the settings
+    (:func:`kvlab.engine.calibration.cache_key`)."""
+    return calibration.cache_key(engine, SCORE_VERSION, dataclasses.asdict(settings))
 
 
 def score_path(engine: Any, key: str, method: str = "duo_attention") -> Path:
-    from kvlab.engine.loading import cache_dir
-
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", engine.name)
-    return cache_dir() / method / f"{model}-{key}.json"
-
-
-def _weight_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap digest of the weights: the first 64 values of every parameter, and the dtype
-    (two random models of one configuration differ; kept per model object)."""
-    if model not in _FINGERPRINTS:
-        params = list(model.parameters())
-        head = torch.cat([p.detach().reshape(-1)[:64].float() for p in params]).cpu()
-        digest = hashlib.sha256(head.numpy().tobytes())
-        digest.update(str(params[0].dtype).encode())
-        _FINGERPRINTS[model] = digest.hexdigest()
-    return _FINGERPRINTS[model]
+    return calibration.record_path(engine, key, method)
 
 
 def _read_scores(path: Path, shape: list[int]) -> Tensor | None:
+    record = calibration.read_record(path)
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        scores = torch.tensor(stored["scores"], dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError):
+        scores = torch.tensor(record["scores"], dtype=torch.float32)  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
         return None
     return scores if list(scores.shape) == shape else None
 
@@ -129,20 +101,11 @@ def _read_scores(path: Path, shape: list[int]) -> Tensor | None:
 def _write_scores(
     path: Path, engine: Any, settings: Any, scores: Tensor, seconds: float, method: str
 ) -> None:
-    record = {
+    calibration.write_record(path, {
         "method": method, "version": SCORE_VERSION, "model": engine.name,
         "settings": dataclasses.asdict(settings), "seconds": round(seconds, 3),
         "scores": scores.tolist(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out)
-        os.replace(staging, path)
-    except OSError:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    })
 
 
 def measure_heads(engine: Any, settings: Identification) -> Tensor:

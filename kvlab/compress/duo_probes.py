@@ -72,7 +72,8 @@ class Probe:
     """One identification prompt: ``ids``, whose last ``answer`` queries predict the answer
     (teacher-forced); ``needle``: the (start, end) token positions of the needle holding the
     answer; ``spans``: every span the answer needs (``needle`` included), the entries the
-    ``needle`` score counts; ``expected``: the answer text (empty for random probes)."""
+    ``needle`` score counts; ``expected``: the answer text (empty for random probes);
+    ``targets``: the ``answer`` tokens those queries predict (``ids`` holds all but the last)."""
 
     family: str
     ids: list[int]
@@ -80,6 +81,7 @@ class Probe:
     needle: tuple[int, int]
     spans: tuple[tuple[int, int], ...]
     expected: str = ""
+    targets: tuple[int, ...] = ()
 
 
 @dataclass
@@ -107,7 +109,8 @@ def family_prompts(
 
 
 def _assemble(family: str, head: list[int], needles: list[_Needle], tail: list[int], answer: int,
-              filler: list[int], expected: str, *, length: int, sink: int, recent: int) -> Probe:
+              filler: list[int], expected: str, targets: list[int], *, length: int, sink: int,
+              recent: int) -> Probe:
     """``head``, filler with ``needles`` woven in by depth, ``tail``: exactly ``length`` tokens.
     Every needle starts at or after ``max(sink, len(head))`` and ends before the streaming
     window of the first answer query (position ``length - answer``) and before the tail."""
@@ -134,7 +137,7 @@ def _assemble(family: str, head: list[int], needles: list[_Needle], tail: list[i
         if n.holds_answer:
             needle = span
     ids += filler[used:room] + tail
-    return Probe(family, ids, answer, needle, tuple(spans), expected)
+    return Probe(family, ids, answer, needle, tuple(spans), expected, tuple(targets))
 
 
 # -- text probes -----------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def _text_parts(fmt: Any, family: str, k: int, depth: float, length: int):
     while len(filler) < length:
         filler += fmt.encode("".join(haystack_units("prose", length, offset)), first=False)
         offset += length
-    return head, needles, answered[:-1], len(answered) - common, filler, answer
+    return head, needles, answered[:-1], len(answered) - common, filler, answer, answered[common:]
 
 
 def _random_parts(vocab: int, family: str, k: int, depth: float, length: int):
@@ -205,7 +208,7 @@ def _random_parts(vocab: int, family: str, k: int, depth: float, length: int):
     if family == "passkey":
         needle = draw(RANDOM_NEEDLE)
         filler = draw(length)
-        return [], [_Needle(needle, depth, True, True)], needle[:-1], RANDOM_NEEDLE, filler, ""
+        return [], [_Needle(needle, depth, True, True)], needle[:-1], RANDOM_NEEDLE, filler, "", needle
     if family == "words":
         key, value = draw(2), draw(2)
         needle, answer = key + value, value
@@ -222,4 +225,4 @@ def _random_parts(vocab: int, family: str, k: int, depth: float, length: int):
         needles = [_Needle(a + v, depth, True, True), _Needle(key + a, round(rng.uniform(depth, 1.0), 3), True, False)]
         answer = a + v
     filler = draw(length)
-    return [], needles, (key + answer)[:-1], len(answer), filler, ""
+    return [], needles, (key + answer)[:-1], len(answer), filler, "", answer

@@ -190,7 +190,10 @@ class Engine:
                 raise RecipeError(f"{method.name} is not supported on {layers}: {method.sliding_window_refusal}")
 
     def context_window(self, recipe: Recipe) -> int:
-        return (recipe.position or TRAINED_ROPE).context_window(self.trained_length)
+        """Tokens the recipe's position method attends over on this model (as it runs here:
+        DPE's calibrated scales are read, and refused when missing, before any prefill)."""
+        position = recipe.position or TRAINED_ROPE
+        return (position.prepare(self) or position).context_window(self.trained_length)
 
     @torch.inference_mode()
     def forward(

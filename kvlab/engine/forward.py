@@ -59,7 +59,10 @@ class ForwardContext:
 
     @property
     def position(self) -> PositionMethod:
-        return self.recipe.position or TRAINED_ROPE
+        """The recipe's position method as it runs on this model (what its
+        :meth:`PositionMethod.prepare` gave, e.g. DPE's calibrated scales), RoPE as trained
+        when the recipe has none."""
+        return self.prepared.get("position") or self.recipe.position or TRAINED_ROPE
 
     def layer_rope(self, layer: LayerKV) -> tuple[PositionMethod, Rotary]:
         """The position method and rotary of ``layer``: the recipe's for a global layer, RoPE

@@ -96,8 +96,9 @@ class Sequence:
 
     @property
     def position(self) -> PositionMethod:
-        """The recipe's position method (RoPE as trained when it has none)."""
-        return self.recipe.position or TRAINED_ROPE
+        """The recipe's position method as it runs on this model (what its
+        :meth:`PositionMethod.prepare` gave, if anything), RoPE as trained when it has none."""
+        return self.prepared.get("position") or self.recipe.position or TRAINED_ROPE
 
     @property
     def layers(self) -> list[LayerKV]:

@@ -37,6 +37,13 @@ class PositionMethod(Method):
         """transformers rope parameters that replace the model's (None: keep them)."""
         return None
 
+    def prepare(self, engine: Any) -> PositionMethod | None:
+        """This method as it runs on ``engine``'s model, where that needs the model (DPE's
+        ``scales=calibrated``); the engine attends with it in place of this one (it reaches
+        :attr:`ForwardContext.position` as ``prepared["position"]``). Kept cheap: it is also
+        asked for the context window. None: this method as it is."""
+        return None
+
     def context_window(self, trained: int) -> int:
         """Tokens the model can attend over with this method, given its trained length."""
         return trained

@@ -15,7 +15,7 @@ PRE_ROPE = {  # keep keys before RoPE
     "dca": "dca(chunk_size=48, local_window=8)",
     "string": "string(shift=40, local_window=8)",
     "rerope": "rerope(window=16, leaky=true, k=4)",
-    "lampe": "lampe(head=16, scale=60.0, slope=0.01, offset=-1.0)",
+    "lampe": "lampe(head=16, tail=20, scale=60.0, slope=0.01, offset=-1.0, short=0)",
     "self_extend": "self_extend(group_size=4, window=16)",
     "dpe": "dpe(scales=[1, 2, 4, 8], window=16)",
     "longrope": test_longrope.LISTED,
