@@ -82,7 +82,10 @@ def main() -> None:
     for c in range(args.cases):
         passages, question, answer_prefix, value = case(rng, args.docs, args.doc_words)
         sets = {recipe: engine.documents(recipe, INSTRUCTION) for recipe in RECIPES}
-        keys = {recipe: [docs.add(p) for p in passages] for recipe, docs in sets.items()}
+        keys = {RECIPES[0]: [sets[RECIPES[0]].add(p) for p in passages]}
+        for recipe in RECIPES[1:]:  # a passage's encoding does not depend on T or S: encoded once
+            sets[recipe].cache = sets[RECIPES[0]].cache
+            keys[recipe] = keys[RECIPES[0]]
         docs = sets[RECIPES[0]]
         ids = docs.sequential_ids(question, keys[RECIPES[0]], answer_prefix)
         tokens.append({"prompt": len(ids), "passages": [len(docs.cache[k]) for k in keys[RECIPES[0]]]})
