@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from kvlab.engine.context import LayerContext, causal_pairs
+from kvlab.engine.context import LayerContext
 from kvlab.engine.kernels import merge_partials, partial_attention
 from kvlab.errors import RecipeError
 from kvlab.registry import param, register
@@ -79,8 +79,7 @@ class Ape(ReuseMethod):
         keys, values, k_pos = layer.keys, layer.values, layer.key_positions()
         # fp32 logits x_j = q.k_j / sqrt(d) [b, Hq, t, n], -inf where a key is after the query
         logits = ctx.position.logits(q, ctx.positions, keys, k_pos, ctx.rotary, ctx.scaling)
-        if ctx.pairs is not None:
-            ctx.count_pairs(causal_pairs(q, ctx.positions, k_pos, None))
+        ctx.count_pairs(torch.isfinite(logits).sum())  # (documents share positions: not sorted)
         start, end = span.start, span.end
         docs_out, docs_lse = partial_attention(logits[..., start:end] / self.temperature, values[:, :, start:end])
         other_logits = torch.cat([logits[..., :start], logits[..., end:]], dim=-1)

@@ -40,6 +40,8 @@ from kvlab.server.metrics import Metrics
 from kvlab.server.protocol import ApiError, GenerationRequest, TextStream
 
 _SPLIT = "\u2063KVLAB_DOCUMENTS\u2063"
+CHAT_MAX_TOKENS = 512
+"""Default ``max_tokens`` (the worker's, for every chat request)."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ class DocumentServer:
             chosen.append(doc)
             reports.append({"id": key, "tokens": len(doc), "cached": hit})
         prompt_tokens = len(prefix_ids) + sum(len(d) for d in chosen) + len(question)
-        max_tokens = request.max_tokens or max(1, min(512, engine.context_window(request.recipe) - prompt_tokens))
+        window = engine.context_window(request.recipe)
+        max_tokens = request.max_tokens or max(1, min(CHAT_MAX_TOKENS, window - prompt_tokens))
         positions = len(prefix_ids) + max(len(d) for d in chosen) + len(question)
         engine.check_fits(request.recipe, positions, max_tokens, allow_overflow=False)
         self.check_memory(prompt_tokens + max_tokens)

@@ -254,3 +254,13 @@ def test_one_document_at_t_1_s_1_answers_as_full_over_the_same_tokens(text_engin
     assert ape.token_ids == full.token_ids
     with pytest.raises(kvlab.InputError, match="has no reuse method"):
         text_engine.documents("full")
+
+
+def test_the_questions_prefill_counts_every_pair_it_computed(engine):
+    """Each question token attends to the prefix, every document and the question up to itself."""
+    prefix, docs, rest = parts()
+    _, _, sequence = joined(engine, "ape", prefix, docs)
+    engine.prefill(sequence, rest[:QUESTION], compress=False)
+    heads = engine.config.num_attention_heads
+    per_head = QUESTION * (PREFIX + sum(LENGTHS)) + QUESTION * (QUESTION + 1) // 2
+    assert sequence.layer_pairs == [heads * per_head] * engine.config.num_hidden_layers
