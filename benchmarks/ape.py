@@ -42,15 +42,18 @@ INSTRUCTION = ("Some passages follow; one of them hides a special magic number. 
 RECIPES = ("ape", "ape(temperature=1.0, scale=1.0)")
 
 
-def case(rng: random.Random, docs: int, words: int) -> tuple[list[str], str, str, str]:
-    """Passages, the question, its answer prefix and the gold value."""
-    [key] = random_keys(rng, 1, "")
-    [value] = random_numbers(rng, 1, 7)
-    holder = rng.randrange(docs)
+def case(rng: random.Random, docs: int, words: int, distractors: int = 0) -> tuple[list[str], str, str, str]:
+    """Passages, the question, its answer prefix and the gold value; ``distractors`` more
+    needles (other keys, other numbers) in random passages."""
+    key, *others = random_keys(rng, 1 + distractors, "")
+    value, *other_values = random_numbers(rng, 1 + distractors, 7)
+    hidden: dict[int, list[str]] = {}  # passage -> its needles
+    for k, v in [(key, value), *zip(others, other_values)]:
+        hidden.setdefault(rng.randrange(docs), []).append(needle(k, v))
     passages = []
     for i in range(docs):
         units = haystack_units("prose", words, rng.choice(sentence_starts()))
-        inserts = [(round(rng.random(), 4), needle(key, value))] if i == holder else []
+        inserts = [(round(rng.random(), 4), n) for n in hidden.get(i, [])]  # each at a random depth
         passages.append(f"Passage {i + 1}:\n" + weave(units, inserts) + "\n\n")
     question = f"What is the special magic number for {key} mentioned in the provided passages?"
     prefix = f"The special magic number for {key} mentioned in the provided passages is"
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=4)
     parser.add_argument("--doc-words", type=int, default=480)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--distractors", type=int, default=0, help="needles of other keys (RULER's multikey)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/ape.json")
     args = parser.parse_args()
@@ -80,7 +84,7 @@ def main() -> None:
     tokens: list[dict[str, int]] = []
     started = time.perf_counter()
     for c in range(args.cases):
-        passages, question, answer_prefix, value = case(rng, args.docs, args.doc_words)
+        passages, question, answer_prefix, value = case(rng, args.docs, args.doc_words, args.distractors)
         sets = {recipe: engine.documents(recipe, INSTRUCTION) for recipe in RECIPES}
         keys = {RECIPES[0]: [sets[RECIPES[0]].add(p) for p in passages]}
         for recipe in RECIPES[1:]:  # a passage's encoding does not depend on T or S: encoded once
@@ -105,7 +109,7 @@ def main() -> None:
     result = {
         "model": engine.name, "device": str(engine.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(), "cases": args.cases,
-        "docs": args.docs, "doc_words": args.doc_words, "seed": args.seed,
+        "docs": args.docs, "doc_words": args.doc_words, "distractors": args.distractors, "seed": args.seed,
         "mean_prompt_tokens": statistics.mean(t["prompt"] for t in tokens),
         "mean_passage_tokens": statistics.mean(n for t in tokens for n in t["passages"]),
         "accuracy": {name: sum(r["correct"] for r in rs) / len(rs) for name, rs in rows.items()},
@@ -121,7 +125,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     table = [
         f"APE vs full on {args.cases} cases x {args.docs} passages (mean {result['mean_passage_tokens']:.0f} "
-        f"tokens each, prompt {result['mean_prompt_tokens']:.0f} tokens), {engine.name}, {engine.device}, "
+        f"tokens each, prompt {result['mean_prompt_tokens']:.0f} tokens, {args.distractors} distractor "
+        f"needles), {engine.name}, {engine.device}, "
         f"{result['threads']} torch thread, load average {result['load_average'][0]:.1f}",
         "",
         "| recipe | accuracy |",
