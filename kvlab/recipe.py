@@ -18,20 +18,21 @@ from kvlab.prefill.base import PrefillMethod
 from kvlab.quantize.base import QuantizeMethod
 from kvlab.registry import STAGES, Method, method_class
 from kvlab.retrieve.base import RetrieveMethod
+from kvlab.reuse.base import ReuseMethod
 
 MAX_RECIPE_CHARS = 2000
 """Longest recipe string accepted (a recipe holds at most one method per stage)."""
 MAX_TERMS = len(STAGES)
 _STAGE_TYPES: dict[str, type[Method]] = {
     "position": PositionMethod, "prefill": PrefillMethod, "compress": CompressMethod,
-    "quantize": QuantizeMethod, "retrieve": RetrieveMethod,
+    "quantize": QuantizeMethod, "retrieve": RetrieveMethod, "reuse": ReuseMethod,
 }
 
 
 @dataclass(frozen=True)
 class Recipe:
     """One method per stage, or ``None`` for the stage's default (RoPE as trained, dense
-    prefill, no compression, dense decoding). Built valid or not at all: each field holds a
+    prefill, no compression, dense decoding, no joined documents). Built valid or not at all: each field holds a
     method of its own stage, and the methods must work together (:func:`check_compatible`)."""
 
     position: PositionMethod | None = None
@@ -39,6 +40,7 @@ class Recipe:
     compress: CompressMethod | None = None
     quantize: QuantizeMethod | None = None
     retrieve: RetrieveMethod | None = None
+    reuse: ReuseMethod | None = None
 
     def __post_init__(self) -> None:
         for stage, expected in _STAGE_TYPES.items():
@@ -59,7 +61,7 @@ class Recipe:
 
     @property
     def methods(self) -> list[Method]:
-        stages = (self.position, self.prefill, self.compress, self.quantize, self.retrieve)
+        stages = (self.position, self.prefill, self.compress, self.quantize, self.retrieve, self.reuse)
         return [m for m in stages if m]
 
     def __str__(self) -> str:
@@ -169,6 +171,24 @@ def check_compatible(recipe: Recipe) -> None:
                     f"use {compress.name} without a {other.stage} method, or {other.name} with a "
                     "compress method that keeps the same entries in every head (e.g. snapkv)",
                 )
+    reuse = recipe.reuse
+    if reuse is not None:
+        for other in (prefill, compress, quantize, retrieve):
+            if other is not None:
+                raise _unsupported(
+                    other, reuse,
+                    f"{reuse.name} joins documents encoded apart into one cache of plain entries and "
+                    f"computes the question's attention over them itself, and {other.name} changes "
+                    f"the {other.stage} stage's entries or attention",
+                    f"use {reuse.name} alone or with a drop-in position method (e.g. yarn)",
+                )
+        if position is not None and position.stores_pre_rope:
+            raise _unsupported(
+                position, reuse,
+                f"{reuse.name} stores each document's keys rotated once at its own positions, but "
+                f"{position.name} keeps keys before RoPE",
+                f"choose {_rotated_alternative(position)} with {reuse.name}",
+            )
     if position is not None and quantize is not None:
         if position.stores_pre_rope and quantize.needs_rotated_keys:
             raise _unsupported(

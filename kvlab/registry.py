@@ -15,10 +15,11 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from kvlab.errors import RecipeError
 
-Stage = Literal["position", "prefill", "compress", "quantize", "retrieve"]
-STAGES: tuple[Stage, ...] = ("position", "prefill", "compress", "quantize", "retrieve")
+Stage = Literal["position", "prefill", "compress", "quantize", "retrieve", "reuse"]
+STAGES: tuple[Stage, ...] = ("position", "prefill", "compress", "quantize", "retrieve", "reuse")
 """Lifecycle order. ``quantize`` is the compress stage's second half (smaller entries, where
-``compress`` keeps fewer): it owns the storage format, so it combines with any eviction."""
+``compress`` keeps fewer): it owns the storage format, so it combines with any eviction.
+``reuse`` methods act on caches encoded apart and joined (APE's documents)."""
 
 Budget = Union[int, float]
 """A KV budget: an integer token count (>= 1) or a float fraction of the context in (0, 1]."""

@@ -78,12 +78,12 @@ def _writes(name: str, content: str | bytes) -> Callable[[Path], None]:
 # -- recipes ---------------------------------------------------------------------------------
 ASK = ["ask", "--context-file", "{context}", "--question", "Q?", "--model", "{model}"]
 CLI_RECIPES: list[tuple[str, list[str], str]] = [
-    ("recipe-1000-terms", [*ASK, "--recipe", MANY_TERMS], "at most 5 methods"),
+    ("recipe-1000-terms", [*ASK, "--recipe", MANY_TERMS], "at most 6 methods"),
     ("recipe-duplicate-parameter", [*ASK, "--recipe", "snapkv(budget=0.25, budget=0.5)"], "given twice"),
     ("recipe-budget-1e23", [*ASK, "--recipe", f"snapkv(budget={10**23})"], "<= 16777216"),
 ]
 API_RECIPES: list[tuple[str, Callable[..., object], type[Exception], str]] = [
-    ("recipe-1000-terms", lambda: parse_recipe(MANY_TERMS), RecipeError, "at most 5 methods"),
+    ("recipe-1000-terms", lambda: parse_recipe(MANY_TERMS), RecipeError, "at most 6 methods"),
     ("recipe-too-long", lambda: parse_recipe("snapkv(window=" + "1" * 3000 + ")"), RecipeError, "at most 2000"),
     ("recipe-duplicate-parameter", lambda: parse_recipe("snapkv(budget=0.25, budget=0.5)"), RecipeError, "'budget' is given twice"),
     ("recipe-budget-1e23", lambda: parse_recipe(f"snapkv(budget={10**23})"), RecipeError, "<= 16777216"),

@@ -56,11 +56,13 @@ PRE_ROPE = "keeps keys before RoPE"
 OWN_ATTENTION = "attends with its block-sparse kernel over keys at plain RoPE positions"
 SELECTS_KV = "chooses the kept KV entries itself"
 RAGGED = "keeps a different number of entries per KV head"
+JOINED = "joins documents encoded apart into one cache of plain entries"
 REFUSED = {
-    PRE_ROPE: (_position_methods("stores_pre_rope"), {"quest", "tokenselect", "retrieval_attention", "think"}),
+    PRE_ROPE: (_position_methods("stores_pre_rope"), {"quest", "tokenselect", "retrieval_attention", "think", "ape"}),
     OWN_ATTENTION: (_position_methods("own_attention"), {"vertical_slash", "block_sparse", "sale"}),
     SELECTS_KV: ({"fastkv"}, stage_methods("compress")),
     RAGGED: ({"adakv", "duo_attention"}, stage_methods("quantize", "retrieve")),
+    JOINED: (stage_methods("reuse"), stage_methods("prefill", "compress", "quantize", "retrieve")),
 }
 """The refusals, by rule: the words of the reason, and which methods it sets against which.
 - position methods that keep keys before RoPE, against methods that score or prune the
@@ -69,7 +71,10 @@ REFUSED = {
   block-sparse prefill kernels, which rotate at plain RoPE positions;
 - FastKV, which keeps the entries its own budget chooses, against any compress method;
 - compress methods that keep a different number of entries per KV head (ragged storage),
-  against the quantize formats and the retrieve methods (one rectangular tensor per layer)."""
+  against the quantize formats and the retrieve methods (one rectangular tensor per layer);
+- the reuse methods (APE: documents encoded apart, joined, attended with their own
+  arithmetic), against every method of the prefill, compress, quantize and retrieve stages
+  (and, by the first rule, the position methods that keep keys before RoPE)."""
 
 REPRESENTATIVES = {
     "position": ["yarn(factor=2)", "self_extend(group_size=4, window=16)"],
@@ -84,6 +89,7 @@ REPRESENTATIVES = {
         "tokenselect(budget=16, n_init=4, n_local=16)",
         "shadowkv(budget=16, rank=8, outliers=2, local=2)",
     ],
+    "reuse": ["ape", "ape(temperature=0.5, scale=0.7)"],
 }
 """Per stage, two kinds the other stages must meet: RoPE'd keys (yarn) and keys kept before
 RoPE (self_extend); a sparse pattern (vertical_slash) and a prefill of selected tokens only
@@ -209,7 +215,8 @@ def with_representatives(info, kind: int) -> str:
 @pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
 def test_a_method_with_every_stage_it_accepts_at_once(engine, info, kind):
     recipe = with_representatives(info, kind)
-    assert recipe.count(" + ") >= 2, recipe  # the ragged compress methods take 3 stages
+    # the ragged compress methods take 3 stages; a reuse method takes only a position method
+    assert recipe.count(" + ") >= (1 if info.stage == "reuse" else 2), recipe
     assert check(engine, recipe)
 
 
@@ -237,6 +244,7 @@ def test_every_rule_names_registered_methods_refuses_a_pair_and_is_in_the_readme
     assert set(REFUSED) <= seen
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     paragraph = readme[readme.index("**Which combinations hold.**"):readme.index("## Set up")]
-    named = set().union(*REFUSED[PRE_ROPE], *REFUSED[OWN_ATTENTION], REFUSED[SELECTS_KV][0], REFUSED[RAGGED][0])
+    named = set().union(*REFUSED[PRE_ROPE], *REFUSED[OWN_ATTENTION], REFUSED[SELECTS_KV][0], REFUSED[RAGGED][0],
+                        REFUSED[JOINED][0])
     for name in sorted(named):
         assert f"`{name}`" in paragraph, name

@@ -21,8 +21,10 @@ PRIMITIVES = {
     "kvlab.engine.workspace",
     "kvlab.engine.context", "kvlab.engine.progress", "kvlab.engine.prompt", "kvlab.engine.calibration",
     "kvlab.engine.sampling", "kvlab.engine.loading", "kvlab.corpus", "kvlab.recipe",
-    "kvlab.compress.decoding", *(f"kvlab.{stage}.base" for stage in STAGES),
+    "kvlab.compress.decoding", *(f"kvlab.{stage}.base" for stage in STAGES), "kvlab.reuse.base",
 }
+REUSE_METHODS = {"kvlab.reuse.ape"}
+"""The reuse stage's methods (the rest of ``kvlab.reuse``, the sessions, is dispatch)."""
 DISPATCH = {
     "kvlab", "kvlab.engine", "kvlab.engine.sequence", "kvlab.engine.forward",
     "kvlab.engine.attention", "kvlab.engine.results", "kvlab.engine.engine",
@@ -37,7 +39,7 @@ def layer_of(module: str) -> str:
         return "registry"
     if module in PRIMITIVES:
         return "primitives"
-    if module.split(".")[1:2] and module.split(".")[1] in STAGES:
+    if (module.split(".")[1:2] and module.split(".")[1] in STAGES) or module in REUSE_METHODS:
         return "methods"
     if module in DISPATCH or module.startswith("kvlab.reuse"):
         return "dispatch"

@@ -19,7 +19,7 @@ import kvlab
 import kvlab.registry
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_PACKAGES = ("position", "prefill", "compress", "quantize", "retrieve")
+STAGE_PACKAGES = ("position", "prefill", "compress", "quantize", "retrieve", "reuse")
 NOT_REGISTERED = {
     ("kvlab.position.base", "TrainedRope"): "the model's own RoPE: the default when a recipe has "
     "no position method (TRAINED_ROPE), not a method a recipe names",

@@ -4,6 +4,8 @@ Every attention layer of a model run by kvlab calls :func:`kvlab_attention`. It 
 forward's new keys and values, then asks the recipe's methods, in lifecycle order, who
 computes this call:
 
+0. **reuse** — on a cache joined from documents encoded apart (APE), the question's and the
+   generated tokens' attention over them (the recipe refuses the other stages' methods there);
 1. **retrieve** — a decoding step (one query) may attend to a selected subset of the cache
    (and prompt tokens appended after the context, to entries its index moved out of storage);
 2. **prefill** — a prompt forward on a layer nothing was evicted from may use a sparse pattern
@@ -71,7 +73,9 @@ def kvlab_attention(
         return out.transpose(1, 2).contiguous(), None
     decoding = query.shape[2] == 1 and ctx.phase is Phase.DECODE
     out: Tensor | None = None
-    if decoding and recipe.retrieve is not None:
+    if recipe.reuse is not None:  # joined documents (APE): the reuse method owns their attention
+        out = recipe.reuse.attend(query, ctx)  # (a recipe with one has no prefill or retrieve method)
+    elif decoding and recipe.retrieve is not None:
         out = recipe.retrieve.attend(query, ctx)
     elif ctx.phase is Phase.APPEND and recipe.retrieve is not None:
         out = recipe.retrieve.attend_appended(query, ctx)

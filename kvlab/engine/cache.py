@@ -134,6 +134,15 @@ class LayerKV:
             return self.positions[entries]
         return self.positions[:, heads].gather(2, entries)
 
+    def load_entries(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Start the layer with exactly these entries ``[batch, kv_heads, n, d]`` at ``positions``
+        ``[n]``, in any order and possibly repeated (documents encoded apart after one prefix
+        share positions: APE); the next token's position is after the largest."""
+        self._store(keys, values)
+        self.is_initialized = True
+        self.positions = positions.to(torch.int32).contiguous()
+        self.seen = int(positions.max()) + 1 if positions.numel() else 0
+
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Add ``t`` new entries ``[batch, kv_heads, t, d]`` at ``positions`` ``[t]``."""
         if not self.is_initialized or self.keys is None:

@@ -39,6 +39,7 @@ from kvlab.recipe import Recipe, parse_recipe
 from kvlab.engine.results import (
     Answer, Counters, Decoded, Stats, check_max_new_tokens, check_text,
 )
+from kvlab.reuse.documents import Documents
 from kvlab.reuse.session import Session
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -415,6 +416,14 @@ class Engine:
     ) -> Session:
         """Encode ``context`` once; ask it many questions (see :class:`kvlab.reuse.Session`)."""
         return Session(self, context, parse_recipe(recipe), mode, allow_overflow)
+
+    def documents(
+        self, recipe: Recipe | str = "ape", instruction: str = "", allow_overflow: bool = False,
+    ) -> Documents:
+        """Encode a shared prefix (the chat template's start and ``instruction``) once; add
+        documents, each encoded once after it; ask questions over any of them in any order
+        (APE: see :class:`kvlab.reuse.documents.Documents`)."""
+        return Documents(self, recipe, instruction, allow_overflow)
 
 
 def _propagate_rows(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

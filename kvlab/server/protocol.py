@@ -21,7 +21,8 @@ COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", 
                  "stream_options", "n", "kvlab")
 CHAT_FIELDS = ("messages", *COMMON_FIELDS)
 COMPLETION_FIELDS = ("prompt", *COMMON_FIELDS)
-KVLAB_FIELDS = ("recipe",)
+KVLAB_FIELDS = ("recipe", "documents")
+MAX_DOCUMENTS = 256  # documents one request may name (kvlab.documents)
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -62,6 +63,9 @@ class GenerationRequest:
     include_usage: bool
     messages: tuple[dict[str, str], ...] = ()
     prompt: str = ""
+    documents: tuple[str | dict[str, str], ...] = ()
+    """``kvlab.documents``: texts, or ``{"id": key}`` of documents encoded before (APE:
+    :mod:`kvlab.server.documents`)."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -108,7 +112,7 @@ def parse_request(kind: str, body: Any, default_recipe: Recipe) -> GenerationReq
     common = dict(
         kind=kind, model=model, recipe=recipe, max_tokens=max_tokens,
         sampling=Sampling(temperature, top_p, seed), stop=_stop(body.get("stop")), stream=stream,
-        include_usage=include_usage,
+        include_usage=include_usage, documents=_documents(body.get("kvlab")),
     )
     if kind == "chat":
         return GenerationRequest(messages=_messages(body.get("messages")), **common)
@@ -165,6 +169,22 @@ def _recipe(value: Any, default: Recipe) -> Recipe:
         return parse_recipe(recipe)
     except KvlabError as exc:
         raise ApiError(400, str(exc), param="kvlab.recipe", code="invalid_recipe") from None
+
+
+def _documents(value: Any) -> tuple[str | dict[str, str], ...]:
+    documents = value.get("documents") if isinstance(value, dict) else None
+    if documents is None:
+        return ()
+    if not isinstance(documents, list) or not documents or len(documents) > MAX_DOCUMENTS:
+        raise bad("kvlab.documents", f"kvlab.documents={_short(documents)}: must be a list of 1 to "
+                  f"{MAX_DOCUMENTS} documents (texts, or {{'id': KEY}} of documents sent before)")
+    for i, doc in enumerate(documents):
+        text_ok = isinstance(doc, str) and doc.strip()
+        id_ok = isinstance(doc, dict) and set(doc) == {"id"} and isinstance(doc["id"], str)
+        if not (text_ok or id_ok):
+            raise bad(f"kvlab.documents[{i}]", f"kvlab.documents[{i}]={_short(doc)}: must be a non-empty "
+                      "text or {'id': KEY} (a key from an earlier response's usage.documents)")
+    return tuple(documents)
 
 
 def _messages(value: Any) -> tuple[dict[str, str], ...]:

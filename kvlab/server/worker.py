@@ -48,6 +48,7 @@ from kvlab.engine.engine import Engine
 from kvlab.engine.rotary import head_dim
 from kvlab.errors import InputError, KvlabError
 from kvlab.reuse.session import Session
+from kvlab.server.documents import DocumentServer
 from kvlab.server.metrics import Metrics
 from kvlab.server.protocol import ApiError, GenerationRequest, TextStream
 from kvlab.server.store import ContextStore, Entry
@@ -120,6 +121,8 @@ class Worker:
         self._closed = False
         self._mean_latency = 1.0
         self.loaded: list[tuple[str, str]] = []  # (text, recipe) of contexts loaded from files
+        self.documents = DocumentServer(engine, metrics, store.max_bytes, self.check_memory)
+        """Requests that name documents (``kvlab.documents``, APE): :mod:`kvlab.server.documents`."""
         self._thread = threading.Thread(target=self._run, name="kvlab-engine", daemon=True)
 
     def start(self) -> None:
@@ -220,7 +223,9 @@ class Worker:
             self.metrics.kv_bytes_held.set(self.store.held_bytes)
             self.metrics.cached_contexts.set(len(self.store))
 
-    def _generate(self, job: Job, request: GenerationRequest) -> tuple[Entry, Outcome]:
+    def _generate(self, job: Job, request: GenerationRequest) -> tuple[Entry | None, Outcome]:
+        if request.documents:  # APE: documents encoded once each, joined for the question
+            return None, self.documents.generate(job, request)
         engine = self.engine
         ids, context_tokens = self.tokenize(request)
         window = engine.context_window(request.recipe)

@@ -24,7 +24,9 @@ DROP_IN = {"pi": "pi(factor=2)", "ntk": "ntk(factor=4)", "llama3": "llama3(facto
 OWN_ATTENTION = {"dca", "string", "rerope", "lampe", "self_extend", "dpe"}
 NEEDS_ROTATED_KEYS = {"quest", "tokenselect", "retrieval_attention", "think"}
 PLAIN_ROPE_KERNEL = {"vertical_slash", "sale", "block_sparse"}
-OTHERS = [m for m in kvlab.methods() if m.stage not in ("baseline", "position")]
+OTHERS = [m for m in kvlab.methods() if m.stage not in ("baseline", "position", "reuse")]
+"""The reuse stage (``ape``) acts only on joined documents: its pairs with every position method
+are in ``tests/test_composition.py`` (refused with the pre-RoPE ones, run with the others)."""
 POSITIONS = {**PRE_ROPE, **DROP_IN}
 
 
