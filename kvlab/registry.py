@@ -88,6 +88,11 @@ class Method:
     name: ClassVar[str]
     paper: ClassVar[str]
     summary: ClassVar[str]
+    batches_decode: ClassVar[bool] = True
+    """Whether a decoding step of a sequence using this method may run in one model forward
+    with other sequences' steps (each still attends over its own cache, with its own recipe:
+    :class:`kvlab.engine.forward.BatchForward`). False for a method whose decoding step needs
+    the forward to itself."""
 
     def __post_init__(self) -> None:
         validate_params(self)
