@@ -16,6 +16,13 @@ attending over its own cache with its own recipe, so answers are the ones it wou
 a request whose recipe does not batch gets a forward of its own in the same step. Prefills are
 not batched and a long one holds the steps of the others until it ends (no chunked-prefill
 interleaving).
+
+Memory: each running request's fork holds its own copy of the context once it appends (the
+first append moves a layer's entries to storage of its own), so a request is admitted only
+while the stored contexts, the bytes reserved by the running requests and its own reserve
+(an uncompressed cache of its prompt and ``max_tokens``, an upper bound) fit
+``--max-cache-gib``; otherwise it waits at the head of the queue until running requests end
+(:meth:`Worker.room_for`). A request whose cache alone exceeds the cap is refused (413).
 The HTTP side (:mod:`kvlab.server.app`) never touches the engine: it queues a :class:`Job` and
 reads the events the worker posts to the job's asyncio queue (``delta`` text pieces, then
 ``done``, ``error`` or ``cancelled``). A job whose client left is cancelled: the worker takes
@@ -134,7 +141,13 @@ class Active:
     max_tokens: int
     prompt_tokens: int
     cached_tokens: int
+    reserved: int
+    """Bytes held for it while it runs: an uncompressed cache of its prompt and ``max_tokens``."""
     tokens: list[int] = field(default_factory=list)
+
+
+class NoRoom(Exception):
+    """A request's cache does not fit the cap beside the running requests' yet: it waits."""
 
 
 class Worker:
@@ -207,23 +220,41 @@ class Worker:
                     if not job.cancelled.is_set():
                         admitted.append(job)
                 self.metrics.queue_length.set(len(self._queue))
-            for job in admitted:
-                self.admit(job)
+            for i, job in enumerate(admitted):
+                if not self.admit(job):  # no room beside the running ones: wait at the head
+                    with self._wake:
+                        self._queue.extendleft(reversed(admitted[i:]))
+                        self.metrics.queue_length.set(len(self._queue))
+                    break
             if self.running:
                 self.step()
         for active in list(self.running):  # closed: what was running was cancelled
             self._end(active, cancelled=True)
 
-    def admit(self, job: Job) -> None:
+    def admit(self, job: Job) -> bool:
         """Prefill ``job``'s prompt (on a fork of its stored context) and add it to
-        :attr:`running`; an error is posted to the job."""
+        :attr:`running`; an error is posted to the job. False when its cache does not fit the
+        cap beside the running requests' (:meth:`room_for`): it was not started."""
         self.metrics.running.inc()
         try:
             self.running.append(self._prefill(job, job.request))
+        except NoRoom:
+            self.metrics.running.dec()
+            return False
         except Exception as exc:
             self.metrics.running.dec()
             self._post_error(job, exc)
             self._update_store_metrics()
+        return True
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the cache cap beside the stored contexts and the bytes
+        reserved by the running requests, once unpinned stored contexts are evicted as needed
+        (as nano-vllm's block manager answers ``can_allocate``). With nothing running, a
+        request that fits the cap alone (:meth:`check_memory`) always has room."""
+        running = sum(a.reserved for a in self.running)
+        self._evict(running + nbytes)
+        return not self.running or self.store.held_bytes + running + nbytes <= self.store.max_bytes
 
     def step(self) -> None:
         """One token for every running request: each draws from its logits (and ends on a stop
@@ -335,6 +366,11 @@ class Worker:
         self.check_memory(len(ids) + max_tokens)
         namespace = (job.tenant, engine.name, str(request.recipe))
         entry = self._match(namespace, ids)
+        reserved = self.full_bytes(len(ids) + max_tokens)
+        if not self.room_for(reserved + (0 if entry is not None else self.full_bytes(context_tokens))):
+            if entry is not None:
+                self.store.release(entry)
+            raise NoRoom
         if entry is None:
             self.metrics.cache_misses.inc()
             self._evict(self.full_bytes(context_tokens))
@@ -352,7 +388,7 @@ class Worker:
             return Active(
                 job=job, entry=entry, sequence=sequence, sampler=request.sampling.sampler(engine.device),
                 text=TextStream(engine.tokenizer, request.stop), logits=logits, max_tokens=max_tokens,
-                prompt_tokens=len(ids), cached_tokens=cached,
+                prompt_tokens=len(ids), cached_tokens=cached, reserved=reserved,
             )
         except BaseException:
             self.store.release(entry)
@@ -424,4 +460,4 @@ class Worker:
         return entry
 
 
-__all__ = ["CHAT_MAX_TOKENS", "COMPLETION_MAX_TOKENS", "Active", "Job", "Outcome", "Worker"]
+__all__ = ["CHAT_MAX_TOKENS", "COMPLETION_MAX_TOKENS", "Active", "Job", "NoRoom", "Outcome", "Worker"]

@@ -150,3 +150,20 @@ def test_a_client_leaving_a_batch_frees_only_its_request(serve, engine, steps):
     assert server.metric("kvlab_completion_tokens_total") == 120  # the one that left is not counted
     [entry] = server.app.state.store.entries()
     assert entry.pins == 0 and entry.sequence.seen == len(entry.tokens)  # stored as it was, unpinned
+
+
+def test_requests_wait_for_memory_rather_than_run_past_the_cache_cap(serve, steps):
+    steps.release.set()  # the probe runs freely
+    probe = serve()
+    out = probe.client().chat.completions.create(model=probe.engine.name, messages=chat(DOCUMENT, "Code?"),
+                                                 temperature=0, max_tokens=MAX_TOKENS)
+    [stored] = probe.app.state.store.entries()
+    one = probe.app.state.worker.full_bytes(out.usage.prompt_tokens + MAX_TOKENS)
+    server = serve(max_cache_bytes=stored.nbytes + one + one // 2)  # the context and one request's cache
+    steps.release.clear()
+    steps.clear()
+    requests = [("chat", chat(DOCUMENT, q), None) for q in ("Code?", "Who?", "Door?")]
+    answers = concurrently(server, requests, steps)
+    assert max(len(s) for s in steps) == 1  # one at a time: each waited for the one before
+    assert server.metric("kvlab_cache_evictions_total") == 0  # the context in use stayed stored
+    assert answers == alone(serve, requests)
