@@ -24,6 +24,7 @@ Markdown table (``--out``, default ``benchmarks/results/serve_load.{json,md}``).
 
     nohup python benchmarks/serve_load.py > serve_load.log 2>&1 &
     python benchmarks/serve_load.py --clients 8 --requests 2 --throughput-clients 1,4 --ttft-tokens 2k  # quick
+    python benchmarks/serve_load.py --decode-steps   # batched decoding steps vs one by one, no HTTP
 """
 
 from __future__ import annotations
@@ -248,7 +249,15 @@ def main() -> None:
                         help="torch threads of each server (OMP_NUM_THREADS; 0: torch's default). One: on a "
                              "shared, busy machine two threads waiting on each other are slower")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
+    parser.add_argument("--decode-steps", action="store_true",
+                        help="only compare decoding steps in this process (no server): B requests batched vs one by one")
+    parser.add_argument("--step-lengths", default="512,4k", help="context lengths of --decode-steps")
+    parser.add_argument("--step-batches", default="1,4,16", help="requests per step of --decode-steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting of --decode-steps (median)")
     args = parser.parse_args()
+    if args.decode_steps:
+        decode_steps(args, Path(args.out))
+        return
 
     from transformers import AutoTokenizer
 
@@ -343,6 +352,63 @@ def main() -> None:
     report["machine"]["load_at_end"] = load_note()
     save()
     print(markdown(report))
+
+
+def decode_steps(args: argparse.Namespace, out: Path) -> None:
+    """In this process, without HTTP: one decoding step of B requests on one stored context
+    as one batched forward (:meth:`Engine.decode_step`, what the server runs) against B
+    forwards one after the other (what a server without batching runs), interleaved step by
+    step so that a change of the machine's load hits both alike; median of ``--steps``."""
+    import torch
+
+    import kvlab
+    from kvlab.engine.forward import Phase
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    engine = kvlab.load(progress=False)
+    fmt = engine.prompt_format
+    rows = []
+    for length in [parse_length(x) for x in args.step_lengths.split(",")]:
+        ids = fmt.encode(document_of(engine.tokenizer, length), first=True)
+        stored = engine.new_sequence("full")
+        logits = engine.prefill(stored, ids, compress=True, progress=False)
+        token = int(logits.argmax())
+        for batch in [int(b) for b in args.step_batches.split(",")]:
+            sets = []
+            for _ in range(2):  # one set of forks per variant, each with its own question
+                forks = [stored.fork() for _ in range(batch)]
+                for i, fork in enumerate(forks):
+                    engine.prefill(fork, fmt.encode(f" Question {i}: {QUESTIONS[i % len(QUESTIONS)]}", first=False),
+                                   compress=False, progress=False)
+                sets.append(forks)
+            together, apart = [], []
+            load = load_note()
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                engine.decode_step(sets[0], [token] * batch)
+                together.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                for fork in sets[1]:
+                    engine.forward(fork, [token], Phase.DECODE)
+                apart.append(time.perf_counter() - start)
+            kv = sets[0][0].nbytes()
+            del sets
+            row = {"context_tokens": len(ids), "requests": batch, "kv_mib_per_request": _mib(kv),
+                   "batched_step_s": round(median(together), 3), "one_by_one_step_s": round(median(apart), 3),
+                   "batched_tokens_per_s": round(batch / median(together), 2),
+                   "one_by_one_tokens_per_s": round(batch / median(apart), 2),
+                   "speedup": round(median(apart) / median(together), 2), "load_avg_1min": [load, load_note()]}
+            rows.append(row)
+            print(row, flush=True)
+            out.with_name(out.name + "_steps.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| context tokens | requests | KV per request (MiB) | batched step (s) | one by one (s) | batched tok/s | one by one tok/s | speedup | load avg |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['context_tokens']} | {r['requests']} | {r['kv_mib_per_request']} | {r['batched_step_s']} | "
+                     f"{r['one_by_one_step_s']} | {r['batched_tokens_per_s']} | {r['one_by_one_tokens_per_s']} | "
+                     f"{r['speedup']}x | {r['load_avg_1min'][0]}-{r['load_avg_1min'][1]} |")
+    out.with_name(out.name + "_steps.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _mib(nbytes: int) -> float:
