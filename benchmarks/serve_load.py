@@ -249,6 +249,7 @@ def main() -> None:
                         help="torch threads of each server (OMP_NUM_THREADS; 0: torch's default). One: on a "
                              "shared, busy machine two threads waiting on each other are slower")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
+    parser.add_argument("--phases", default="ttft,throughput,load", help="which phases to run (default all)")
     parser.add_argument("--decode-steps", action="store_true",
                         help="only compare decoding steps in this process (no server): B requests batched vs one by one")
     parser.add_argument("--step-lengths", default="512,4k", help="context lengths of --decode-steps")
@@ -288,33 +289,36 @@ def main() -> None:
     rss = RssSampler(batched.process.pid)
     try:
         # 1. time to first token, cold and on the already-encoded context
+        phases = set(args.phases.split(","))
         t0 = time.monotonic()
         load = load_note()
-        cold = ask(batched, long_document, "What is the first name mentioned?", 4)
+        cold = ask(batched, long_document, "What is the first name mentioned?", 4) if "ttft" in phases else None
         warm = [ask(batched, long_document, f"Question {i}: {QUESTIONS[i % len(QUESTIONS)]}", 4)
-                for i in range(args.warm_questions)]
-        if not cold.ok or not all(w.ok for w in warm):
+                for i in range(args.warm_questions if cold else 0)]
+        if cold and not cold.ok or not all(w.ok for w in warm):
             raise RuntimeError(f"TTFT requests failed: {cold.error} {[w.error for w in warm]}")
-        warm_ttft = median(w.ttft_s for w in warm)
-        report["phases"]["ttft"] = {
+        warm_ttft = median(w.ttft_s for w in warm) if cold else None
+        report["phases"]["ttft"] = {} if not cold else {
             "context_tokens": report["settings"]["ttft_tokens"], "cold_ttft_s": round(cold.ttft_s, 3),
             "warm_ttft_s": [round(w.ttft_s, 3) for w in warm], "warm_ttft_median_s": round(warm_ttft, 3),
             "speedup": round(cold.ttft_s / warm_ttft, 1), "warm_cached_tokens": [w.cached_tokens for w in warm],
             "load_avg_1min": [load, load_note()], "rss_peak_mib": _mib(max(rss.between(t0, time.monotonic()))),
         }
-        print("ttft:", report["phases"]["ttft"], flush=True)
+        if not cold:
+            del report["phases"]["ttft"]
+        print("ttft:", report["phases"].get("ttft"), flush=True)
         save()
 
         # 2. throughput with 1, 4, 16 clients, batched and one at a time (both servers up,
         # alternating, so that a change of the machine's load hits both alike)
-        single = Server(1, out.with_name(out.name + "_server1.log"), args.threads)
-        for server in (batched, single):  # the shared document, encoded once before the timed phases
+        single = Server(1, out.with_name(out.name + "_server1.log"), args.threads) if "throughput" in phases else None
+        for server in (batched, single) if single else (batched,):  # the shared document, encoded once before the timed phases
             first = ask(server, document, "What is this document about?", args.max_tokens)
             if not first.ok:
                 raise RuntimeError(f"the first request on the document failed: {first.error}")
         throughput: dict = {}
         report["phases"]["throughput"] = throughput
-        for c in [int(c) for c in args.throughput_clients.split(",")]:
+        for c in [int(c) for c in args.throughput_clients.split(",")] if single else []:
             n = args.throughput_requests * (4 if c == 1 else 1)
             for name, server in (("batched", batched), ("one-at-a-time", single)):
                 load = load_note()
@@ -323,8 +327,9 @@ def main() -> None:
                                              "load_avg_1min": [load, load_note()]}
                 print(f"{name} {c} clients:", throughput[f"{name}/{c}"], flush=True)
                 save()
-        single.stop()
-        single = None
+        if single:
+            single.stop()
+            single = None
 
         # 3. the load phase on the batched server
         t0 = time.monotonic()
