@@ -220,6 +220,7 @@ def serve(
     api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one per line, optionally followed by a tenant name.")] = None,
     max_cache_gib: Annotated[float, typer.Option(help="Most GiB of measured KV bytes the store of encoded contexts holds.")] = 4.0,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting for the engine; beyond it a 503.")] = 64,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoding at once (their steps batched in one forward where the recipe allows).")] = 16,
     load_context: Annotated[Optional[list[Path]], typer.Option(help="A context saved by 'kvlab cache save', served to every tenant; repeatable.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
@@ -233,6 +234,8 @@ def serve(
         _fail(f"--max-cache-gib {max_cache_gib}: must be a number of GiB > 0")
     if max_queue < 0:
         _fail(f"--max-queue {max_queue}: must be an integer >= 0")
+    if max_batch < 1:
+        _fail(f"--max-batch {max_batch}: must be an integer >= 1")
     try:
         from kvlab.reuse import persist
         from kvlab.server import ServerConfig, serve as run_server
@@ -242,6 +245,7 @@ def serve(
         keys = load_api_keys(api_key_file) if api_key_file is not None else None
         config = ServerConfig(
             str(parsed), int(max_cache_gib * 2**30), max_queue, keys, tuple(str(p) for p in load_context or ()),
+            max_batch,
         )
         for path in config.contexts:
             persist.read_header(path)  # a wrong file is refused before the model loads
@@ -256,7 +260,7 @@ def serve(
     keys_note = f", {len(keys)} API keys" if keys else ", no API key needed"
     err.print(
         f"kvlab serve: {engine.name} (recipe {parsed}) on http://{host}:{port}/v1 "
-        f"(cache cap {max_cache_gib:g} GiB, queue {max_queue}{keys_note}); Ctrl-C stops it",
+        f"(cache cap {max_cache_gib:g} GiB, queue {max_queue}, batch {max_batch}{keys_note}); Ctrl-C stops it",
         highlight=False,
     )
     run_server(server_app, host=host, port=port)

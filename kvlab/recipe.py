@@ -67,6 +67,12 @@ class Recipe:
     def __str__(self) -> str:
         return " + ".join(str(m) for m in self.methods) or "full"
 
+    @property
+    def batches_decode(self) -> bool:
+        """Whether this recipe's decoding steps may share a forward with other sequences'
+        (every method says so: :attr:`Method.batches_decode`)."""
+        return all(m.batches_decode for m in self.methods)
+
 
 def parse_recipe(text: str | Recipe | None) -> Recipe:
     """Parse a recipe string; errors name the bad part and list the allowed values. A

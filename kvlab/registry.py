@@ -94,6 +94,12 @@ class Method:
     Gemma-3, followed by what to use instead; None: it acts on the model's global layers
     only (the local layers keep their window, RoPE as trained, dense attention)."""
 
+    batches_decode: ClassVar[bool] = True
+    """Whether a decoding step of a sequence using this method may run in one model forward
+    with other sequences' steps (each still attends over its own cache, with its own recipe:
+    :class:`kvlab.engine.forward.BatchForward`). False for a method whose decoding step needs
+    the forward to itself."""
+
     def __post_init__(self) -> None:
         validate_params(self)
 

@@ -25,6 +25,10 @@ every decoding step (``after_decode_step``), and shrink the layer at the end of 
 where the **quantize** method converts what is kept, and the **retrieve** method builds its
 index over the finished context (``end_context``). Attention itself is always computed by
 the **position** method (it knows how to rotate q and k), through :meth:`LayerContext.attend`.
+
+A forward that decodes one token of several sequences at once (a
+:class:`~kvlab.engine.forward.BatchForward`) runs this order once per sequence, on its row of
+the batch, its own cache and its own recipe (:func:`attend_sequence`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor
 from transformers import AttentionInterface
 
-from kvlab.engine.forward import ForwardContext, Phase, StopForward
+from kvlab.engine.forward import BatchForward, ForwardContext, Phase, StopForward
 from kvlab.engine.kernels import window_allowed
 from kvlab.engine.ragged import RaggedLayerKV, ragged_attention
 
@@ -55,10 +59,25 @@ def kvlab_attention(
     """transformers attention function: ``query`` ``[b, Hq, t, d]``, ``key`` / ``value``
     ``[b, Hk, t, d]`` arrive unrotated (the new tokens only). Returns ``[b, t, Hq, d]``."""
     forward = kwargs.get(FORWARD_KWARG)
+    if isinstance(forward, BatchForward):  # one decoding step of several sequences
+        outputs = [
+            attend_sequence(module, query[i : i + 1], key[i : i + 1], value[i : i + 1], one, scaling)
+            for i, one in enumerate(forward.forwards)
+        ]
+        return torch.cat(outputs, dim=0), None
     if not isinstance(forward, ForwardContext):
         raise RuntimeError(
             "the 'kvlab' attention runs only inside kvlab's engine (no ForwardContext was passed)"
         )
+    return attend_sequence(module, query, key, value, forward, scaling), None
+
+
+def attend_sequence(
+    module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, forward: ForwardContext,
+    scaling: float | None,
+) -> Tensor:
+    """One sequence's attention in one layer (the stage order of the module docstring):
+    ``query`` ``[1, Hq, t, d]``, ``key`` / ``value`` ``[1, Hk, t, d]``; returns ``[1, t, Hq, d]``."""
     recipe = forward.recipe
     forward.store(module.layer_idx, key, value)
     ctx = forward.layer_context(module.layer_idx, scaling if scaling is not None else module.scaling)
@@ -106,7 +125,7 @@ def kvlab_attention(
             ctx.layer.end_prefill()
         if recipe.retrieve is not None:
             recipe.retrieve.end_context(query, ctx)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(ATTENTION_NAME, kvlab_attention)

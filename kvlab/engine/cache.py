@@ -231,6 +231,23 @@ class LayerKV:
         self.__dict__.update(state)
         self.side = copy.deepcopy(state["side"])
 
+    def fork(self) -> LayerKV:
+        """A second layer holding the same entries, for another request on the same stored
+        context: it shares this layer's tensors (by the storage rule neither writes within the
+        used range), copies its side indexes, and has no decoding reserve, so its first append
+        moves its entries to storage of its own and never writes where this layer (or another
+        fork) would. Dropping a fork frees only what it appended."""
+        twin = copy.copy(self)
+        twin.load_snapshot(self.snapshot())
+        twin.drop_reserve()
+        return twin
+
+    def drop_reserve(self) -> None:
+        """Let the storage end at the used entries (see :meth:`fork`); a storage format with
+        other tensors overrides this."""
+        if self._key_storage is not None:
+            self._key_storage, self._value_storage = self.keys, self.values
+
     def end_prefill(self) -> None:
         """Called once the context's prefill (and compression) is done; a storage format
         that converts entries (e.g. quantisation) does it here. Plain storage does nothing."""

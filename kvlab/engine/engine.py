@@ -26,7 +26,7 @@ from torch import Tensor
 from kvlab.engine.attention import ATTENTION_NAME, FORWARD_KWARG
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import PROPAGATED_ROWS, LayerContext
-from kvlab.engine.forward import ForwardContext, Phase, StopForward
+from kvlab.engine.forward import BatchForward, ForwardContext, Phase, StopForward
 from kvlab.engine.progress import progress_bar
 from kvlab.engine.prompt import PromptFormat
 from kvlab.engine.ragged import RaggedLayerKV
@@ -205,20 +205,8 @@ class Engine:
         With ``stop_after``, the forward ends in that layer's attention (:class:`StopForward`).
         ``counts`` and ``pairs`` (default: the sequence's) tally the tokens each layer ran and
         the query-key pairs its attention computed."""
-        start = sequence.seen
-        positions = torch.arange(start, start + len(ids), device=self.device)
-        forward = ForwardContext(
-            recipe=sequence.recipe,
-            cache=sequence.cache,
-            positions=positions,
-            rotary=sequence.rotary(self.rope_config, start + len(ids), self.trained_length),
-            local_rotary=self.local_rotary,
-            phase=phase,
-            prepared=sequence.prepared,
-            stop_after=stop_after,
-            counts=sequence.layer_tokens if counts is None else counts,
-            pairs=sequence.layer_pairs if pairs is None else pairs,
-        )
+        forward = self._forward_context(sequence, len(ids), phase, stop_after, counts, pairs)
+        positions = forward.positions
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             position_ids=positions[None],
@@ -229,6 +217,53 @@ class Engine:
         )
         self.counters.forwards += 1
         return out.logits[0, -1].float()
+
+    def _forward_context(
+        self, sequence: Sequence, tokens: int, phase: Phase, stop_after: int | None = None,
+        counts: list[int] | None = None, pairs: list[int] | None = None,
+    ) -> ForwardContext:
+        """The :class:`ForwardContext` of ``tokens`` new tokens on top of ``sequence``."""
+        start = sequence.seen
+        return ForwardContext(
+            recipe=sequence.recipe,
+            cache=sequence.cache,
+            positions=torch.arange(start, start + tokens, device=self.device),
+            rotary=sequence.rotary(self.rope_config, start + tokens, self.trained_length),
+            local_rotary=self.local_rotary,
+            phase=phase,
+            prepared=sequence.prepared,
+            stop_after=stop_after,
+            counts=sequence.layer_tokens if counts is None else counts,
+            pairs=sequence.layer_pairs if pairs is None else pairs,
+        )
+
+    @torch.inference_mode()
+    def decode_step(self, sequences: list[Sequence], tokens: list[int]) -> Tensor:
+        """One decoding step of several sequences in one model forward: ``tokens[i]`` is run
+        on top of ``sequences[i]``; next-token logits ``[len(sequences), vocab]``. The layers
+        outside attention compute the rows together; each row attends over its own cache with
+        its own recipe (:class:`BatchForward`), so every row's logits are those the sequence
+        would get alone, up to the rounding of a batched matmul. Every recipe must batch its
+        decoding (:attr:`Recipe.batches_decode`); one sequence is a plain :meth:`forward`."""
+        if len(sequences) != len(tokens) or not sequences:
+            raise ValueError(f"decode_step: {len(sequences)} sequences for {len(tokens)} tokens (one each, at least one)")
+        if len(sequences) == 1:
+            return self.forward(sequences[0], tokens, Phase.DECODE)[None]
+        refused = sorted({str(s.recipe) for s in sequences if not s.recipe.batches_decode})
+        if refused:
+            raise ValueError(f"decode_step: recipe {', '.join(refused)} decodes one sequence per forward")
+        batch = BatchForward([self._forward_context(s, 1, Phase.DECODE) for s in sequences])
+        positions = torch.stack([f.positions for f in batch.forwards])  # [batch, 1]
+        out = self.model(
+            input_ids=torch.tensor([[t] for t in tokens], device=self.device),
+            position_ids=positions,
+            cache=sequences[0].cache,  # transformers reads a length from it; kvlab attention ignores it
+            use_cache=True,
+            logits_to_keep=1,
+            **{FORWARD_KWARG: batch},
+        )
+        self.counters.forwards += 1
+        return out.logits[:, -1].float()
 
     # -- prefill and decode -----------------------------------------------------------------
     def chunks(self, total: int) -> list[tuple[int, int]]:

@@ -100,6 +100,21 @@ class ForwardContext:
         )
 
 
+@dataclass
+class BatchForward:
+    """One model forward that runs one decoding step of several sequences together (a server
+    answering concurrent requests): row ``i`` of the batch is ``forwards[i]``'s token. The
+    layers outside attention (projections, MLP, norms, the LM head) compute every row in one
+    batched matmul; the attention entry point gives each row its own :class:`ForwardContext`,
+    so each sequence attends over its own cache with its own recipe, as it would alone."""
+
+    forwards: list[ForwardContext]
+
+    def __post_init__(self) -> None:
+        if not self.forwards or any(f.phase is not Phase.DECODE or f.positions.numel() != 1 for f in self.forwards):
+            raise ValueError("a BatchForward holds one decoding step (one token) of each of one or more sequences")
+
+
 class StopForward(Exception):
     """Raised in the attention of layer ``ForwardContext.stop_after``: carries that layer's
     unrotated queries ``[b, Hq, t, d]`` and its :class:`LayerContext` (keys stored)."""
@@ -110,4 +125,4 @@ class StopForward(Exception):
         self.ctx = ctx
 
 
-__all__ = ["ForwardContext", "Phase", "StopForward"]
+__all__ = ["BatchForward", "ForwardContext", "Phase", "StopForward"]

@@ -147,6 +147,13 @@ class RaggedLayerKV(LayerKV):
                 head.load_snapshot(head_state)
                 self.heads.append(head)
 
+    def drop_reserve(self) -> None:
+        if self.heads is None:
+            super().drop_reserve()
+            return
+        for head in self.heads:
+            head.drop_reserve()
+
     def nbytes(self) -> int:
         if self.heads is None:
             return super().nbytes()

@@ -70,6 +70,13 @@ class KVCache(Cache):
         restores entries evicted in between too."""
         return CacheMark(tuple(layer.mark(snapshot) for layer in self.layers))
 
+    def fork(self) -> KVCache:
+        """The same entries for another sequence (:meth:`LayerKV.fork`: tensors shared until
+        either appends), with a workspace of its own."""
+        twin = KVCache(0)
+        twin.layers = [layer.fork() for layer in self.layers]
+        return twin
+
     def rollback(self, mark: CacheMark) -> None:
         """Back to ``mark``: discard every entry appended since, bring back entries evicted since."""
         for layer, layer_mark in zip(self.layers, mark.layers):
@@ -133,6 +140,12 @@ class Sequence:
 
     def rollback(self, mark: CacheMark) -> None:
         self.cache.rollback(mark)
+
+    def fork(self) -> Sequence:
+        """A sequence that starts where this one stands and goes its own way: several requests
+        answered at once on one stored context each decode on a fork (the server), where one
+        request at a time could append and roll back. Costs no copy until the fork appends."""
+        return Sequence(self.recipe, self.cache.fork(), self.prepared)
 
 
 __all__ = ["KVCache", "Sequence"]

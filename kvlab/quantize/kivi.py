@@ -451,6 +451,9 @@ class KiviLayerKV(LayerKV):
     def load_snapshot(self, state: dict) -> None:
         self.__dict__.update(copy.deepcopy(state))
 
+    def drop_reserve(self) -> None:
+        """Nothing to drop: a snapshot (and so a fork) is a deep copy."""
+
     def _restore_point(self) -> RestorePoint:
         return RestorePoint(
             entries=self.num_entries,

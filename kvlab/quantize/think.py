@@ -265,6 +265,11 @@ class ThinKLayerKV(LayerKV):
         self._key_storage, self._value_storage = tail_keys.contiguous(), values.contiguous()
         self._tail_keys, self.values = self._key_storage, self._value_storage
 
+    def drop_reserve(self) -> None:
+        """The full-width keys end at the used ones (the pruned keys have no reserve)."""
+        if self._key_storage is not None:
+            self._key_storage, self._value_storage = self._tail_keys, self.values
+
     def nbytes(self) -> int:
         """Pruned keys, channel indices, full-width keys and values (reserve included),
         positions and side indexes."""

@@ -37,18 +37,22 @@ CANCELLED = "499"
 @dataclass(frozen=True)
 class ServerConfig:
     """What ``kvlab serve``'s flags set: the default ``recipe``, the cache cap in bytes, the
-    most requests waiting, the API keys (key -> tenant; None: no key needed), and files of
-    saved contexts to serve to every tenant (``kvlab cache save``)."""
+    most requests waiting, the API keys (key -> tenant; None: no key needed), files of
+    saved contexts to serve to every tenant (``kvlab cache save``), and the most requests
+    decoding at once (their steps batched: :mod:`kvlab.server.worker`)."""
 
     recipe: str = "full"
     max_cache_bytes: int = 4 * 2**30
     max_queue: int = 64
     api_keys: dict[str, str] | None = None
     contexts: tuple[str, ...] = ()
+    max_batch: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue!r}: must be an integer >= 0")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch!r}: must be an integer >= 1")
 
 
 def create_app(
@@ -62,7 +66,7 @@ def create_app(
     default_recipe: Recipe = parse_recipe(config.recipe)
     metrics = Metrics()
     store = ContextStore(config.max_cache_bytes)
-    worker = Worker(engine, store, metrics, config.max_queue)
+    worker = Worker(engine, store, metrics, config.max_queue, config.max_batch)
     for path in config.contexts:  # checked now: a wrong file stops the server before it listens
         worker.load_context(Session.load(engine, path))
 
@@ -194,7 +198,7 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {
             "status": "ok", "model": engine.name, "recipe": str(default_recipe),
-            "queued": worker.queued, "running": int(worker.running is not None),
+            "queued": worker.queued, "running": len(worker.running),
             "cached_contexts": len(store), "cache_bytes": store.held_bytes,
             "max_cache_bytes": store.max_bytes,
         }

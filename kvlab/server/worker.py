@@ -1,16 +1,33 @@
-"""The engine worker: one thread owns the engine; requests wait their turn in a bounded queue.
+"""The engine worker: one thread owns the engine; requests wait their turn in a bounded queue
+and decode together.
 
-Like nano-vllm's scheduler loop, the whole life of a request on the engine is one readable
-method, :meth:`Worker.execute`: tokenize, find the longest stored context that prefixes the
-prompt (:class:`~kvlab.server.store.ContextStore`) or encode the request's context and store
-it, prefill only the remaining tokens on top of it, generate with the engine's own loop
-(:meth:`Engine.decode`, token by token through ``on_token``), and roll the cache back to the
-stored context. Requests run one at a time (no batching of decodes yet), in arrival order.
+Like nano-vllm's scheduler, the loop is one readable method, :meth:`Worker._run`: admit waiting
+requests while the batch has room (``max_batch``, ``kvlab serve --max-batch``), prefilling each
+on admission, then one decoding step of every running request (:meth:`Worker.step`), again and
+again. Admitting a request (:meth:`Worker._prefill`): tokenize, find the longest stored context
+that prefixes the prompt (:class:`~kvlab.server.store.ContextStore`) or encode the request's
+context and store it, then prefill only the remaining tokens on a *fork* of it
+(:meth:`Sequence.fork`: the stored tensors shared, the request's own tokens in storage of its
+own), so that any number of requests decode on one stored context at once and the context
+stays as stored. A step draws each request's next token, then runs the tokens of every request
+whose recipe batches its decoding (:attr:`Recipe.batches_decode`) through the model in **one
+forward** (:meth:`Engine.decode_step`: projections, MLP and LM head batched, each request
+attending over its own cache with its own recipe, so answers are the ones it would get alone);
+a request whose recipe does not batch gets a forward of its own in the same step. Prefills are
+not batched and a long one holds the steps of the others until it ends (no chunked-prefill
+interleaving).
 
+Memory: each running request's fork holds its own copy of the context once it appends (the
+first append moves a layer's entries to storage of its own), so a request is admitted only
+while the stored contexts, the bytes reserved by the running requests and its own reserve
+(an uncompressed cache of its prompt and ``max_tokens``, an upper bound) fit
+``--max-cache-gib``; otherwise it waits at the head of the queue until running requests end
+(:meth:`Worker.room_for`). A request whose cache alone exceeds the cap is refused (413).
 The HTTP side (:mod:`kvlab.server.app`) never touches the engine: it queues a :class:`Job` and
 reads the events the worker posts to the job's asyncio queue (``delta`` text pieces, then
-``done``, ``error`` or ``cancelled``). A job whose client left is cancelled: the worker stops
-at its next token (or skips it while queued) and frees what it held.
+``done``, ``error`` or ``cancelled``). A job whose client left is cancelled: the worker takes
+it off the batch at its next step (or skips it while queued) and frees what it held (its fork,
+its pin on the stored context); the others of the batch go on.
 
 What a request's *context* is (the part encoded, compressed and stored for reuse):
 
@@ -44,8 +61,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from kvlab.engine.engine import Engine
 from kvlab.engine.rotary import head_dim
+from kvlab.engine.sampling import TokenSampler
+from kvlab.engine.sequence import Sequence
 from kvlab.errors import InputError, KvlabError
 from kvlab.reuse.session import Session
 from kvlab.server.documents import DocumentServer
@@ -107,15 +128,45 @@ class Outcome:
         }
 
 
-class Worker:
-    """The engine's one thread and its queue (``max_queue`` waiting requests at most)."""
+@dataclass(eq=False)
+class Active:
+    """A request on the engine: its fork of the stored context, the logits of its next token,
+    the tokens drawn so far and their text."""
 
-    def __init__(self, engine: Engine, store: ContextStore, metrics: Metrics, max_queue: int) -> None:
+    job: Job
+    entry: Entry
+    sequence: Sequence
+    sampler: TokenSampler
+    text: TextStream
+    logits: Tensor
+    max_tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+    reserved: int
+    """Bytes held for it while it runs: an uncompressed cache of its prompt and ``max_tokens``."""
+    tokens: list[int] = field(default_factory=list)
+
+
+class NoRoom(Exception):
+    """A request's cache does not fit the cap beside the running requests' yet: it waits."""
+
+
+class Worker:
+    """The engine's one thread, its queue (``max_queue`` waiting requests at most) and the
+    requests it is decoding (``max_batch`` at most, :attr:`running`)."""
+
+    def __init__(
+        self, engine: Engine, store: ContextStore, metrics: Metrics, max_queue: int, max_batch: int = 16,
+    ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r}: must be an integer >= 1")
         self.engine = engine
         self.store = store
         self.metrics = metrics
         self.max_queue = max_queue
-        self.running: Job | None = None
+        self.max_batch = max_batch
+        self.running: list[Active] = []
+        """The requests on the engine (prefilled, decoding); only the engine thread changes it."""
         self._queue: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -132,7 +183,7 @@ class Worker:
         """Cancel what is queued or running and stop the thread."""
         with self._wake:
             self._closed = True
-            for job in [*self._queue, *([self.running] if self.running else [])]:
+            for job in [*self._queue, *(a.job for a in list(self.running))]:
                 job.cancel()
             self._wake.notify_all()
         if self._thread.is_alive():
@@ -153,25 +204,163 @@ class Worker:
             return True
 
     def retry_after(self) -> int:
-        """Seconds a refused client should wait: the mean latency times the requests ahead."""
-        return max(1, math.ceil(self._mean_latency * (len(self._queue) + 1)))
+        """Seconds a refused client should wait: the mean latency times the batches ahead."""
+        return max(1, math.ceil(self._mean_latency * math.ceil((len(self._queue) + 1) / self.max_batch)))
 
+    # -- the scheduler ----------------------------------------------------------------------
     def _run(self) -> None:
+        """nano-vllm's loop: admit waiting requests while the batch has room (each prefilled
+        on arrival), then one decoding step of every running request; until closed."""
         while True:
             with self._wake:
-                while not self._queue and not self._closed:
+                while not self._queue and not self.running and not self._closed:
                     self._wake.wait()
                 if self._closed:
-                    return
-                job = self._queue.popleft()
+                    break
+                admitted: list[Job] = []
+                while self._queue and len(self.running) + len(admitted) < self.max_batch:
+                    job = self._queue.popleft()
+                    if not job.cancelled.is_set():
+                        admitted.append(job)
                 self.metrics.queue_length.set(len(self._queue))
-                if job.cancelled.is_set():
-                    continue
-                self.running = job
+            for i, job in enumerate(admitted):
+                if not self.admit(job):  # no room beside the running ones: wait at the head
+                    with self._wake:
+                        self._queue.extendleft(reversed(admitted[i:]))
+                        self.metrics.queue_length.set(len(self._queue))
+                    break
+            if self.running:
+                self.step()
+        for active in list(self.running):  # closed: what was running was cancelled
+            self._end(active, cancelled=True)
+
+    def admit(self, job: Job) -> bool:
+        """Prefill ``job``'s prompt (on a fork of its stored context) and add it to
+        :attr:`running`; an error is posted to the job. False when its cache does not fit the
+        cap beside the running requests' (:meth:`room_for`): it was not started."""
+        if job.request.documents:  # APE: served whole, one by one (below)
+            self._serve_documents(job)
+            return True
+        self.metrics.running.inc()
+        try:
+            self.running.append(self._prefill(job, job.request))
+        except NoRoom:
+            self.metrics.running.dec()
+            return False
+        except Exception as exc:
+            self.metrics.running.dec()
+            self._post_error(job, exc)
+            self._update_store_metrics()
+        return True
+
+    def _serve_documents(self, job: Job) -> None:
+        """Serve a request that names documents (``kvlab.documents``, APE) from prefill to its
+        last token before the next step of the batch: its joined cache is not a fork of one
+        stored context, so it is not batched (:mod:`kvlab.server.documents`)."""
+        self.metrics.running.inc()
+        try:
+            outcome = self.documents.generate(job, job.request)
+            if job.cancelled.is_set():
+                job.post("cancelled")
+                return
+            latency = time.perf_counter() - job.arrived
+            self._mean_latency = 0.8 * self._mean_latency + 0.2 * latency
+            self.metrics.latency.observe(latency)
+            self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+            self.metrics.cached_tokens.inc(outcome.cached_tokens)
+            self.metrics.completion_tokens.inc(outcome.completion_tokens)
+            job.post("done", outcome)
+        except Exception as exc:
+            self._post_error(job, exc)
+        finally:
+            self.metrics.running.dec()
+            self._update_store_metrics()
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the cache cap beside the stored contexts and the bytes
+        reserved by the running requests, once unpinned stored contexts are evicted as needed
+        (as nano-vllm's block manager answers ``can_allocate``). With nothing running, a
+        request that fits the cap alone (:meth:`check_memory`) always has room."""
+        running = sum(a.reserved for a in self.running)
+        self._evict(running + nbytes)
+        return not self.running or self.store.held_bytes + running + nbytes <= self.store.max_bytes
+
+    def step(self) -> None:
+        """One token for every running request: each draws from its logits (and ends on a stop
+        token, a stop sequence, ``max_tokens`` or its client leaving), then the ones going on
+        run that token through the model: together in one forward where their recipes batch
+        their decoding (:meth:`Engine.decode_step`), else each in a forward of its own."""
+        going: list[Active] = []
+        for active in list(self.running):
+            job = active.job
+            if job.cancelled.is_set():
+                self._end(active, cancelled=True)
+                continue
+            token = active.sampler(active.logits)
+            if not active.tokens:
+                self.metrics.ttft.observe(time.perf_counter() - job.arrived)
+            active.tokens.append(token)
+            piece = active.text.feed(token)
+            if piece:
+                job.post("delta", piece)
+            if token in self.engine.stop_ids or active.text.stopped or len(active.tokens) >= active.max_tokens:
+                self._end(active)
+            else:
+                going.append(active)
+        together = [a for a in going if a.sequence.recipe.batches_decode]
+        groups = ([together] if together else []) + [[a] for a in going if not a.sequence.recipe.batches_decode]
+        for group in groups:
             try:
-                self.execute(job)
-            finally:
-                self.running = None
+                logits = self.engine.decode_step([a.sequence for a in group], [a.tokens[-1] for a in group])
+            except Exception as exc:
+                for active in group:
+                    self._end(active, error=exc)
+                continue
+            for active, row in zip(group, logits):
+                active.logits = row
+
+    def _end(self, active: Active, cancelled: bool = False, error: Exception | None = None) -> None:
+        """Take ``active`` off the engine: post its outcome (or that it was cancelled, or its
+        error) and free what it held (its fork; its pin on the stored context)."""
+        job = active.job
+        self.running.remove(active)
+        try:
+            if error is not None:
+                self._post_error(job, error)
+            elif cancelled or job.cancelled.is_set():
+                job.post("cancelled")
+            else:
+                latency = time.perf_counter() - job.arrived
+                self._mean_latency = 0.8 * self._mean_latency + 0.2 * latency
+                stopped = active.text.stopped or active.tokens[-1] in self.engine.stop_ids
+                outcome = Outcome(
+                    rest=active.text.rest(), finish_reason="stop" if stopped else "length",
+                    prompt_tokens=active.prompt_tokens, completion_tokens=len(active.tokens),
+                    cached_tokens=active.cached_tokens, kv_bytes=active.sequence.nbytes(),
+                )
+                self.metrics.latency.observe(latency)
+                self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+                self.metrics.cached_tokens.inc(outcome.cached_tokens)
+                self.metrics.completion_tokens.inc(outcome.completion_tokens)
+                job.post("done", outcome)
+        finally:
+            self.engine.counters.decoded_tokens += len(active.tokens)
+            self.store.release(active.entry)
+            self.metrics.running.dec()
+            self._update_store_metrics()
+
+    def _post_error(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, ApiError):
+            job.post("error", exc)
+        elif isinstance(exc, KvlabError):
+            job.post("error", ApiError(400, str(exc), code="invalid_request"))
+        else:  # a bug: answer 500, keep serving
+            log.error("request %s failed", job.request.id, exc_info=exc)
+            job.post("error", ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _update_store_metrics(self) -> None:
+        self.metrics.kv_bytes_held.set(self.store.held_bytes)
+        self.metrics.cached_contexts.set(len(self.store))
 
     def load_context(self, session: Session) -> Entry:
         """Store a saved multi-request session's context under :data:`SHARED` (before the
@@ -188,44 +377,13 @@ class Worker:
                 f"{self.store.max_bytes / 2**20:.1f} MiB (--max-cache-gib) with the others"
             )
         self.loaded.append((session.transcript, recipe))
-        self.metrics.kv_bytes_held.set(self.store.held_bytes)
-        self.metrics.cached_contexts.set(len(self.store))
+        self._update_store_metrics()
         return entry
 
-    # -- one request on the engine ----------------------------------------------------------
-    def execute(self, job: Job) -> None:
-        """Serve ``job`` (see the module docstring); every outcome is posted as an event."""
-        self.metrics.running.inc()
-        entry: Entry | None = None
-        try:
-            entry, outcome = self._generate(job, job.request)
-            if job.cancelled.is_set():
-                job.post("cancelled")
-                return
-            latency = time.perf_counter() - job.arrived
-            self._mean_latency = 0.8 * self._mean_latency + 0.2 * latency
-            self.metrics.latency.observe(latency)
-            self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
-            self.metrics.cached_tokens.inc(outcome.cached_tokens)
-            self.metrics.completion_tokens.inc(outcome.completion_tokens)
-            job.post("done", outcome)
-        except ApiError as exc:
-            job.post("error", exc)
-        except KvlabError as exc:
-            job.post("error", ApiError(400, str(exc), code="invalid_request"))
-        except Exception as exc:  # a bug: answer 500, keep serving
-            log.exception("request %s failed", job.request.id)
-            job.post("error", ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
-        finally:
-            if entry is not None:
-                self.store.release(entry)
-            self.metrics.running.dec()
-            self.metrics.kv_bytes_held.set(self.store.held_bytes)
-            self.metrics.cached_contexts.set(len(self.store))
-
-    def _generate(self, job: Job, request: GenerationRequest) -> tuple[Entry | None, Outcome]:
-        if request.documents:  # APE: documents encoded once each, joined for the question
-            return None, self.documents.generate(job, request)
+    # -- one request's prompt ------------------------------------------------------------------
+    def _prefill(self, job: Job, request: GenerationRequest) -> Active:
+        """Find or encode the request's context, then prefill the rest of its prompt on a fork
+        of it (the stored context stays as it was, for the requests beside and after)."""
         engine = self.engine
         ids, context_tokens = self.tokenize(request)
         window = engine.context_window(request.recipe)
@@ -237,6 +395,11 @@ class Worker:
         self.check_memory(len(ids) + max_tokens)
         namespace = (job.tenant, engine.name, str(request.recipe))
         entry = self._match(namespace, ids)
+        reserved = self.full_bytes(len(ids) + max_tokens)
+        if not self.room_for(reserved + (0 if entry is not None else self.full_bytes(context_tokens))):
+            if entry is not None:
+                self.store.release(entry)
+            raise NoRoom
         if entry is None:
             self.metrics.cache_misses.inc()
             self._evict(self.full_bytes(context_tokens))
@@ -247,37 +410,18 @@ class Worker:
         else:
             self.metrics.cache_hits.inc()
             cached = len(entry.tokens)
-        sequence = entry.sequence
-        mark = sequence.mark()
-        text = TextStream(engine.tokenizer, request.stop)
-        first_token: list[float] = []
-
-        def on_token(token: int) -> bool:
-            if job.cancelled.is_set():
-                return False
-            if not first_token:
-                first_token.append(time.perf_counter())
-                self.metrics.ttft.observe(first_token[0] - job.arrived)
-            piece = text.feed(token)
-            if piece:
-                job.post("delta", piece)
-            return not text.stopped
-
         try:
+            sequence = entry.sequence.fork()
             rest = ids[len(entry.tokens):]
             logits = engine.prefill(sequence, rest, compress=False, progress=False) if rest else entry.logits
-            sampler = request.sampling.sampler(engine.device)
-            decoded = engine.decode(sequence, logits, max_tokens, sampler, on_token=on_token)
-            kv_bytes = sequence.nbytes()
-        finally:
-            sequence.rollback(mark)  # the stored context is as it was, for the next request
-        stopped = text.stopped or (decoded.tokens and decoded.tokens[-1] in engine.stop_ids)
-        outcome = Outcome(
-            rest=text.rest(), finish_reason="stop" if stopped else "length",
-            prompt_tokens=len(ids), completion_tokens=len(decoded.tokens), cached_tokens=cached,
-            kv_bytes=kv_bytes,
-        )
-        return entry, outcome
+            return Active(
+                job=job, entry=entry, sequence=sequence, sampler=request.sampling.sampler(engine.device),
+                text=TextStream(engine.tokenizer, request.stop), logits=logits, max_tokens=max_tokens,
+                prompt_tokens=len(ids), cached_tokens=cached, reserved=reserved,
+            )
+        except BaseException:
+            self.store.release(entry)
+            raise
 
     def _match(self, namespace: tuple[str, str, str], ids: list[int]) -> Entry | None:
         """The longest stored context prefixing ``ids``: the tenant's own or a loaded one."""
@@ -345,4 +489,4 @@ class Worker:
         return entry
 
 
-__all__ = ["CHAT_MAX_TOKENS", "COMPLETION_MAX_TOKENS", "Job", "Outcome", "Worker"]
+__all__ = ["CHAT_MAX_TOKENS", "COMPLETION_MAX_TOKENS", "Active", "Job", "NoRoom", "Outcome", "Worker"]
