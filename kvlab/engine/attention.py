@@ -89,7 +89,7 @@ def attend_sequence(
         allowed = window_allowed(ctx.positions, k_pos, layer.window)
         out = ctx.attend(query, ctx.positions, layer.keys, k_pos, layer.values, allowed)
         layer.slide()
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     decoding = query.shape[2] == 1 and ctx.phase is Phase.DECODE
     out: Tensor | None = None
     if recipe.reuse is not None:  # joined documents (APE): the reuse method owns their attention
