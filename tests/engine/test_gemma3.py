@@ -421,3 +421,29 @@ def test_softcapping_and_unknown_layer_types_are_refused():
 
     with pytest.raises(kvlab.ModelError, match=r"layer types \['chunked_attention'\]"):
         check_architecture(SimpleNamespace(model_type="gemma3_text", layer_types=["chunked_attention", LOCAL]))
+
+
+# -- batched decoding (kvlab serve) -------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["full", "yarn(factor=2)"])
+def test_batched_decoding_on_forks_is_token_for_token_decoding_alone(chunked, recipe):
+    """Engine.decode_step over forks of one context: local layers slide per row and rotate with
+    the local RoPE, so each row answers as it would alone (the window matters at these lengths)."""
+    engine = chunked
+    stored = engine.new_sequence(recipe)
+    engine.prefill(stored, prompt_ids(40, seed=3), compress=True)
+    questions = [prompt_ids(n, seed=30 + n) for n in (5, 19, 11)]
+    expected = []
+    for q in questions:
+        fork = stored.fork()
+        logits = engine.prefill(fork, q, compress=False)
+        expected.append(engine.decode(fork, logits, 12, Sampling().sampler(engine.device)).tokens)
+    forks = [stored.fork() for _ in questions]
+    logits = torch.stack([engine.prefill(f, q, compress=False) for f, q in zip(forks, questions)])
+    got: list[list[int]] = [[] for _ in questions]
+    for _ in range(12):
+        step = [int(row.argmax()) for row in logits]
+        for tokens, token in zip(got, step):
+            tokens.append(token)
+        logits = engine.decode_step(forks, step)
+    assert got == expected
+    assert len({tuple(t) for t in got}) > 1  # the rows are different questions, not one answer
