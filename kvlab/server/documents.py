@@ -20,8 +20,9 @@ what ``full`` would encode as one sequence. With APE:
   the prefix's and the documents' tokens that came from the cache.
 
 Cached prefixes and documents are held in an LRU bounded by the server's cache cap
-(``--max-cache-gib``, measured bytes of their keys and values, apart from the context store's);
-an entry evicted while a request uses it stays alive until that request ends.
+(``--max-cache-gib``, measured bytes of their keys and values), shared with the context store:
+the two together hold at most the cap, each evicting its own least recently used entries; an
+entry evicted while a request uses it stays alive until that request ends.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ class DocumentsOutcome:
 class DocumentCache:
     """Prefix caches and documents' caches by key, least recently used first out."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, beside: Callable[[], int] = lambda: 0) -> None:
         self.max_bytes = max_bytes
+        self.beside = beside
+        """Bytes held under the same cap outside this cache (the server's context store)."""
         self.held_bytes = 0
         self._items: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
 
@@ -84,10 +87,12 @@ class DocumentCache:
         return item[0]
 
     def put(self, key: tuple[Any, ...], value: Any, nbytes: int) -> None:
-        while self._items and self.held_bytes + nbytes > self.max_bytes:
+        if self.beside() + nbytes > self.max_bytes:  # cannot fit even alone: keep what is held
+            return
+        while self._items and self.held_bytes + self.beside() + nbytes > self.max_bytes:
             _, (_, freed) = self._items.popitem(last=False)
             self.held_bytes -= freed
-        if nbytes <= self.max_bytes:
+        if self.held_bytes + self.beside() + nbytes <= self.max_bytes:
             self._items[key] = (value, nbytes)
             self.held_bytes += nbytes
 
@@ -99,10 +104,10 @@ class DocumentServer:
     """Serves the chat requests that name documents (see the module docstring)."""
 
     def __init__(self, engine: Engine, metrics: Metrics, max_bytes: int,
-                 check_memory: Callable[[int], None]) -> None:
+                 check_memory: Callable[[int], None], beside: Callable[[], int] = lambda: 0) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.cache = DocumentCache(max_bytes)
+        self.cache = DocumentCache(max_bytes, beside)
         self.check_memory = check_memory
 
     def generate(self, job: Any, request: GenerationRequest) -> DocumentsOutcome:

@@ -37,7 +37,7 @@ request still runs, on a cache that is freed when it ends).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence as Tokens
+from collections.abc import Callable, Hashable, Sequence as Tokens
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -146,6 +146,8 @@ class ContextStore:
         self.max_bytes = max_bytes
         self.held_bytes = 0
         self.evictions = 0
+        self.beside: Callable[[], int] = lambda: 0
+        """Bytes held under the same cap outside this store (the server's APE documents)."""
         self._trees: dict[Hashable, RadixTree] = {}
         self._lru: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, oldest first
 
@@ -167,7 +169,7 @@ class ContextStore:
         how many were evicted (all that can go, when even that is not enough)."""
         evicted = 0
         for entry in list(self._lru.values()):
-            if self.held_bytes + nbytes <= self.max_bytes:
+            if self.held_bytes + self.beside() + nbytes <= self.max_bytes:
                 break
             if entry.pins == 0:
                 self._drop(entry)
@@ -181,7 +183,7 @@ class ContextStore:
         nbytes = sequence.nbytes() + (logits.numel() * logits.element_size() if logits is not None else 0)
         entry = Entry(namespace, tuple(tokens), sequence, logits, nbytes, pins=1)
         self.make_room(nbytes)
-        if self.held_bytes + nbytes <= self.max_bytes and entry.tokens:
+        if self.held_bytes + self.beside() + nbytes <= self.max_bytes and entry.tokens:
             tree = self._trees.setdefault(namespace, RadixTree())
             replaced = tree.insert(entry.tokens, entry)
             if replaced is not None:  # the same context, encoded again: keep the newer

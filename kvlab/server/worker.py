@@ -172,7 +172,10 @@ class Worker:
         self._closed = False
         self._mean_latency = 1.0
         self.loaded: list[tuple[str, str]] = []  # (text, recipe) of contexts loaded from files
-        self.documents = DocumentServer(engine, metrics, store.max_bytes, self.check_memory)
+        self.documents = DocumentServer(
+            engine, metrics, store.max_bytes, self.check_memory, beside=lambda: store.held_bytes,
+        )
+        store.beside = lambda: self.documents.cache.held_bytes  # one cap for both
         """Requests that name documents (``kvlab.documents``, APE): :mod:`kvlab.server.documents`."""
         self._thread = threading.Thread(target=self._run, name="kvlab-engine", daemon=True)
 
@@ -283,7 +286,8 @@ class Worker:
         request that fits the cap alone (:meth:`check_memory`) always has room."""
         running = sum(a.reserved for a in self.running)
         self._evict(running + nbytes)
-        return not self.running or self.store.held_bytes + running + nbytes <= self.store.max_bytes
+        held = self.store.held_bytes + self.documents.cache.held_bytes
+        return not self.running or held + running + nbytes <= self.store.max_bytes
 
     def step(self) -> None:
         """One token for every running request: each draws from its logits (and ends on a stop
@@ -359,7 +363,7 @@ class Worker:
             job.post("error", ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     def _update_store_metrics(self) -> None:
-        self.metrics.kv_bytes_held.set(self.store.held_bytes)
+        self.metrics.kv_bytes_held.set(self.store.held_bytes + self.documents.cache.held_bytes)
         self.metrics.cached_contexts.set(len(self.store))
 
     def load_context(self, session: Session) -> Entry:

@@ -81,3 +81,25 @@ def test_namespaces_do_not_see_each_other():
     assert store.match(("bob", "m", "full"), [1, 2, 3]) is None
     assert store.match(("alice", "m", "snapkv(budget=0.5)"), [1, 2, 3]) is None
     assert store.match(("alice", "m", "full"), [1, 2, 3]) is not None
+
+
+def test_the_context_store_and_the_documents_share_one_cap():
+    """``--max-cache-gib`` bounds the stored contexts and APE's documents together: each side
+    evicts its own least recently used entries to fit beside what the other holds."""
+    from kvlab.server.documents import DocumentCache
+
+    store = ContextStore(max_bytes=300)
+    documents = DocumentCache(300, beside=lambda: store.held_bytes)
+    store.beside = lambda: documents.held_bytes
+    add(store, [1], 100)
+    add(store, [2], 100)
+    documents.put(("doc", 1), object(), 100)
+    assert store.held_bytes + documents.held_bytes == 300
+    documents.put(("doc", 2), object(), 100)  # no room beside the contexts: doc 1 goes first
+    assert documents.get(("doc", 1)) is None and documents.get(("doc", 2)) is not None
+    assert store.held_bytes + documents.held_bytes == 300
+    documents.put(("doc", 3), object(), 250)  # cannot fit beside 200 bytes of contexts at all:
+    assert documents.get(("doc", 3)) is None and documents.get(("doc", 2)) is not None  # nothing evicted
+    c = add(store, [3], 100)  # the contexts' oldest goes to make room beside the document
+    assert c.stored and store.match("ns", [1]) is None
+    assert store.held_bytes + documents.held_bytes == 300
