@@ -165,10 +165,14 @@ def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
     return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
 
 
-def gather_entries(x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None = None) -> Tensor:
+def gather_entries(
+    x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None = None, heads: Tensor | None = None
+) -> Tensor:
     """Runs of ``run`` consecutive entries of ``x`` ``[b, H, n, d]`` starting at ``starts``
     ``[b, Hs, r]`` (entry indices, ``start + run <= n``), per head ``Hs`` (a multiple of
-    ``H``: query heads read their KV head's entries, GQA) -> ``[b, Hs, r * run, d]``.
+    ``H``: query heads read their KV head's entries, GQA) -> ``[b, Hs, r * run, d]``. With
+    ``heads`` ``[h]`` (int64), only those heads of ``x`` are read (``Hs`` a multiple of ``h``),
+    without copying them out first.
 
     One ``index_select`` over rows of ``run * d`` elements that start at every entry of a
     strided view of ``x``'s memory: the output is written once, with no ``[.., d]``-expanded
@@ -181,8 +185,11 @@ def gather_entries(x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None =
         x = x.contiguous()
     head_base = (torch.arange(b, device=x.device)[:, None] * (x.stride(0) // d)
                  + torch.arange(h, device=x.device)[None, :] * (x.stride(1) // d))  # [b, H]
-    head_base = head_base.repeat_interleave(hs // h, dim=1)  # [b, Hs]: each head's KV head
-    rows = x.as_strided((int(head_base[-1, -1]) + n - run + 1, run * d), (d, 1), x.storage_offset())
+    if heads is not None:
+        head_base = head_base[:, heads]
+    head_base = head_base.repeat_interleave(hs // head_base.shape[1], dim=1)  # [b, Hs]: each head's KV head
+    last = (b - 1) * (x.stride(0) // d) + (h - 1) * (x.stride(1) // d)  # the last head's first row
+    rows = x.as_strided((last + n - run + 1, run * d), (d, 1), x.storage_offset())
     index = (head_base[..., None] + starts).flatten()
     if out is None:
         return rows.index_select(0, index).view(b, hs, r * run, d)
