@@ -142,16 +142,17 @@ def partial_attention(logits: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     ``[b, Hq, t, m]`` (``-inf`` where not allowed), ``values`` ``[b, Hq or Hk, m, d]`` (GQA
     aware) -> ``(out [b, Hq, t, d] fp32, lse [b, Hq, t] fp32)``; a row with no allowed key
     gives ``out = 0`` and ``lse = -inf`` (it then weighs nothing in :func:`merge_partials`)."""
-    group = logits.shape[1] // values.shape[1]
-    if group > 1:
-        values = values.repeat_interleave(group, dim=1)
+    b, hq, t, m = logits.shape
+    hk = values.shape[1]
     # one exp over the logits: the row maximum, the unnormalised weights, their sum; the
     # output is normalised after the matmul ([t, d], not [t, m])
     peak = logits.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)
     weights = torch.exp(logits - peak)
     total = weights.sum(dim=-1)
     lse = peak.squeeze(-1) + torch.log(total)  # -inf for a row with no allowed key
-    out = torch.matmul(weights, values.float()) / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
+    # each KV head's values once, its query heads' rows stacked (GQA: no per-head copies)
+    out = torch.matmul(weights.reshape(b, hk, (hq // hk) * t, m), values.float()).view(b, hq, t, -1)
+    out = out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
     return out, lse
 
 
