@@ -9,7 +9,8 @@ context as a one-token context chunk, so the methods that build an index at the 
 prefill (ShadowKV's low-rank keys and landmarks, A2ATS's codes, Quest's page bounds) build it
 over the random cache. Then decoding steps rotate over the recipes, each on its own copy of the
 cache, so that load changes hit all alike. Reported per length: the median ms per step, its
-ratio to ``full``'s and the physical limit of a step, (weight bytes + KV bytes the step must
+ratio to ``full``'s, the mean's ratio (it counts a method's periodic steps, such as Recycled
+Attention's full step every ``stride``: give ``--steps`` a multiple of it) and the physical limit of a step, (weight bytes + KV bytes the step must
 read) / memory bandwidth measured in the same run (full reads every entry; a selection method
 at least the entries it selects, per query head for per-head selections, plus its index).
 On a random cache the query heads of a GQA group choose Quest pages independently, so the
@@ -28,7 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from statistics import median
+from statistics import mean, median
 
 import torch
 
@@ -116,8 +117,8 @@ def main() -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_entry = 2 * config.num_key_value_heads * head_dim * 4 * config.num_hidden_layers  # K+V, fp32
     loads = [os.getloadavg()[0]]
-    lines = [f"| length | recipe | ms/step | vs full | bound (ms/step) | bound vs full's |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| length | recipe | ms/step | vs full | mean vs full's | bound (ms/step) | bound vs full's |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     profiles = []
     for text in args.lengths.split(","):
         n = parse_length(text)
@@ -136,6 +137,7 @@ def main() -> None:
             t = median(times[recipe])
             bound = (weights + read_bytes(recipe, n, config, per_entry)) / bandwidth
             lines.append(f"| {format_length(n)} | `{recipe}` | {t * 1000:.1f} | {t / base:.2f}x | "
+                         f"{mean(times[recipe]) / mean(times['full']):.2f}x | "
                          f"{bound * 1000:.1f} | {bound / bound_full:.2f}x |")
             print(lines[-1], flush=True)
             parts = decode_profile(lambda: engine.forward(sequences[recipe], [5], Phase.DECODE))
