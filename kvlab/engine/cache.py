@@ -124,9 +124,9 @@ class LayerKV:
             return self.positions
         return entry_range(self.num_entries, self.keys.device)
 
-    def entry_positions(self, entries: Tensor, heads: slice = slice(None)) -> Tensor:
+    def entry_positions(self, entries: Tensor, heads: slice | Tensor = slice(None)) -> Tensor:
         """Token positions ``[b, h, m]`` of the entries ``entries`` ``[b, h, m]`` each KV head
-        of ``heads`` (all by default) gathered: the entries themselves while the layer is
+        of ``heads`` (a slice or int64 indices; all by default) gathered: the entries themselves while the layer is
         contiguous (entry ``i`` holds token ``i``), else read from :attr:`positions`."""
         if self.positions is None:
             return entries

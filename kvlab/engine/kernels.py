@@ -152,16 +152,17 @@ def partial_attention(logits: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     ``[b, Hq, t, m]`` (``-inf`` where not allowed), ``values`` ``[b, Hq or Hk, m, d]`` (GQA
     aware) -> ``(out [b, Hq, t, d] fp32, lse [b, Hq, t] fp32)``; a row with no allowed key
     gives ``out = 0`` and ``lse = -inf`` (it then weighs nothing in :func:`merge_partials`)."""
-    group = logits.shape[1] // values.shape[1]
-    if group > 1:
-        values = values.repeat_interleave(group, dim=1)
+    b, hq, t, m = logits.shape
+    hk = values.shape[1]
     # one exp over the logits: the row maximum, the unnormalised weights, their sum; the
     # output is normalised after the matmul ([t, d], not [t, m])
     peak = logits.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)
     weights = torch.exp(logits - peak)
     total = weights.sum(dim=-1)
     lse = peak.squeeze(-1) + torch.log(total)  # -inf for a row with no allowed key
-    out = torch.matmul(weights, values.float()) / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
+    # each KV head's values once, its query heads' rows stacked (GQA: no per-head copies)
+    out = torch.matmul(weights.reshape(b, hk, (hq // hk) * t, m), values.float()).view(b, hq, t, -1)
+    out = out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
     return out, lse
 
 
@@ -175,10 +176,14 @@ def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
     return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
 
 
-def gather_entries(x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None = None) -> Tensor:
+def gather_entries(
+    x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None = None, heads: Tensor | None = None
+) -> Tensor:
     """Runs of ``run`` consecutive entries of ``x`` ``[b, H, n, d]`` starting at ``starts``
     ``[b, Hs, r]`` (entry indices, ``start + run <= n``), per head ``Hs`` (a multiple of
-    ``H``: query heads read their KV head's entries, GQA) -> ``[b, Hs, r * run, d]``.
+    ``H``: query heads read their KV head's entries, GQA) -> ``[b, Hs, r * run, d]``. With
+    ``heads`` ``[h]`` (int64), only those heads of ``x`` are read (``Hs`` a multiple of ``h``),
+    without copying them out first.
 
     One ``index_select`` over rows of ``run * d`` elements that start at every entry of a
     strided view of ``x``'s memory: the output is written once, with no ``[.., d]``-expanded
@@ -191,8 +196,11 @@ def gather_entries(x: Tensor, starts: Tensor, run: int = 1, out: Tensor | None =
         x = x.contiguous()
     head_base = (torch.arange(b, device=x.device)[:, None] * (x.stride(0) // d)
                  + torch.arange(h, device=x.device)[None, :] * (x.stride(1) // d))  # [b, H]
-    head_base = head_base.repeat_interleave(hs // h, dim=1)  # [b, Hs]: each head's KV head
-    rows = x.as_strided((int(head_base[-1, -1]) + n - run + 1, run * d), (d, 1), x.storage_offset())
+    if heads is not None:
+        head_base = head_base[:, heads]
+    head_base = head_base.repeat_interleave(hs // head_base.shape[1], dim=1)  # [b, Hs]: each head's KV head
+    last = (b - 1) * (x.stride(0) // d) + (h - 1) * (x.stride(1) // d)  # the last head's first row
+    rows = x.as_strided((last + n - run + 1, run * d), (d, 1), x.storage_offset())
     index = (head_base[..., None] + starts).flatten()
     if out is None:
         return rows.index_select(0, index).view(b, hs, r * run, d)

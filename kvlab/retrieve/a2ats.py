@@ -111,12 +111,17 @@ def approximate_scores(q_window: Tensor, index: QuantisedKeys) -> Tensor:
     b, hq, _, d = q_window.shape
     _, kv_heads, subspaces, codewords, width = index.codebooks.shape
     group = hq // kv_heads
+    m = index.codes.shape[2]
     q_sub = q_window.reshape(b, kv_heads, group, subspaces, 1, width).to(index.codebooks.dtype)
     table = (q_sub * index.codebooks[:, :, None]).sum(-1)  # [b, kv, g, S, C]
-    offsets = torch.arange(subspaces, device=q_window.device) * codewords
-    flat = (index.codes.long() + offsets).flatten(-2)  # [b, kv, m * S]
-    looked = table.flatten(-2).gather(-1, flat[:, :, None].expand(-1, -1, group, -1))
-    return looked.reshape(b, kv_heads, group, -1, subspaces).sum(-1).reshape(b, hq, -1)
+    # one bag of S rows per key: row (b, kv, s, code_s) of the tables, summed (embedding_bag),
+    # all KV heads at once; no [.., g]-expanded index, no [g, m, S] temporary
+    rows = table.permute(0, 1, 3, 4, 2).reshape(-1, group)  # [b * kv * S * C, g]
+    offsets = (torch.arange(b * kv_heads, device=q_window.device, dtype=torch.int32)[:, None] * subspaces
+               + torch.arange(subspaces, device=q_window.device, dtype=torch.int32)) * codewords
+    bags = index.codes.reshape(b * kv_heads, m, subspaces).int() + offsets[:, None]  # [b * kv, m, S]
+    scores = torch.nn.functional.embedding_bag(bags.reshape(-1, subspaces), rows, mode="sum")
+    return scores.reshape(b, kv_heads, m, group).transpose(2, 3).reshape(b, hq, m)
 
 
 @register

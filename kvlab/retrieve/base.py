@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
@@ -52,6 +53,29 @@ class RetrieveMethod(Method, ABC):
         """Called in every layer after the attention of each chunk of the context prefill
         (``q`` ``[b, Hq, t, d]`` its unrotated queries): a method whose index is built from
         the prefill's queries (RetrievalAttention) samples them here; by default nothing."""
+
+
+def kv_head_union(entries: Tensor, kv_heads: int, n: int) -> tuple[Tensor, Tensor]:
+    """What each KV head gathers once for the entries ``entries`` ``[b, Hq, k]`` its query
+    heads selected (``-1``: none), and which of it each query head reads: ``(union [b, Hk, U],
+    read [b, Hq, U])``. ``union`` holds each entry any query head of the group selected once
+    (ascending, then padding: a valid entry index that no head reads); ``U`` is the largest
+    union over the KV heads (one host sync, as on a CPU the search that selected is one)."""
+    b, hq, k = entries.shape
+    group = hq // kv_heads
+    ids = torch.where(entries >= 0, entries, n)  # n: "none", sorted last
+    grouped = ids.reshape(b, kv_heads, group * k).sort(dim=-1).values
+    repeat = torch.zeros_like(grouped, dtype=torch.bool)
+    repeat[..., 1:] = grouped[..., 1:] == grouped[..., :-1]
+    repeat |= grouped == n
+    order = repeat.to(torch.int8).sort(dim=-1, stable=True).indices  # the union first, ascending
+    grouped, repeat = grouped.gather(-1, order), repeat.gather(-1, order)
+    width = max(1, int((~repeat).sum(-1).max()))
+    union, real = grouped[..., :width].clamp(max=n - 1), ~repeat[..., :width]
+    chose = torch.zeros(b, hq, n + 1, dtype=torch.bool, device=entries.device)
+    chose.scatter_(-1, ids, True)  # [b, Hq, n + 1]: what each query head selected
+    mine = chose.view(b, kv_heads, group, n + 1).gather(-1, union[:, :, None].expand(-1, -1, group, -1))
+    return union, (mine & real[:, :, None]).reshape(b, hq, width)
 
 
 def gather_per_query_head(layer: LayerKV, entries: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -32,9 +32,10 @@ are cached in memory and on disk as DuoAttention's are
 (:func:`kvlab.compress.duo_heads.cached_head_scores`); recall is measured between adjacent
 layers only, while a sparse head may inherit through several sparse layers.
 
-Cost: a retrieval head reads its KV head's whole cache (twice: its attention, then its
-logits for the choice); a sparse head reads only its ``count`` blocks, gathered as runs of
-``block`` entries. No side index is stored (the choice lives in the forward's scratch), so
+Cost: a retrieval head reads its KV head's whole cache once (its logits, whose softmax both
+weighs the values and chooses the blocks); the sparse heads of a layer read only their
+``count`` blocks each, gathered together as runs of ``block`` entries (one gather per keys and
+values). No side index is stored (the choice lives in the forward's scratch), so
 the cache's bytes are those of ``full``.
 """
 
@@ -82,11 +83,6 @@ def kv_head_probs(logits: Tensor, kv_heads: int) -> Tensor:
     probs = torch.softmax(logits, dim=-1)
     b, hq, t, n = probs.shape
     return probs.reshape(b, kv_heads, hq // kv_heads, t, n).mean(dim=2)
-
-
-def top_blocks(logits: Tensor, kv_heads: int, block: int, count: int) -> Tensor:
-    """The ``count`` blocks ``[b, kv_heads, t, count]`` of most attention probability."""
-    return block_mass(kv_head_probs(logits, kv_heads), block).topk(count, dim=-1).indices
 
 
 @register
@@ -139,6 +135,9 @@ class Lychee(RetrieveMethod):
 
     # -- per step --------------------------------------------------------------------------
     def attend(self, q: Tensor, ctx: LayerContext) -> Tensor | None:
+        """One decoding step of a layer: the retrieval heads (each a view of its KV head's
+        entries) attend over everything and choose afresh; the sparse heads, all at once (one
+        gather of their blocks per keys and values), attend over the blocks they inherit."""
         layer = ctx.layer
         n, kv_heads = layer.num_entries, layer.kv_heads
         count = self.blocks(n)
@@ -147,48 +146,89 @@ class Lychee(RetrieveMethod):
         split = ctx.prepared.get("retrieve")
         if split is None:
             raise RuntimeError("lychee runs in a sequence made by Engine.new_sequence (no head split)")
-        inherited = ctx.scratch.get(SCRATCH_KEY)  # [b, kv_heads, 1, count] or None (layer 0)
-        retrieval = split[ctx.index] if inherited is not None else (True,) * kv_heads
-        group = q.shape[1] // kv_heads
-        outputs, chosen = [], []
-        for head in range(kv_heads):  # per KV head: a slice of the layer, never a copy of it
-            q_head = q[:, head * group : (head + 1) * group]
-            if retrieval[head]:
-                out, blocks = self.retrieve(q_head, ctx, head, count)
-            else:
-                blocks = inherited[:, head : head + 1]
-                out = self.reuse(q_head, ctx, head, blocks[:, :, 0])
-            outputs.append(out)
-            chosen.append(blocks)
-        ctx.scratch[SCRATCH_KEY] = torch.cat(chosen, dim=1)
-        return torch.cat(outputs, dim=1)
+        inherited = ctx.scratch.get(SCRATCH_KEY)  # [b, kv_heads, count] or None (layer 0)
+        retrieval, sparse = head_sets(split[ctx.index] if inherited is not None else (True,) * kv_heads, q.device)
+        b, hq, _, d = q.shape
+        group = hq // kv_heads
+        if not retrieval:  # every head reuses: the whole layer at once, no copies
+            ctx.scratch[SCRATCH_KEY] = inherited
+            return self.reuse(q, ctx, slice(None), inherited)
+        if len(retrieval) == kv_heads:
+            out, chosen = self.retrieve(q, ctx, slice(None), count)
+            ctx.scratch[SCRATCH_KEY] = chosen
+            return out
+        out = torch.empty_like(q)
+        by_kv_head = out.view(b, kv_heads, group, 1, d)
+        chosen = inherited.clone()
+        for head in retrieval:  # a few heads, each a slice of the layer (never a copy of it)
+            heads = slice(head, head + 1)
+            by_kv_head[:, heads], chosen[:, heads] = self.retrieve(
+                q[:, head * group : (head + 1) * group], ctx, heads, count)
+        q_sparse = q.view(b, kv_heads, group, 1, d)[:, sparse].reshape(b, -1, 1, d)
+        by_kv_head[:, sparse] = self.reuse(q_sparse, ctx, sparse, inherited[:, sparse]).view(b, -1, group, 1, d)
+        ctx.scratch[SCRATCH_KEY] = chosen
+        return out
 
-    def retrieve(self, q: Tensor, ctx: LayerContext, head: int, count: int) -> tuple[Tensor, Tensor]:
-        """A retrieval head: attention ``[b, g, 1, d]`` of its query heads ``q`` over the KV
-        head's whole cache, and its ``count`` blocks ``[b, 1, 1, count]`` of most probability."""
+    def retrieve(self, q: Tensor, ctx: LayerContext, heads: slice, count: int) -> tuple[Tensor, Tensor]:
+        """Retrieval heads: attention ``[b, g * h, 1, d]`` of their query heads ``q`` over the
+        whole cache of the KV heads ``heads`` (``h`` of them, a slice), and each KV head's
+        ``count`` blocks ``[b, h, count]`` of most probability. The cache is read once: the
+        probabilities that choose the blocks are those the output is made of."""
         layer = ctx.layer
-        keys, values = layer.keys[:, head : head + 1], layer.values[:, head : head + 1]
+        keys, values = layer.keys[:, heads], layer.values[:, heads]
         k_pos = layer.key_positions()
         if k_pos.dim() == 3:
-            k_pos = k_pos[:, head : head + 1]
-        out = ctx.attend(q, ctx.positions, keys, k_pos, values)
-        logits = ctx.position.logits(q, ctx.positions, keys, k_pos, ctx.rotary, ctx.scaling)
-        return out, top_blocks(logits, 1, self.block, count)
+            k_pos = k_pos[:, heads]
+        probs = kv_head_group_probs(ctx.position.logits(q, ctx.positions, keys, k_pos, ctx.rotary, ctx.scaling),
+                                    keys.shape[1])  # [b, h, g, n] fp32
+        out = torch.matmul(probs.to(values.dtype), values)  # [b, h, g, d]
+        blocks = block_mass(probs.mean(dim=2), self.block).topk(count, dim=-1).indices
+        return out.reshape(q.shape).to(q.dtype), blocks
 
-    def reuse(self, q: Tensor, ctx: LayerContext, head: int, blocks: Tensor) -> Tensor:
-        """A sparse head: attention ``[b, g, 1, d]`` of its query heads ``q`` over the blocks
-        ``[b, 1, count]`` only (gathered as runs of ``block`` entries; the partial last block's
-        run starts early and its entries before the block do not count)."""
+    def reuse(self, q: Tensor, ctx: LayerContext, heads: int | slice | Tensor, blocks: Tensor) -> Tensor:
+        """Sparse heads: attention ``[b, g * h, 1, d]`` of the query heads ``q`` of the KV heads
+        ``heads`` (an index, a slice or int64 indices; ``h`` of them) over their blocks
+        ``[b, h, count]`` only, gathered as runs of ``block`` entries in one gather (the partial
+        last block's run starts early and its entries before the block do not count)."""
         layer = ctx.layer
         n = layer.num_entries
+        if isinstance(heads, int):
+            heads = slice(heads, heads + 1)
         firsts = blocks * self.block
         starts = firsts.clamp(max=n - self.block)
-        keys = gather_entries(layer.keys[:, head : head + 1], starts, self.block)
-        values = gather_entries(layer.values[:, head : head + 1], starts, self.block)
+        if isinstance(heads, slice):
+            keys = gather_entries(layer.keys[:, heads], starts, self.block)
+            values = gather_entries(layer.values[:, heads], starts, self.block)
+        else:
+            keys = gather_entries(layer.keys, starts, self.block, heads=heads)
+            values = gather_entries(layer.values, starts, self.block, heads=heads)
         entries = (starts[..., None] + torch.arange(self.block, device=q.device)).flatten(-2)
-        valid = entries >= firsts.repeat_interleave(self.block, dim=-1)  # [b, 1, count * block]
-        k_pos = layer.entry_positions(entries, slice(head, head + 1))
+        valid = entries >= firsts.repeat_interleave(self.block, dim=-1)  # [b, h, count * block]
+        k_pos = layer.entry_positions(entries, heads)
         return ctx.attend(q, ctx.positions, keys, k_pos, values, valid[:, :, None, :])
+
+
+def kv_head_group_probs(logits: Tensor, kv_heads: int) -> Tensor:
+    """Softmax ``[b, kv_heads, g, n]`` of one decoding step's fp32 ``logits`` ``[b, Hq, 1, n]``,
+    the rows of each KV head's ``g`` query heads together."""
+    b, hq, _, n = logits.shape
+    return torch.softmax(logits.view(b, kv_heads, hq // kv_heads, n), dim=-1)
+
+
+_HEAD_SETS: dict[tuple[tuple[bool, ...], torch.device], tuple[list[int], Tensor]] = {}
+
+
+def head_sets(split: tuple[bool, ...], device: torch.device) -> tuple[list[int], Tensor]:
+    """The retrieval KV heads of a layer's split (a list) and its sparse ones (int64 indices),
+    made once per split and device."""
+    key = (split, device)
+    sets = _HEAD_SETS.get(key)
+    if sets is None:
+        sets = _HEAD_SETS[key] = (
+            [h for h, r in enumerate(split) if r],
+            torch.tensor([h for h, r in enumerate(split) if not r], dtype=torch.long, device=device),
+        )
+    return sets
 
 
 def measure_recall(engine: Any, settings: Calibration) -> Tensor:

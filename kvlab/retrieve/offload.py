@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import LayerContext
+from kvlab.engine.kernels import gather_entries
 
 
 def to_offload_tier(x: Tensor) -> Tensor:
@@ -29,13 +30,14 @@ def to_offload_tier(x: Tensor) -> Tensor:
 def fetch(offloaded: Tensor, rows: Tensor) -> Tensor:
     """Rows ``rows`` ``[b, heads, k]`` of ``offloaded`` ``[b, heads, m, d]`` (offloaded tier),
     brought to ``rows``' device: ``[b, heads, k, d]``."""
-    index = rows.to(offloaded.device)[..., None].expand(-1, -1, -1, offloaded.shape[-1])
-    return offloaded.gather(2, index).to(rows.device, non_blocking=True)
+    return gather_rows(offloaded, rows.to(offloaded.device)).to(rows.device, non_blocking=True)
 
 
 def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """``x`` ``[b, heads, m, d]`` at ``rows`` ``[b, heads, k]`` -> ``[b, heads, k, d]``."""
-    return x.gather(2, rows[..., None].expand(-1, -1, -1, x.shape[-1]))
+    """``x`` ``[b, heads, m, d]`` (or ``[b, 1, m, d]``: rows shared by every head, ShadowKV's
+    ``U``) at ``rows`` ``[b, heads, k]`` -> ``[b, heads, k, d]``: one ``index_select`` of whole
+    rows (:func:`~kvlab.engine.kernels.gather_entries`), no ``[.., d]``-expanded index."""
+    return gather_entries(x, rows)
 
 
 def head_positions(layer: LayerKV) -> Tensor:

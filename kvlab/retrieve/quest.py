@@ -31,32 +31,65 @@ INDEX_KEY = "quest.page_bounds"
 
 
 class PageBounds:
-    """Element-wise min and max of the keys of every complete page: ``[b, kv_heads, P, d]``.
+    """Element-wise min and max of the keys of every page, the partial last page included:
+    ``[b, kv_heads, P, d]`` views (:meth:`bounds`) of buffers that may hold a few pages more.
 
-    Grows as pages fill; the partial last page is bounded on the fly and not stored.
+    Built at the end of the context prefill (:meth:`Quest.end_context`, as the paper's prefill
+    does) and kept up to date per appended token: a new token folds into its page's bounds
+    (an element-wise min/max with the page's slot, in place), so a decoding step never
+    re-reads a page's keys. Like the cache's storage, the buffers grow by a small reserve while
+    decoding (``min(32, P // 16)`` pages, none for a prompt chunk); reserved slots count in
+    :meth:`nbytes`.
     """
 
     def __init__(self, page: int) -> None:
         self.page = page
         self.mins: Tensor | None = None
         self.maxs: Tensor | None = None
+        self.entries = 0  # entries bounded: pages 0 .. ceil(entries / page) - 1 hold them
 
     @property
     def pages(self) -> int:
-        return 0 if self.mins is None else self.mins.shape[2]
+        """Pages bounded, the partial last one included."""
+        return -(-self.entries // self.page)
+
+    def bounds(self) -> tuple[Tensor, Tensor]:
+        """Min and max ``[b, kv_heads, pages, d]`` of every bounded page."""
+        return self.mins[:, :, : self.pages], self.maxs[:, :, : self.pages]
 
     def update(self, keys: Tensor) -> None:
-        """Bound the complete pages of ``keys`` ``[b, kv_heads, n, d]`` not yet bounded."""
-        complete = keys.shape[2] // self.page
-        if complete <= self.pages:
+        """Bound the entries of ``keys`` ``[b, kv_heads, n, d]`` not yet bounded: the rest of
+        the partial page by an in-place min/max, then the pages after it."""
+        n = keys.shape[2]
+        if n < self.entries:  # entries dropped without truncate(): bound them again
+            self.truncate(n)
+        start = self.entries
+        if start == n:
             return
-        start = self.pages * self.page
-        mins, maxs = page_min_max(keys[:, :, start : complete * self.page], self.page)
-        if self.mins is None:
-            self.mins, self.maxs = mins, maxs
-        else:
-            self.mins = torch.cat([self.mins, mins], dim=2)
-            self.maxs = torch.cat([self.maxs, maxs], dim=2)
+        if start % self.page:
+            slot, stop = start // self.page, min(n, start - start % self.page + self.page)
+            new = keys[:, :, start:stop]
+            torch.minimum(self.mins[:, :, slot], new.amin(dim=2), out=self.mins[:, :, slot])
+            torch.maximum(self.maxs[:, :, slot], new.amax(dim=2), out=self.maxs[:, :, slot])
+            start = stop
+        if start < n:
+            mins, maxs = page_min_max(keys[:, :, start:n], self.page)
+            self._write(start // self.page, mins, maxs, decoding=n - self.entries == 1)
+        self.entries = n
+
+    def _write(self, slot: int, mins: Tensor, maxs: Tensor, decoding: bool) -> None:
+        """Write page bounds ``[b, h, m, d]`` at pages ``slot ..``, growing the buffers."""
+        end = slot + mins.shape[2]
+        if self.mins is None or self.mins.shape[2] < end:
+            reserve = min(32, end // 16) if decoding else 0
+            shape = (*mins.shape[:2], end + reserve, mins.shape[3])
+            grown_min, grown_max = mins.new_empty(shape), maxs.new_empty(shape)
+            if self.mins is not None and slot:
+                grown_min[:, :, :slot] = self.mins[:, :, :slot]
+                grown_max[:, :, :slot] = self.maxs[:, :, :slot]
+            self.mins, self.maxs = grown_min, grown_max
+        self.mins[:, :, slot:end] = mins
+        self.maxs[:, :, slot:end] = maxs
 
     def nbytes(self) -> int:
         if self.mins is None:
@@ -65,12 +98,12 @@ class PageBounds:
 
     def on_select(self, keep: Tensor) -> None:
         self.mins = self.maxs = None  # pages are regrouped: bound them again
+        self.entries = 0
 
     def truncate(self, num_entries: int) -> None:
-        keep = num_entries // self.page
-        if self.mins is not None:
-            self.mins = self.mins[:, :, :keep].clone()
-            self.maxs = self.maxs[:, :, :keep].clone()
+        """Keep the complete pages below ``num_entries``; the partial page after them is bounded
+        again from the keys at the next :meth:`update`."""
+        self.entries = min(self.entries, num_entries - num_entries % self.page)
 
 
 def page_min_max(keys: Tensor, page: int) -> tuple[Tensor, Tensor]:
@@ -115,7 +148,7 @@ class Quest(RetrieveMethod):
     recent: int = param(0, "last entries always read besides the pages (0: as published)", min=0)
 
     def stored_bounds(self, layer: LayerKV) -> PageBounds:
-        """The layer's index of complete pages, brought up to date."""
+        """The layer's page bounds, brought up to date."""
         index = layer.side.get(INDEX_KEY)
         if not isinstance(index, PageBounds) or index.page != self.page:
             index = layer.side[INDEX_KEY] = PageBounds(self.page)
@@ -123,16 +156,16 @@ class Quest(RetrieveMethod):
         return index
 
     def scores(self, q_rotated: Tensor, layer: LayerKV) -> Tensor:
-        """Page scores ``[b, Hq, ceil(n / page)]``: stored pages, then the partial last page
-        (bounded on the fly, so no bound tensor is copied per step)."""
-        index = self.stored_bounds(layer)
-        parts = [] if index.mins is None else [page_scores(q_rotated, index.mins, index.maxs)]
-        tail_start = index.pages * self.page
-        if tail_start < layer.num_entries:
-            tail = layer.keys[:, :, tail_start:]
-            tail_min, tail_max = tail.amin(dim=2, keepdim=True), tail.amax(dim=2, keepdim=True)
-            parts.append(page_scores(q_rotated, tail_min, tail_max))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        """Page scores ``[b, Hq, ceil(n / page)]``, the partial last page last (its bounds
+        kept up to date per token by :class:`PageBounds`)."""
+        return page_scores(q_rotated, *self.stored_bounds(layer).bounds())
+
+    def end_context(self, q: Tensor, ctx: LayerContext) -> None:
+        """Bound every page of the finished context in each layer that will select (the
+        prefill's work in the paper), so the first decoding step does not pay for it."""
+        n = ctx.layer.num_entries
+        if ctx.index >= self.dense_layers and max(3, resolve_budget(self.budget, n) // self.page) * self.page < n:
+            self.stored_bounds(ctx.layer)
 
     def select(self, q: Tensor, ctx: LayerContext) -> PageSelection | None:
         """What each KV head gathers this step and which of it each query head reads

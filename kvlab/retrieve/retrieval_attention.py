@@ -21,11 +21,15 @@ an inverted-file index whose partition follows the queries:
   heads (rotated, as they score the keys; a random sample of at most ``train_queries`` per
   KV head, gathered chunk by chunk during the prefill through
   :meth:`RetrieveMethod.observe`), and every key is filed under the query centroid that
-  scores it highest (``argmax_c c . k``). A search scans the ``probe`` lists whose centroids
-  score the step's query highest, exactly (flat lists). What is approximated: the paper's
-  graph walk over query-bridged key neighbours is replaced by this query-trained partition;
-  recall is controlled by ``probe / lists``. Without prefill queries (a sequence built only
-  by appends) the centroids are trained on the keys.
+  scores it highest (``argmax_c c . k``). A search scans the lists whose centroids score the
+  step's query highest, exactly (flat lists). How many follows the budget, as the paper's
+  search effort follows its top-k (its graph walk keeps a candidate list of at least ``k``
+  and visits more vertices for a larger ``k``): an IVF search must scan at least the ``k``
+  keys it returns, and recall needs a margin, so it probes ``max(probe, ceil(scan * k /
+  mean list length))`` lists, ``scan`` keys scanned per key retrieved (all of them when that
+  is more: then the search is exact). What is approximated: the paper's graph walk over
+  query-bridged key neighbours is replaced by this query-trained partition. Without prefill
+  queries (a sequence built only by appends) the centroids are trained on the keys.
 - ``index="flat"``: ``faiss.IndexFlatIP``, exact top-``budget`` by ``q . k`` (the limit of
   an ideal index; used by the tests).
 
@@ -35,13 +39,17 @@ to it, so every entry is in exactly one of the two parts. The index lives in
 ``layer.side`` and counts in the cache's bytes: the faiss index's serialized size
 (``len(faiss.serialize_index(index))``: the stored key copies, the list ids, the centroids),
 plus the query sample until the index is trained. Keys are scored as stored (post-RoPE).
-Every layer retrieves (the paper gives no dense layers). Not reproduced: the CPU/accelerator
-split and overlap (everything runs on the model's device, the search on the CPU).
+Every layer retrieves (the paper gives no dense layers). Each query head attends to its own
+retrieved keys; a KV head gathers the union of its query heads' keys once
+(:func:`~kvlab.retrieve.base.kv_head_union`: the heads of a group retrieve many keys alike),
+each query head masking the others'. Not reproduced: the CPU/accelerator split and overlap
+(everything runs on the model's device, the search on the CPU).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -51,9 +59,9 @@ from torch import Tensor
 
 from kvlab.engine.cache import LayerKV
 from kvlab.engine.context import LayerContext
-from kvlab.engine.kernels import merge_partials, partial_attention
+from kvlab.engine.kernels import gather_entries, merge_partials, partial_attention
 from kvlab.registry import Budget, param, register, resolve_budget
-from kvlab.retrieve.base import RetrieveMethod, gather_per_query_head
+from kvlab.retrieve.base import RetrieveMethod, kv_head_union
 
 INDEX_KEY = "retrieval_attention.index"
 POINTS_PER_LIST = 39
@@ -88,9 +96,13 @@ class KeyIndex:
     ``start + i``.
     """
 
-    def __init__(self, kind: str, lists: int, probe: int, train_queries: int, start: int) -> None:
+    def __init__(
+        self, kind: str, lists: int, probe: int, train_queries: int, start: int, scan: float = 4.0
+    ) -> None:
         self.kind, self.lists, self.probe, self.train_queries = kind, lists, probe, train_queries
+        self.scan = scan
         self.start = self.end = start
+        self.scanned = 0  # keys the last search scanned, over every KV head and query (faiss's count)
         self.queries: Tensor | None = None
         self.indexes: list[list[Any]] | None = None
         self._seen_queries = 0
@@ -143,15 +155,33 @@ class KeyIndex:
                 self.indexes[row][h].add(np.ascontiguousarray(new[row, h]))
         self.end = end
 
+    def lists_to_probe(self, k: int, lists: int) -> int:
+        """IVF lists a search for ``k`` keys scans: at least ``probe``, and enough that about
+        ``scan * k`` keys are scanned (lists hold ``end - start`` keys, ``lists`` of them)."""
+        mean_list = max(1.0, (self.end - self.start) / lists)
+        return min(lists, max(self.probe, math.ceil(self.scan * k / mean_list)))
+
     def search(self, rotated: Tensor, k: int) -> Tensor:
-        """Entries ``[b, Hq, k]`` of the ``k`` highest ``q . key`` per query head (``-1``: none)."""
+        """Entries ``[b, Hq, k]`` of the ``k`` highest ``q . key`` per query head (``-1``: none);
+        :attr:`scanned` counts the keys the search compared with a query."""
+        faiss = _faiss()
         b, hq, _, d = rotated.shape
         kv_heads = len(self.indexes[0])
         queries = rotated.float().cpu().reshape(b, kv_heads, hq // kv_heads, d).numpy()
         found = np.empty((b, kv_heads, hq // kv_heads, k), dtype=np.int64)
+        stats = faiss.cvar.indexIVF_stats
+        self.scanned = 0
         for row in range(b):
             for h in range(kv_heads):
-                _, ids = self.indexes[row][h].search(np.ascontiguousarray(queries[row, h]), k)
+                index, x = self.indexes[row][h], np.ascontiguousarray(queries[row, h])
+                if self.kind == "flat":
+                    _, ids = index.search(x, k)
+                    self.scanned += index.ntotal * x.shape[0]
+                else:
+                    stats.reset()
+                    params = faiss.SearchParametersIVF(nprobe=self.lists_to_probe(k, index.nlist))
+                    _, ids = index.search(x, k, params=params)
+                    self.scanned += stats.ndis
                 found[row, h] = ids
         found = torch.from_numpy(found).reshape(b, hq, k)
         return torch.where(found >= 0, found + self.start, found).to(rotated.device)
@@ -214,7 +244,11 @@ class RetrievalAttention(RetrieveMethod):
         "ivf", "ivf: inverted lists on prefill-query centroids (approximate); flat: exact search"
     )
     lists: int = param(256, "IVF lists per KV head (capped at training points / 39)", min=1)
-    probe: int = param(16, "IVF lists scanned per query", min=1)
+    probe: int = param(16, "IVF lists scanned per query at least", min=1)
+    scan: float = param(
+        4.0, "IVF keys scanned per key retrieved: lists probed = max(probe, scan x budget / mean list length)",
+        min=1.0,
+    )
     train_queries: int = param(
         4096, "prefill queries sampled per KV head to train the IVF centroids", min=1
     )
@@ -223,7 +257,7 @@ class RetrievalAttention(RetrieveMethod):
         index = layer.side.get(INDEX_KEY)
         if not isinstance(index, KeyIndex):
             index = layer.side[INDEX_KEY] = KeyIndex(
-                self.index, self.lists, self.probe, self.train_queries, self.sink
+                self.index, self.lists, self.probe, self.train_queries, self.sink, self.scan
             )
         return index
 
@@ -264,10 +298,14 @@ class RetrievalAttention(RetrieveMethod):
 
 def retrieved_part(q: Tensor, ctx: LayerContext, found: Tensor) -> tuple[Tensor, Tensor]:
     """Partial attention of each query head over its own entries ``found`` ``[b, Hq, k]``
-    (``-1`` entries are left out)."""
-    valid = found >= 0
-    keys, values, k_pos = gather_per_query_head(ctx.layer, found.clamp(min=0))
-    logits = ctx.position.logits(q, ctx.positions, keys, k_pos, ctx.rotary, ctx.scaling)
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    (``-1`` entries are left out): each KV head gathers its query heads' entries once, each
+    query head reads its own of them."""
+    layer = ctx.layer
+    union, read = kv_head_union(found, layer.kv_heads, layer.num_entries)
+    shape = (*union.shape, layer.keys.shape[-1])
+    keys = gather_entries(layer.keys, union, out=ctx.buffer("retrieval_attention.keys", shape, layer.keys))
+    values = gather_entries(layer.values, union, out=ctx.buffer("retrieval_attention.values", shape, layer.values))
+    logits = ctx.position.logits(q, ctx.positions, keys, layer.entry_positions(union), ctx.rotary, ctx.scaling)
+    logits = logits.masked_fill(~read[:, :, None, :], float("-inf"))
     return partial_attention(logits, values)
 

@@ -161,9 +161,7 @@ class ShadowKV(RetrieveMethod):
         k]``, their keys rebuilt from the low-rank factors and values fetched."""
         steps = torch.arange(self.chunk, device=q.device)
         rows = (chosen[..., None] * self.chunk + steps).flatten(-2)  # [b, kv_heads, k]
-        kv_heads = rows.shape[1]
-        u = index.u[:, None].expand(-1, kv_heads, -1, -1)
-        keys = torch.matmul(offload.gather_rows(u, rows), index.svt)  # U[idx] S V^T, per head
+        keys = torch.matmul(offload.gather_rows(index.u[:, None], rows), index.svt)  # U[idx] S V^T, per head
         positions = index.positions.gather(-1, rows)
         keys = offload.as_stored(ctx, keys, positions)
         values = offload.fetch(index.values, rows)

@@ -37,6 +37,20 @@ def test_gather_entries_reads_each_heads_runs(run: int, group: int) -> None:
     assert torch.equal(gather_entries(t, starts, run), _reference(t, starts, run))
 
 
+@pytest.mark.parametrize("heads", [[1], [0, 2], [2, 0]])
+def test_gather_entries_reads_only_the_given_heads(heads: list[int]) -> None:
+    """``heads=``: the runs of a subset of the KV heads (Lychee's sparse heads), the same as
+    gathering from those heads copied out, the last head included."""
+    g = torch.Generator().manual_seed(1)
+    storage = torch.randn(2, 3, 40, 8, generator=g)
+    x = storage[:, :, :36]
+    starts = torch.randint(0, 36 - 4 + 1, (2, len(heads), 6), generator=g)
+    starts[-1, -1, -1] = 32  # the last run of the last row ends on the last entry
+    subset = x[:, heads].contiguous()
+    got = gather_entries(x, starts, 4, heads=torch.tensor(heads))
+    assert torch.equal(got, _reference(subset, starts, 4))
+
+
 def test_workspace_reuses_memory_and_grows() -> None:
     ws = Workspace()
     a = ws.buffer("keys", (2, 3), torch.float32, torch.device("cpu"))

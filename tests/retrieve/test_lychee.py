@@ -70,14 +70,16 @@ def lychee_reference(prompt, budget, block, split, log):
     return attention
 
 
-def test_sparse_heads_reuse_the_blocks_of_their_kv_head_in_the_previous_layer():
+@pytest.mark.parametrize("retrieval, layer1", [(0.5, [False, True]), (0.0, [False, False])])
+def test_sparse_heads_reuse_the_blocks_of_their_kv_head_in_the_previous_layer(retrieval, layer1):
+    """Layer 1 holds one retrieval and one sparse head (0.5), or only sparse heads (0.0)."""
     prompt, steps, budget, block = 97, 9, 32, 8
     ids = prompt_ids(prompt + steps, seed=3)
     engine = tiny_engine()
-    recipe = f"lychee(budget={budget}, retrieval=0.5, block=8, probes=2, probe_length=128, queries=8)"
+    recipe = f"lychee(budget={budget}, retrieval={retrieval}, block=8, probes=2, probe_length=128, queries=8)"
     seq = engine.new_sequence(recipe)
     split = seq.prepared["retrieve"]
-    assert split[0] == (True, True) and sorted(split[1]) == [False, True]  # one of two heads
+    assert split[0] == (True, True) and sorted(split[1]) == layer1
     log = []
     expected = reference_logits(ids, lychee_reference(prompt, budget, block, split, log))
     logits = engine.prefill(seq, ids[:prompt], compress=True)
@@ -86,7 +88,7 @@ def test_sparse_heads_reuse_the_blocks_of_their_kv_head_in_the_previous_layer():
         got[1:], torch.log_softmax(expected[prompt:], dim=-1), atol=1e-5, rtol=1e-5
     )
     sparse = [entry for entry in log if not entry[3]]
-    assert len(sparse) == steps
+    assert len(sparse) == steps * layer1.count(False)
     dense = torch.log_softmax(reference_logits(ids)[prompt:], dim=-1)
     assert not torch.allclose(got[1:], dense, atol=1e-3)  # reuse changed the result
 

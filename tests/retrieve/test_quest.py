@@ -100,9 +100,10 @@ def test_decoding_attends_exactly_to_the_best_pages_newest_page_included(page, d
     assert not torch.allclose(got[1:], dense, atol=1e-3)
 
 
-def test_page_bounds_are_stored_per_complete_page_and_counted():
-    """Bytes beyond the full cache are the min and max of every complete page (fp32
-    ``[kv_heads, pages, d]`` each) in each non-dense layer; the partial page is not stored."""
+def test_page_bounds_are_stored_per_page_and_counted():
+    """Bytes beyond the full cache are the min and max of every page, the partial last one
+    included (fp32 ``[kv_heads, pages, d]`` each), in each non-dense layer (no decoding
+    reserve under 16 pages)."""
     prompt, page, d, kv_heads = 97, 8, 16, 2
     ids = prompt_ids(prompt + 12, seed=3)
     recipe = f"quest(budget=32, page={page}, dense_layers=1)"
@@ -114,7 +115,7 @@ def test_page_bounds_are_stored_per_complete_page_and_counted():
             engine.teacher_force(cache, logits, ids[prompt : prompt + steps] + [0])
         entries = prompt + steps  # the last step's key included
         extra = quest.nbytes() - full.nbytes()
-        assert extra == 2 * kv_heads * (entries // page) * d * 4, steps
+        assert extra == 2 * kv_heads * -(-entries // page) * d * 4, steps
         assert [layer.num_entries for layer in quest.layers] == [entries] * 2  # kept whole
 
 
@@ -179,3 +180,42 @@ def test_partial_page_bound_is_over_its_real_entries_only():
     got = Quest(page=16).scores(q, layer)
     mins, maxs = page_min_max(keys, 16)
     torch.testing.assert_close(got, page_scores(q, mins, maxs))
+
+
+def written_out_bounds(keys, page):
+    """Min and max ``[b, h, pages, d]`` of each page of ``keys``, one page at a time."""
+    n = keys.shape[2]
+    mins = [keys[:, :, s : s + page].amin(dim=2) for s in range(0, n, page)]
+    maxs = [keys[:, :, s : s + page].amax(dim=2) for s in range(0, n, page)]
+    return torch.stack(mins, dim=2), torch.stack(maxs, dim=2)
+
+
+@pytest.mark.parametrize("prompt", [96, 97, 103])
+def test_page_bounds_are_built_at_the_end_of_prefill_and_kept_per_token(prompt):
+    """The end of the context prefill bounds every page of a selecting layer (the first
+    decoding step builds nothing); each decoding step folds its token into its page's bounds
+    (a page that fills, a page that starts); after a rollback the partial page is bounded
+    again. Every time the bounds equal the written-out min/max of the stored keys."""
+    page = 8
+    ids = prompt_ids(prompt + 13, seed=3)
+    engine = tiny_engine()
+    seq = engine.new_sequence(f"quest(budget=32, page={page}, dense_layers=1)")
+    logits = engine.prefill(seq, ids[:prompt], compress=True)
+    dense, layer = seq.cache.layers
+    assert "quest.page_bounds" not in dense.side  # a dense layer never selects
+    index = layer.side["quest.page_bounds"]
+    assert index.entries == prompt  # built by the prefill, partial page included
+    for got, want in zip(index.bounds(), written_out_bounds(layer.keys, page)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    mark = seq.mark()
+    engine.teacher_force(seq, logits, ids[prompt : prompt + 13])
+    assert index is layer.side["quest.page_bounds"] and index.entries == layer.num_entries == prompt + 12
+    for got, want in zip(index.bounds(), written_out_bounds(layer.keys, page)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    seq.rollback(mark)
+    index = layer.side["quest.page_bounds"]
+    with torch.inference_mode():  # as the engine runs it
+        index.update(layer.keys)
+    assert index.entries == prompt
+    for got, want in zip(index.bounds(), written_out_bounds(layer.keys, page)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -7,6 +7,8 @@ The engine-level tests compare kvlab's decoding log-probabilities with the model
 index (``index="flat"``, or IVF scanning every list) must give.
 """
 
+import math
+
 import faiss
 import pytest
 import torch
@@ -175,3 +177,50 @@ def test_rollback_removes_the_keys_indexed_since_the_mark(kind):
     assert seq.layers[0].side[INDEX_KEY].end <= 60
     again = engine.teacher_force(seq, logits, ids[60:90])
     torch.testing.assert_close(again, first, atol=1e-6, rtol=1e-6)
+
+
+def test_ivf_search_effort_follows_the_budget():
+    """The lists an IVF search probes follow the budget (``max(probe, ceil(scan * k / mean
+    list length))``): a larger budget scans more keys and finds all its ``k`` (a fixed
+    ``probe`` scans the same lists at every budget, so 1/8 and 1/4 read the same keys); where
+    ``scan * k`` reaches every key, every list is probed (the search is exact)."""
+    prompt = 300
+    ids = prompt_ids(prompt + 2, seed=3)
+    engine = tiny_engine()
+    scanned, found, logprobs = [], [], []
+    g = torch.Generator().manual_seed(0)
+    for budget in (0.0625, 0.125, 0.25):
+        seq = engine.new_sequence(f"retrieval_attention(budget={budget}, sink=4, recent=16, lists=8, probe=1)")
+        logits = engine.prefill(seq, ids[:prompt], compress=True)
+        logprobs.append(engine.teacher_force(seq, logits, ids[prompt:] + [0]))
+        index = seq.layers[0].side[INDEX_KEY]
+        scanned.append(index.scanned)  # the last decoding step's search, 2 KV heads x 2 query heads
+        k = resolve_budget(budget, seq.layers[0].num_entries)
+        with torch.inference_mode():
+            ids_found = index.search(torch.randn(1, 4, 1, 16, generator=g), k)
+        found.append(int((ids_found >= 0).sum()))
+        assert found[-1] == 4 * k  # every query head gets its k keys
+        nlist = faiss.extract_index_ivf(index.indexes[0][0]).nlist
+        mean_list = (index.end - index.start) / nlist
+        assert index.lists_to_probe(k, nlist) == min(nlist, max(1, math.ceil(4.0 * k / mean_list)))
+    assert scanned[0] < scanned[1] < scanned[2]
+    assert found[0] < found[1] < found[2]
+    assert index.lists_to_probe(k, nlist) == nlist  # 4 x 1/4 of the keys: every list
+    assert not torch.allclose(logprobs[1], logprobs[2], atol=1e-4)  # 1/8 and 1/4 differ
+
+
+def test_a_kv_head_gathers_its_query_heads_entries_once():
+    """``kv_head_union``: each KV head's union of its query heads' entries, each entry once
+    (``-1``: none), and each query head reads exactly its own entries of it."""
+    from kvlab.retrieve.base import kv_head_union
+
+    found = torch.tensor([[[5, 2, 9], [9, 5, -1], [1, 2, 3], [3, 2, 1]]])  # 4 query heads, 2 KV heads
+    union, read = kv_head_union(found, 2, 12)
+    assert union.shape == (1, 2, 3)  # the largest union: {2, 5, 9} and {1, 2, 3}
+    assert union[0].tolist() == [[2, 5, 9], [1, 2, 3]]
+    assert read[0].tolist() == [[True, True, True], [False, True, True],
+                                [True, True, True], [True, True, True]]
+    found = torch.tensor([[[4, -1], [-1, -1], [7, 0], [0, 7]]])
+    union, read = kv_head_union(found, 2, 12)
+    assert union.shape == (1, 2, 2) and union[0, 1].tolist() == [0, 7]
+    assert union[0, 0, 0] == 4 and read[0, :2].tolist() == [[True, False], [False, False]]
