@@ -118,3 +118,23 @@ def test_rows_are_stored_and_resumed(tmp_path, tokenizer):
     one = perplexity_rows(engine, "full", 256, bin_size=64, chunk=32)
     stored = [r for r in rows if r["recipe"] == "full"]
     assert [r["nll_sum"] for r in one] == pytest.approx([r["nll_sum"] for r in stored], rel=1e-5)
+
+
+def test_report_has_a_perplexity_section(tmp_path, tokenizer):
+    from kvlab.bench.ppl_report import summary
+    from kvlab.bench.report import build_report
+
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=128)
+    engine = kvlab.Engine(model, tokenizer, progress=False)
+    with ResultStore(tmp_path) as store:
+        run_perplexity(engine, ["full", "yarn(factor=2)"], [256], store, bin_size=64, chunk=64,
+                       say=lambda line: None)
+        rows = store.perplexity_rows()
+    page = build_report(tmp_path).read_text()
+    assert '<section id="perplexity">' in page and "Perplexity by position" in page
+    assert page.count("data:image/png;base64") == 1 and "last / in-window" in page
+    full = [r for r in rows if r["recipe"] == "full"]
+    s = summary(full, 128)
+    assert s["inside_bin"] == (64, 128) and s["last_bin"] == (192, 256)
+    assert s["ratio"] == pytest.approx(full[-1]["perplexity"] / full[1]["perplexity"])
+    assert f"{s['ratio']:.2f}x" in page
