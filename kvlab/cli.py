@@ -190,7 +190,7 @@ def bench(
 @app.command()
 def ppl(
     recipes: Annotated[str, typer.Option(help="Recipes separated by ';'.")] = "full; yarn(factor=2)",
-    lengths: Annotated[str, typer.Option(help="Comma-separated document lengths, multiples of the bin (e.g. 4k,8k,16k,32k).")] = "4k,8k,16k",
+    lengths: Annotated[str, typer.Option(help="Comma-separated document lengths, multiples of the bin (32k: ~4x a 16k document's time).")] = "4k,8k,16k,32k",
     bin: Annotated[int, typer.Option("--bin", help="Tokens per position bin.")] = 1024,
     chunk: Annotated[int, typer.Option(help="Tokens per forward (memory grows with it, never with the length).")] = 1024,
     start: Annotated[int, typer.Option(help="The documents' first token in the shipped prose.")] = 0,
