@@ -242,7 +242,7 @@ def run_perplexity(
     for length in sorted(lengths):
         for label, recipe in parsed:
             if (str(recipe), length) in done:
-                say(f"{format_length(length)} '{recipe}': already stored, skipped")
+                say(f"{format_length(length)} '{label}': already stored, skipped")
                 continue
             rows = perplexity_rows(engine, label, length, bin_size, chunk, start)
             store.add_perplexity(rows)
@@ -251,7 +251,7 @@ def run_perplexity(
             inside = [r for r in rows if r["bin_end"] <= min(r["context_window"], length)]
             last = rows[-1]
             say(
-                f"{format_length(length)} '{recipe}': last bin ppl {last['perplexity']:.2f}"
+                f"{format_length(length)} '{label}': last bin ppl {last['perplexity']:.2f}"
                 + (f", bins in the window {min(r['perplexity'] for r in inside):.2f}-"
                    f"{max(r['perplexity'] for r in inside):.2f}" if inside else "")
                 + f" ({rows[0]['seconds']:.0f} s, load {rows[0]['load_average']:.1f})"

@@ -69,8 +69,8 @@ def ppl_figure(recipes: dict[str, Rows], length: int, trained: int) -> Figure:
                 label=name, linewidth=2.2 if name == "full" else 1.5, markersize=4)
     if trained < length:
         ax.axvline(trained / 1024, linestyle="--", color="#888888", linewidth=1)
-        ax.text(trained / 1024, 1.02, f" window {format_length(trained)}", color="#555555",
-                transform=ax.get_xaxis_transform(), fontsize=10)
+        ax.text(trained / 1024, 0.97, f" window {format_length(trained)}", color="#555555",
+                transform=ax.get_xaxis_transform(), fontsize=10, va="top")
     ax.set_yscale("log")
     ax.set_xlabel("position of the bin's centre (k tokens)")
     ax.set_ylabel("perplexity (log scale)")
