@@ -20,6 +20,7 @@ attention over the whole cache, and the last bin measures reading from the compr
 ``yarn(factor=2) + snapkv(budget=0.25)`` scores the last 1k tokens of a 16k document against a
 quarter of the first 15k. Without a compress or quantize method the split changes nothing
 (chunking does not change the NLL, :func:`document_nll` is exact up to float rounding).
+Retrieve methods that act only while decoding change nothing here (no token is decoded).
 Prefill methods that drop prompt tokens (``gemfilter``, ``fastkv``) are refused: they leave no
 logits for the dropped tokens.
 """
