@@ -10,6 +10,7 @@ it was trained for), their ratio, and the time the document took.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -35,18 +36,24 @@ def documents(rows: Rows) -> list[tuple[tuple[str, int], dict[str, Rows]]]:
 
 def summary(bins: Rows, trained: int) -> dict[str, Any]:
     """The last bin's perplexity, the reference bin inside the window (the last bin ending at
-    or before ``trained``) and their ratio."""
+    or before ``trained``), the perplexity over every bin inside the window (the bins' content
+    differs: prose is not equally predictable everywhere) and the ratios of the last bin's to
+    both."""
     inside = [r for r in bins if r["bin_end"] <= trained]
     last = bins[-1]
     ref = inside[-1] if inside else None
-    return {
+    out = {
         "last": last["perplexity"], "last_bin": (last["bin_start"], last["bin_end"]),
         "inside": ref["perplexity"] if ref else None,
         "inside_bin": (ref["bin_start"], ref["bin_end"]) if ref else None,
         "ratio": last["perplexity"] / ref["perplexity"] if ref else None,
+        "window_ppl": math.exp(sum(r["nll_sum"] for r in inside) / sum(r["tokens"] for r in inside))
+        if inside else None,
         "mean_nll": sum(r["nll_sum"] for r in bins) / sum(r["tokens"] for r in bins),
         "seconds": last["seconds"], "load": last["load_average"], "threads": last["threads"],
     }
+    out["window_ratio"] = out["last"] / out["window_ppl"] if out["window_ppl"] else None
+    return out
 
 
 def trained_window(rows: Rows) -> int:
@@ -86,14 +93,16 @@ def _cell(value: float | None, fmt: str = "{:.2f}") -> str:
 
 def _table(recipes: dict[str, Rows], trained: int) -> str:
     head = ("<tr><th class='txt'>recipe</th><th class='num'>window (tokens)</th>"
-            "<th class='num'>ppl, bin in the window</th><th class='num'>ppl, last bin</th>"
-            "<th class='num'>last / in-window</th><th class='num'>mean NLL (nats/token)</th>"
+            "<th class='num'>ppl, last bin in the window</th><th class='num'>ppl, whole window</th>"
+            "<th class='num'>ppl, last bin</th><th class='num'>last / in-window bin</th>"
+            "<th class='num'>last / whole window</th><th class='num'>mean NLL (nats/token)</th>"
             "<th class='num'>time (s)</th><th class='num'>load</th></tr>")
     body = []
     for name, bins in recipes.items():
         s = summary(bins, trained)
-        cells = [f"{int(bins[0]['context_window']):,}", _cell(s["inside"]), _cell(s["last"]),
-                 _cell(s["ratio"], "{:.2f}x"), _cell(s["mean_nll"], "{:.3f}"),
+        cells = [f"{int(bins[0]['context_window']):,}", _cell(s["inside"]), _cell(s["window_ppl"]),
+                 _cell(s["last"]), _cell(s["ratio"], "{:.2f}x"), _cell(s["window_ratio"], "{:.2f}x"),
+                 _cell(s["mean_nll"], "{:.3f}"),
                  f"{s['seconds']:.0f}", f"{s['load']:.1f}"]
         body.append(f"<tr><td class='txt'><code>{escape(name)}</code></td>"
                     + "".join(f"<td class='num'>{escape(c)}</td>" for c in cells) + "</tr>")

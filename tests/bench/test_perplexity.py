@@ -137,4 +137,7 @@ def test_report_has_a_perplexity_section(tmp_path, tokenizer):
     s = summary(full, 128)
     assert s["inside_bin"] == (64, 128) and s["last_bin"] == (192, 256)
     assert s["ratio"] == pytest.approx(full[-1]["perplexity"] / full[1]["perplexity"])
-    assert f"{s['ratio']:.2f}x" in page
+    assert f"{s['ratio']:.2f}x" in page and f"{s['window_ratio']:.2f}x" in page
+    inside = full[:2]
+    assert s["window_ppl"] == pytest.approx(
+        math.exp(sum(r["nll_sum"] for r in inside) / sum(r["tokens"] for r in inside)))
