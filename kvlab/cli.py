@@ -188,6 +188,46 @@ def bench(
 
 
 @app.command()
+def ppl(
+    recipes: Annotated[str, typer.Option(help="Recipes separated by ';'.")] = "full; yarn(factor=2)",
+    lengths: Annotated[str, typer.Option(help="Comma-separated document lengths, multiples of the bin (32k: ~4x a 16k document's time).")] = "4k,8k,16k,32k",
+    bin: Annotated[int, typer.Option("--bin", help="Tokens per position bin.")] = 1024,
+    chunk: Annotated[int, typer.Option(help="Tokens per forward (memory grows with it, never with the length).")] = 1024,
+    start: Annotated[int, typer.Option(help="The documents' first token in the shipped prose.")] = 0,
+    model: Annotated[Optional[str], typer.Option(help="Local model dir or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    out: Annotated[str, typer.Option(help="Results directory (resumable; the same store as kvlab bench).")] = "kvlab-results",
+    report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
+) -> None:
+    """Perplexity by position: NLL of long public-domain prose per 1k-token bin, per recipe."""
+    import kvlab
+    from kvlab.bench.config import split_list
+    from kvlab.bench.lengths import parse_length
+    from kvlab.bench.perplexity import check_lengths, run_perplexity
+    from kvlab.bench.report import build_report
+    from kvlab.bench.store import ResultStore
+
+    try:
+        wanted = [parse_length(x) for x in split_list(lengths)]
+        check_lengths(wanted, bin)
+        names = split_list(recipes, ";")
+        if not names:
+            raise kvlab.InputError("--recipes: give at least one recipe, e.g. 'full; yarn(factor=2)'")
+        for name in names:
+            kvlab.parse_recipe(name)
+        engine = kvlab.load(model, device=device, dtype=dtype)
+        with ResultStore(out) as store:
+            run_perplexity(engine, names, wanted, store, bin_size=bin, chunk=chunk, start=start,
+                           say=lambda line: err.print(line, highlight=False))
+        if report:
+            out_path = build_report(out)
+            err.print(f"report: {out_path}", highlight=False)
+    except kvlab.KvlabError as exc:
+        _fail(str(exc))
+
+
+@app.command()
 def report(
     directory: Annotated[Path, typer.Argument(help="A results directory written by kvlab bench.")],
     output: Annotated[Optional[Path], typer.Option(help="HTML file to write (default: DIR/report.html).")] = None,

@@ -233,3 +233,26 @@ def test_the_cli_starts_without_heavy_imports(argv, absent):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--lengths", "3000"], "length 3000"),
+    (["--bin", "1"], "bin size 1"),
+    (["--recipes", "nosuch"], "nosuch"),
+    (["--recipes", "full; gemfilter"], "gemfilter drops prompt tokens"),
+])
+def test_ppl_refuses_bad_values_naming_them(model_dir, tmp_path, args, named):
+    result = runner.invoke(app, ["ppl", "--model", str(model_dir), "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert named in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_ppl_writes_rows_and_the_report(model_dir, tmp_path):
+    result = runner.invoke(app, [
+        "ppl", "--model", str(model_dir), "--out", str(tmp_path), "--recipes", "full; pi(factor=2)",
+        "--lengths", "512", "--bin", "256", "--chunk", "128",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "512 'full': last bin ppl" in result.output
+    page = (tmp_path / "report.html").read_text()
+    assert "Perplexity by position" in page and "pi(factor=2)" in page

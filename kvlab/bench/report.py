@@ -14,6 +14,8 @@ self-contained page (PNG plots embedded as base64, inline CSS, no JavaScript) wi
 - time vs context length (when the store holds ``speed`` rows of ``benchmarks/speed.py``):
   prefill and decode against length, log-log, with the physical bounds, and the table
   (:mod:`kvlab.bench.timing`);
+- perplexity by position (when the store holds ``perplexity`` rows of ``kvlab ppl``): one
+  curve per recipe and the in-window vs last-bin table (:mod:`kvlab.bench.ppl_report`);
 - fidelity to the ``full`` recipe: token agreement and KL;
 - accuracy per task and per context length (recipe x task, recipe x length tables);
 - every answer next to its gold answers (collapsed per recipe);
@@ -46,6 +48,7 @@ from kvlab.bench.plots import (
     speed_section,
     turns_section,
 )
+from kvlab.bench.ppl_report import PPL_SECTION, ppl_section
 from kvlab.bench.report_context import ReportContext, Rows, escape, join, tokens
 from kvlab.bench.store import DB_NAME, ResultStore
 from kvlab.bench.summary import first_seen
@@ -54,7 +57,7 @@ from kvlab.bench.timing import time_section
 from kvlab.errors import InputError
 
 __all__ = ["REPORT_NAME", "RUN_NAME", "SECTIONS", "TIME_SECTION", "build_report",
-           "pareto_front", "read_runs", "record_run", "render_report"]
+           "PPL_SECTION", "pareto_front", "read_runs", "record_run", "render_report"]
 
 TIME_SECTION = ("time", "Time vs length")
 """The section of ``benchmarks/speed.py``'s rows: on the page only when the store has some."""
@@ -125,11 +128,12 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
     if not db.exists():
         raise InputError(f"no results store {db}: run `kvlab bench` into {directory} first")
     with ResultStore(directory, read_only=True) as store:  # never writes: archives render
-        rows, speed = store.rows(), store.speed_rows()
-    if not rows and not speed:
+        rows, speed, ppl = store.rows(), store.speed_rows(), store.perplexity_rows()
+    if not rows and not speed and not ppl:
         raise InputError(f"{db} holds no results yet: nothing to report")
     output = Path(output) if output is not None else directory / REPORT_NAME
-    page = render_report(rows, source=str(db), runs=read_runs(directory), speed=speed)
+    page = render_report(rows, source=str(db), runs=read_runs(directory), speed=speed,
+                         perplexity=ppl)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(page, encoding="utf-8")
@@ -144,25 +148,29 @@ def build_report(directory: Path | str, output: Path | None = None) -> Path:
 def render_report(
     rows: Rows, source: str | None = None, generated: dt.datetime | None = None,
     runs: dict[str, dict[str, Any]] | None = None, speed: Rows | None = None,
+    perplexity: Rows | None = None,
 ) -> str:
-    """The report page of ``rows`` (as :meth:`ResultStore.rows` returns them) and of the
+    """The report page of ``rows`` (as :meth:`ResultStore.rows` returns them), of the
     ``speed`` rows (:meth:`ResultStore.speed_rows`; the "Time vs length" section is there when
-    there are some), as HTML."""
-    if not rows and not speed:
+    there are some) and of the ``perplexity`` rows (:meth:`ResultStore.perplexity_rows`; the
+    "Perplexity by position" section), as HTML."""
+    if not rows and not speed and not perplexity:
         raise InputError("no result rows: nothing to report")
     generated = generated or dt.datetime.now().astimezone()
     if not rows:
-        return _speed_page(speed or [], source, generated)
+        return _speed_page(speed or [], source, generated, perplexity or [])
     ctx = ReportContext(rows)
     with matplotlib.rc_context(PLOT_STYLE):
         body = [
-            _header(ctx, source, generated, runs or {}, has_time=bool(speed)),
+            _header(ctx, source, generated, runs or {}, has_time=bool(speed),
+                    has_ppl=bool(perplexity)),
             _section("summary", summary_section(ctx)),
             _section("pareto", pareto_section(ctx)),
             _section("turns", turns_section(ctx)),
             _section("needle", needle_section(ctx)),
             _section("speed", speed_section(ctx)),
             *([_section("time", time_section(speed))] if speed else []),
+            *([_section("perplexity", ppl_section(perplexity))] if perplexity else []),
             _section("fidelity", fidelity_section(ctx)),
             _section("tasks", tasks_section(ctx)),
             _section("cases", cases_section(ctx)),
@@ -173,18 +181,24 @@ def render_report(
             + "\n".join(body) + _PAGE_TAIL)
 
 
-def _speed_page(speed: Rows, source: str | None, generated: dt.datetime) -> str:
-    """The page of a store holding only speed rows: a short header and "Time vs length"."""
-    models = list(dict.fromkeys(str(r["model"]) for r in speed))
-    devices = list(dict.fromkeys(str(r["device"]) for r in speed))
-    dtypes = list(dict.fromkeys(str(r["dtype"]) for r in speed))
+def _speed_page(speed: Rows, source: str | None, generated: dt.datetime,
+                perplexity: Rows | None = None) -> str:
+    """The page of a store holding no accuracy rows: a short header, "Time vs length" (speed
+    rows) and "Perplexity by position" (perplexity rows)."""
+    perplexity = perplexity or []
+    both = speed + perplexity
+    models = list(dict.fromkeys(str(r["model"]) for r in both))
+    devices = list(dict.fromkeys(str(r["device"]) for r in both))
+    dtypes = list(dict.fromkeys(str(r["dtype"]) for r in both))
+    lengths = {r["context_length"] for r in speed} | {r["length"] for r in perplexity}
+    held = [f"{len(speed):,} speed rows (benchmarks/speed.py)"] if speed else []
+    held += [f"{len(perplexity):,} perplexity bin rows (kvlab ppl)"] if perplexity else []
     items = [
         ("model" if len(models) == 1 else "models", join(models)),
         ("device" if len(devices) == 1 else "devices", join(devices)),
         ("dtype" if len(dtypes) == 1 else "dtypes", join(dtypes)),
-        ("context lengths (tokens)",
-         join(tokens(n) for n in sorted({r["context_length"] for r in speed}))),
-        ("results", f"{len(speed):,} speed rows (benchmarks/speed.py), no accuracy rows"),
+        ("context lengths (tokens)", join(tokens(n) for n in sorted(lengths))),
+        ("results", ", ".join(held) + ", no accuracy rows"),
         ("report generated", f"{generated:%Y-%m-%d %H:%M %Z}".strip()),
     ]
     if source:
@@ -192,19 +206,21 @@ def _speed_page(speed: Rows, source: str | None, generated: dt.datetime) -> str:
     dl = "\n".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
     with matplotlib.rc_context(PLOT_STYLE):
         body = [f"<header><h1>kvlab benchmark report</h1>\n<dl>{dl}</dl></header>",
-                _section("time", time_section(speed))]
-    title = escape(f"kvlab speed report: {', '.join(models)}")
+                *([_section("time", time_section(speed))] if speed else []),
+                *([_section("perplexity", ppl_section(perplexity))] if perplexity else [])]
+    kind = "speed" if speed and not perplexity else "perplexity" if perplexity and not speed else "benchmark"
+    title = escape(f"kvlab {kind} report: {', '.join(models)}")
     return (_PAGE_HEAD.replace("@CSS@", _CSS).replace("@TITLE@", title)
             + "\n".join(body) + _PAGE_TAIL)
 
 
 def _section(key: str, content: str) -> str:
-    title = SECTIONS.get(key) or dict([TIME_SECTION])[key]
+    title = SECTIONS.get(key) or dict([TIME_SECTION, PPL_SECTION])[key]
     return f'<section id="{key}">\n<h2>{escape(title)}</h2>\n{content}\n</section>'
 
 
 def _header(ctx: ReportContext, source: str | None, generated: dt.datetime,
-            runs: dict[str, dict[str, Any]], has_time: bool = False) -> str:
+            runs: dict[str, dict[str, Any]], has_time: bool = False, has_ppl: bool = False) -> str:
     rows = ctx.rows
     tasks = list(dict.fromkeys((r["task"], r["family"]) for r in rows))
     devices = first_seen(rows, "device")
@@ -244,6 +260,8 @@ def _header(ctx: ReportContext, source: str | None, generated: dt.datetime,
     shown = list(SECTIONS.items())
     if has_time:
         shown.insert(list(SECTIONS).index("speed") + 1, TIME_SECTION)
+    if has_ppl:
+        shown.insert([k for k, _ in shown].index("fidelity"), PPL_SECTION)
     nav = " · ".join(f'<a href="#{k}">{escape(v)}</a>' for k, v in shown)
     return f"<header><h1>kvlab benchmark report</h1>\n<dl>{dl}</dl>\n<nav>{nav}</nav></header>"
 

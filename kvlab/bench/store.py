@@ -1,4 +1,8 @@
-"""The results store: DuckDB tables ``results`` (one row per case x recipe x turn) and ``speed``.
+"""The results store: DuckDB tables ``results`` (one row per case x recipe x turn), ``speed``
+and ``perplexity``.
+
+``perplexity`` holds the rows of ``kvlab ppl`` (:mod:`kvlab.bench.perplexity`): one row per
+recipe x document length x position bin (:data:`PPL_COLUMNS`; :meth:`ResultStore.add_perplexity`).
 
 ``speed`` holds the timings of ``benchmarks/speed.py`` (time vs context length): one row per
 run x context length x variant x repeat, with the physical bounds and machine rates measured in
@@ -101,6 +105,32 @@ SPEED_COLUMNS: tuple[tuple[str, str, str], ...] = (
 SPEED_NAMES = tuple(name for name, _, _ in SPEED_COLUMNS)
 SPEED_INSERTED = tuple(name for name in SPEED_NAMES if name != "created_at")
 _SPEED_KEY = ("run_id", "context_length", "variant", "repeat_index")
+
+PPL_TABLE = "perplexity"
+PPL_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("settings_id", "VARCHAR", "hash of model, dtype, document start and bin size"),
+    ("model", "VARCHAR", "model name"),
+    ("device", "VARCHAR", "cpu or cuda:N"),
+    ("dtype", "VARCHAR", "weights and KV dtype"),
+    ("threads", "INTEGER", "torch CPU threads"),
+    ("recipe", "VARCHAR", "canonical recipe string"),
+    ("recipe_label", "VARCHAR", "the recipe as the user wrote it"),
+    ("context_window", "INTEGER", "the recipe's context window on the model (tokens)"),
+    ("length", "INTEGER", "document length (tokens)"),
+    ("doc_start", "INTEGER", "the document's first token in the shipped prose"),
+    ("bin_start", "INTEGER", "first position of the bin"),
+    ("bin_end", "INTEGER", "position after the bin's last"),
+    ("tokens", "INTEGER", "tokens scored in the bin (position 0 has no prediction)"),
+    ("nll_sum", "DOUBLE", "sum of the bin's token negative log-likelihoods, nats"),
+    ("nll", "DOUBLE", "mean NLL per token in the bin, nats"),
+    ("perplexity", "DOUBLE", "exp(nll)"),
+    ("seconds", "DOUBLE", "wall seconds of the whole document's forward passes"),
+    ("load_average", "DOUBLE", "1-minute load average when the document finished"),
+    ("created_at", "TIMESTAMP", "when the row was written"),
+)
+PPL_NAMES = tuple(name for name, _, _ in PPL_COLUMNS)
+PPL_INSERTED = tuple(name for name in PPL_NAMES if name != "created_at")
+_PPL_KEY = ("settings_id", "recipe", "length", "bin_start")
 
 INSERTED = tuple(name for name in COLUMN_NAMES if name != "created_at")
 # columns added after the first release: a store written before lacks them (filled on open)
@@ -230,11 +260,24 @@ class ResultStore:
             self._db.execute(f"CREATE TABLE {SPEED_TABLE} ({columns}, "
                              f"PRIMARY KEY ({', '.join(_SPEED_KEY)}))")
             self.has_speed = True
+        ppl = self._columns(PPL_TABLE)
+        self.has_perplexity = bool(ppl)
+        if ppl and any(c not in ppl for c in PPL_NAMES):
+            missing = ", ".join(c for c in PPL_NAMES if c not in ppl)
+            raise StoreError(
+                f"{self.path} holds a perplexity table without the columns {missing} (not "
+                "written by kvlab ppl?); it was left untouched: pick another --out"
+            )
+        if not ppl and not read_only:
+            columns = ", ".join(f"{name} {kind}" for name, kind, _ in PPL_COLUMNS)
+            self._db.execute(f"CREATE TABLE {PPL_TABLE} ({columns}, "
+                             f"PRIMARY KEY ({', '.join(_PPL_KEY)}))")
+            self.has_perplexity = True
         self.has_results = bool(present)
         if not present:
             if read_only:
-                if speed:
-                    return  # speed timings only (benchmarks/speed.py --store)
+                if speed or ppl:
+                    return  # speed timings (benchmarks/speed.py --store) or kvlab ppl only
                 raise StoreError(
                     f"{self.path} is a DuckDB file but holds no kvlab results table (not "
                     "written by kvlab bench?); point kvlab report at a kvlab bench --out directory"
@@ -368,6 +411,52 @@ class ResultStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+
+    def add_perplexity(self, rows: list[dict[str, Any]]) -> None:
+        """Write the bin rows of one (recipe, length) document (:data:`PPL_COLUMNS`,
+        ``created_at`` filled here) atomically; a stored key is refused, nothing written."""
+        if not rows:
+            return
+        if self.read_only:
+            raise StoreError(f"the results store {self.path} was opened read-only")
+        missing = [c for c in PPL_INSERTED if c not in rows[0]]
+        if missing:
+            raise ValueError(f"perplexity rows lack columns: {', '.join(missing)}")
+        placeholders = ", ".join("?" for _ in PPL_INSERTED)
+        self._run("BEGIN TRANSACTION")
+        try:
+            self._db.executemany(
+                f"INSERT INTO {PPL_TABLE} ({', '.join(PPL_INSERTED)}, created_at) "
+                f"VALUES ({placeholders}, now())",
+                [[row[c] for c in PPL_INSERTED] for row in rows],
+            )
+            self._db.execute("COMMIT")
+        except (duckdb.Error, OSError) as exc:
+            self._db.execute("ROLLBACK")
+            if isinstance(exc, duckdb.ConstraintException):
+                raise StoreError(
+                    f"{self.path} already holds perplexity rows of recipe {rows[0]['recipe']!r} "
+                    f"at length {rows[0]['length']}; kvlab never replaces a stored row"
+                ) from None
+            raise store_error(self.path, exc, read_only=False) from None
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def perplexity_done(self, settings_id: str) -> set[tuple[str, int]]:
+        """The (recipe, length) documents of ``settings_id`` already stored."""
+        if not self.has_perplexity:
+            return set()
+        rows = self._run(
+            f"SELECT DISTINCT recipe, length FROM {PPL_TABLE} WHERE settings_id = ?", [settings_id]
+        ).fetchall()
+        return {(recipe, int(length)) for recipe, length in rows}
+
+    def perplexity_rows(self) -> list[dict[str, Any]]:
+        """Every perplexity bin row, by length, recipe (in the order run) and position."""
+        if not self.has_perplexity:
+            return []
+        return self.query(f"SELECT * FROM {PPL_TABLE} ORDER BY length, created_at, recipe, bin_start")
 
     def speed_rows(self) -> list[dict[str, Any]]:
         """Every speed row, by run and in the order written (empty when there are none)."""

@@ -205,6 +205,21 @@ class Engine:
         With ``stop_after``, the forward ends in that layer's attention (:class:`StopForward`).
         ``counts`` and ``pairs`` (default: the sequence's) tally the tokens each layer ran and
         the query-key pairs its attention computed."""
+        return self._run(sequence, ids, phase, stop_after, counts, pairs, keep=1)[-1]
+
+    @torch.inference_mode()
+    def forward_logits(self, sequence: Sequence, ids: list[int], phase: Phase) -> Tensor:
+        """Run ``ids`` through the model on top of ``sequence``; the logits ``[len(ids), vocab]``
+        after every one of them (row ``i`` predicts the token after ``ids[i]``). Teacher
+        forcing over a chunk: memory grows with the chunk, never with the sequence."""
+        return self._run(sequence, ids, phase, None, None, None, keep=0)
+
+    def _run(
+        self, sequence: Sequence, ids: list[int], phase: Phase, stop_after: int | None,
+        counts: list[int] | None, pairs: list[int] | None, keep: int,
+    ) -> Tensor:
+        """One model forward; the float logits ``[t, vocab]`` of the last ``keep`` tokens
+        (``keep=0``: all of them)."""
         forward = self._forward_context(sequence, len(ids), phase, stop_after, counts, pairs)
         positions = forward.positions
         out = self.model(
@@ -212,11 +227,11 @@ class Engine:
             position_ids=positions[None],
             cache=sequence.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             **{FORWARD_KWARG: forward},
         )
         self.counters.forwards += 1
-        return out.logits[0, -1].float()
+        return out.logits[0].float()
 
     def _forward_context(
         self, sequence: Sequence, tokens: int, phase: Phase, stop_after: int | None = None,
@@ -266,10 +281,11 @@ class Engine:
         return out.logits[:, -1].float()
 
     # -- prefill and decode -----------------------------------------------------------------
-    def chunks(self, total: int) -> list[tuple[int, int]]:
-        """Prefill chunk boundaries; a short tail joins the previous chunk so the last chunk
-        holds at least half a chunk (compression's observation window lives there)."""
-        size = self.prefill_chunk
+    def chunks(self, total: int, size: int | None = None) -> list[tuple[int, int]]:
+        """Prefill chunk boundaries (chunks of ``size`` tokens, default the engine's
+        ``prefill_chunk``); a short tail joins the previous chunk so the last chunk holds at
+        least half a chunk (compression's observation window lives there)."""
+        size = size or self.prefill_chunk
         bounds = [(s, min(s + size, total)) for s in range(0, total, size)]
         if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < size // 2:
             (a, _), (_, e) = bounds[-2], bounds[-1]

@@ -267,3 +267,15 @@ def test_corpus_and_haystacks():
     units = haystack_units("noise", 10)
     assert weave(units, [(0.0, "A."), (1.0, "B.")]).startswith("A. The grass")
     assert weave(units, [(0.0, "A."), (1.0, "B.")]).endswith("again. B.")
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.9])
+def test_passkey_once_at_its_depth_and_answer(tokenizer, depth):
+    case = generate("passkey", tokenizer, 2000, 3, depth=depth)
+    (key,) = re.findall(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", case.context)
+    (turn,) = case.turns
+    assert turn.answers == [key] and case.context.count(key) == 2
+    assert turn.question == "What is the pass key?" and turn.answer_prefix == "The pass key is"
+    where = case.context.index("The pass key is") / len(case.context)
+    assert abs(where - depth) < 0.05
+    assert "The grass is green." in case.context and case.depth == depth

@@ -6,7 +6,8 @@ context fills ``target_tokens`` tokens of ``tokenizer`` (within 2% from 500 toke
 
 RULER (arXiv:2404.06654): ``niah_single``, ``niah_single_prose``, ``niah_multikey``,
 ``niah_multivalue``, ``niah_multiquery``, ``variable_tracking``, ``common_words``,
-``frequent_words`` - one question each. SCBench (arXiv:2412.10319): ``kv_retrieval``,
+``frequent_words``, and the context-extension papers' ``passkey`` (arXiv:2305.16300) - one
+question each. SCBench (arXiv:2412.10319): ``kv_retrieval``,
 ``prefix_suffix``, ``multi_hop``, ``math_find``, and ``niah_multiturn`` (RULER's needles, one
 key asked per turn) - ``num_turns`` (default 3) questions on one shared context.
 """
@@ -20,6 +21,7 @@ from kvlab.bench.tasks.aggregation import common_words, frequent_words
 from kvlab.bench.tasks.base import Request, Task
 from kvlab.bench.tasks.chains import multi_hop, variable_tracking
 from kvlab.bench.tasks.niah import niah
+from kvlab.bench.tasks.passkey import passkey
 from kvlab.bench.tasks.shared import kv_retrieval, math_find, prefix_suffix
 from kvlab.errors import InputError
 
@@ -36,6 +38,8 @@ _TASKS = [
          {"haystack": "prose", "num_keys": 4, "num_queries": 4}, uses_depth=True),
     Task("niah_multiturn", "scbench", "3 needles, one key asked per turn (shared context)",
          niah, {"haystack": "prose", "num_keys": 3, "num_turns": 3}, uses_depth=True),
+    Task("passkey", "ruler", "a 5-digit pass key in repeated filler (Landmark Attention)",
+         passkey, {"digits": 5}, uses_depth=True),
     Task("variable_tracking", "ruler", "follow a 4-hop chain of variable assignments",
          variable_tracking, {"num_chains": 1, "num_hops": 4}),
     Task("common_words", "ruler", "the 10 most common words of a numbered list", common_words,
