@@ -26,9 +26,9 @@ from kvlab.recipe import Recipe, parse_recipe
 from kvlab.reuse.session import Session
 from kvlab.server.auth import tenant_of
 from kvlab.server.metrics import Metrics
-from kvlab.server.protocol import ApiError, GenerationRequest, parse_request
+from kvlab.server.protocol import ApiError, GenerationRequest, Outcome, parse_request
 from kvlab.server.store import ContextStore
-from kvlab.server.worker import Job, Outcome, Worker
+from kvlab.server.worker import Job, Worker
 
 CANCELLED = "499"
 """The status counted for a request whose client left before its answer (nginx's code)."""

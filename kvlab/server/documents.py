@@ -38,7 +38,7 @@ from kvlab.engine.prompt import QUESTION_SEPARATOR
 from kvlab.engine.sequence import Sequence
 from kvlab.reuse.documents import document_key, encode_document, encode_prefix, join
 from kvlab.server.metrics import Metrics
-from kvlab.server.protocol import ApiError, GenerationRequest, TextStream
+from kvlab.server.protocol import ApiError, GenerationRequest, Outcome, TextStream
 
 _SPLIT = "\u2063KVLAB_DOCUMENTS\u2063"
 CHAT_MAX_TOKENS = 512
@@ -46,27 +46,14 @@ CHAT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
-class DocumentsOutcome:
-    """What a documents request reports (the fields of the worker's ``Outcome``), and each
-    document's key, tokens and whether it came from the cache."""
+class DocumentsOutcome(Outcome):
+    """What a documents request reports: a request's :class:`Outcome`, and each document's
+    key, tokens and whether it came from the cache (``usage.documents``)."""
 
-    rest: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    kv_bytes: int
-    documents: tuple[dict[str, Any], ...]
+    documents: tuple[dict[str, Any], ...] = ()
 
     def usage(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-            "kv_bytes": self.kv_bytes,
-            "documents": list(self.documents),
-        }
+        return {**super().usage(), "documents": list(self.documents)}
 
 
 class DocumentCache:

@@ -259,4 +259,26 @@ class TextStream:
         return piece
 
 
-__all__ = ["ApiError", "GenerationRequest", "TextStream", "parse_request"]
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished request reports: the text not sent yet, why it stopped, and usage."""
+
+    rest: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    kv_bytes: int
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "kv_bytes": self.kv_bytes,
+        }
+
+
+__all__ = ["ApiError", "GenerationRequest", "Outcome", "TextStream", "parse_request"]

@@ -71,7 +71,7 @@ from kvlab.errors import InputError, KvlabError
 from kvlab.reuse.session import Session
 from kvlab.server.documents import DocumentServer
 from kvlab.server.metrics import Metrics
-from kvlab.server.protocol import ApiError, GenerationRequest, TextStream
+from kvlab.server.protocol import ApiError, GenerationRequest, Outcome, TextStream
 from kvlab.server.store import ContextStore, Entry
 
 log = logging.getLogger("kvlab.server")
@@ -105,27 +105,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a finished request reports: the text not sent yet, why it stopped, and usage."""
-
-    rest: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    kv_bytes: int
-
-    def usage(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-            "kv_bytes": self.kv_bytes,
-        }
 
 
 @dataclass(eq=False)
