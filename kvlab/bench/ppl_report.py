@@ -58,7 +58,9 @@ def summary(bins: Rows, trained: int) -> dict[str, Any]:
 
 def trained_window(rows: Rows) -> int:
     """The model's window: the ``context_window`` of the rows of ``full`` when present, else
-    the smallest window of any row."""
+    the smallest window of any row (give it every row of the model, all lengths: a 32k
+    document run only with a 4x extension still has its bins compared with the model's own
+    window, measured on a shorter document)."""
     full = [r for r in rows if r["recipe"] == "full"]
     return int(min(r["context_window"] for r in (full or rows)))
 
@@ -126,7 +128,7 @@ def ppl_section(rows: Rows) -> str:
     models = {model for (model, _), _ in docs}
     for (model, length), recipes in docs:
         mine = [r for bins in recipes.values() for r in bins]
-        trained = trained_window(mine)
+        trained = trained_window([r for r in rows if r["model"] == model])
         title = f"{format_length(length)} tokens" + (f", {model}" if len(models) > 1 else "")
         parts.append(subheading(title))
         inside = summary(next(iter(recipes.values())), trained)["inside_bin"]

@@ -141,3 +141,19 @@ def test_report_has_a_perplexity_section(tmp_path, tokenizer):
     inside = full[:2]
     assert s["window_ppl"] == pytest.approx(
         math.exp(sum(r["nll_sum"] for r in inside) / sum(r["tokens"] for r in inside)))
+
+
+def test_a_longer_document_with_an_extension_only_is_read_against_the_models_window(tmp_path, tokenizer):
+    """A 512-token document run with only a 4x extension: its section names the model's own
+    window (128, from ``full`` on the 256-token document), not the extension's."""
+    from kvlab.bench.ppl_report import ppl_section
+
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=128)
+    engine = kvlab.Engine(model, tokenizer, progress=False)
+    with ResultStore(tmp_path) as store:
+        run_perplexity(engine, ["full"], [256], store, bin_size=64, chunk=64, say=lambda line: None)
+        run_perplexity(engine, ["yarn(factor=4)"], [512], store, bin_size=64, chunk=64,
+                       say=lambda line: None)
+        rows = store.perplexity_rows()
+    section = ppl_section(rows)
+    assert section.count("window 128 tokens") == 2 and "window 512 tokens" not in section
