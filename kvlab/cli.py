@@ -246,7 +246,11 @@ def report(
         out.print(f"report: {build_report(directory, output)}")
         if markdown:
             with ResultStore(directory, read_only=True) as store:
-                print(summary_markdown(store.rows()), end="")
+                rows = store.rows()
+            if rows:
+                print(summary_markdown(rows), end="")
+            else:  # a kvlab ppl store: its tables are in the report only
+                err.print("no accuracy rows to print as Markdown (perplexity rows are in the report)")
     except kvlab.KvlabError as exc:
         _fail(str(exc))
 

@@ -256,3 +256,6 @@ def test_ppl_writes_rows_and_the_report(model_dir, tmp_path):
     assert "512 'full': last bin ppl" in result.output
     page = (tmp_path / "report.html").read_text()
     assert "Perplexity by position" in page and "pi(factor=2)" in page
+    markdown = runner.invoke(app, ["report", str(tmp_path), "--markdown"])
+    assert markdown.exit_code == 0, markdown.output
+    assert "no accuracy rows" in markdown.output and "| recipe |" not in markdown.output
