@@ -384,60 +384,38 @@ class ResultStore:
         """Write speed rows (:data:`SPEED_COLUMNS`, ``created_at`` filled here) atomically;
         a row whose (run, length, variant, repeat) is already stored is refused, nothing
         written."""
-        if not rows:
-            return
-        if self.read_only:
-            raise StoreError(f"the results store {self.path} was opened read-only")
-        missing = [c for c in SPEED_INSERTED if c not in rows[0]]
-        if missing:
-            raise ValueError(f"speed rows lack columns: {', '.join(missing)}")
-        placeholders = ", ".join("?" for _ in SPEED_INSERTED)
-        self._run("BEGIN TRANSACTION")
-        try:
-            self._db.executemany(
-                f"INSERT INTO {SPEED_TABLE} ({', '.join(SPEED_INSERTED)}, created_at) "
-                f"VALUES ({placeholders}, now())",
-                [[row[c] for c in SPEED_INSERTED] for row in rows],
-            )
-            self._db.execute("COMMIT")
-        except (duckdb.Error, OSError) as exc:
-            self._db.execute("ROLLBACK")
-            if isinstance(exc, duckdb.ConstraintException):
-                raise StoreError(
-                    f"{self.path} already holds speed rows of run {rows[0]['run_id']!r}; kvlab "
-                    "never replaces a stored row"
-                ) from None
-            raise store_error(self.path, exc, read_only=False) from None
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        if rows:
+            self._insert(SPEED_TABLE, SPEED_INSERTED, rows, "speed",
+                         f"speed rows of run {rows[0]['run_id']!r}")
 
     def add_perplexity(self, rows: list[dict[str, Any]]) -> None:
         """Write the bin rows of one (recipe, length) document (:data:`PPL_COLUMNS`,
         ``created_at`` filled here) atomically; a stored key is refused, nothing written."""
-        if not rows:
-            return
+        if rows:
+            self._insert(PPL_TABLE, PPL_INSERTED, rows, "perplexity",
+                         f"perplexity rows of recipe {rows[0]['recipe']!r} at length {rows[0]['length']}")
+
+    def _insert(self, table: str, columns: tuple[str, ...], rows: list[dict[str, Any]],
+                kind: str, what: str) -> None:
+        """Insert ``rows`` (their ``columns``, ``created_at`` filled here) into ``table`` in one
+        transaction; a stored key is refused with ``what`` named, nothing written."""
         if self.read_only:
             raise StoreError(f"the results store {self.path} was opened read-only")
-        missing = [c for c in PPL_INSERTED if c not in rows[0]]
+        missing = [c for c in columns if c not in rows[0]]
         if missing:
-            raise ValueError(f"perplexity rows lack columns: {', '.join(missing)}")
-        placeholders = ", ".join("?" for _ in PPL_INSERTED)
+            raise ValueError(f"{kind} rows lack columns: {', '.join(missing)}")
+        placeholders = ", ".join("?" for _ in columns)
         self._run("BEGIN TRANSACTION")
         try:
             self._db.executemany(
-                f"INSERT INTO {PPL_TABLE} ({', '.join(PPL_INSERTED)}, created_at) "
-                f"VALUES ({placeholders}, now())",
-                [[row[c] for c in PPL_INSERTED] for row in rows],
+                f"INSERT INTO {table} ({', '.join(columns)}, created_at) VALUES ({placeholders}, now())",
+                [[row[c] for c in columns] for row in rows],
             )
             self._db.execute("COMMIT")
         except (duckdb.Error, OSError) as exc:
             self._db.execute("ROLLBACK")
             if isinstance(exc, duckdb.ConstraintException):
-                raise StoreError(
-                    f"{self.path} already holds perplexity rows of recipe {rows[0]['recipe']!r} "
-                    f"at length {rows[0]['length']}; kvlab never replaces a stored row"
-                ) from None
+                raise StoreError(f"{self.path} already holds {what}; kvlab never replaces a stored row") from None
             raise store_error(self.path, exc, read_only=False) from None
         except BaseException:
             self._db.execute("ROLLBACK")
