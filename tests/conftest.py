@@ -83,3 +83,14 @@ def model_dir(tmp_path_factory, tokenizer):
 def default_engine():
     """The real embedded default model (SmolLM2-135M-Instruct)."""
     return kvlab.load(progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second torch thread only waits for the first (on a busy 2-core machine
+    it made a module several times slower). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

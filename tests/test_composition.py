@@ -122,14 +122,7 @@ def expected_refusal(a: str, b: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second torch thread only waits for the first (on a busy 2-core machine
-    it made this module several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

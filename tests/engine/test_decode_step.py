@@ -24,12 +24,7 @@ QUESTIONS = [prompt_ids(n, seed=20 + n) for n in (3, 11, 7)]  # different length
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
