@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from kvlab.bench.lengths import format_length
 from kvlab.bench.report_context import Rows, escape, note, recipe_styles, subheading
@@ -65,6 +66,12 @@ def trained_window(rows: Rows) -> int:
     return int(min(r["context_window"] for r in (full or rows)))
 
 
+def _minor_tick(value: float, _: object) -> str:
+    """Plain labels (20, 30, 50 rather than 2x10^1) on the log axis' 2s, 3s and 5s only."""
+    leading = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if leading in (2, 3, 5) else ""
+
+
 def ppl_figure(recipes: dict[str, Rows], length: int, trained: int) -> Figure:
     """Perplexity per bin against position, one curve per recipe, log y."""
     names = list(recipes)
@@ -81,6 +88,8 @@ def ppl_figure(recipes: dict[str, Rows], length: int, trained: int) -> Figure:
         ax.text(trained / 1024, 0.97, f" window {format_length(trained)}", color="#555555",
                 transform=ax.get_xaxis_transform(), fontsize=10, va="top")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_minor_tick))
     ax.set_xlabel("position of the bin's centre (k tokens)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"Perplexity by position, {format_length(length)}-token document")
