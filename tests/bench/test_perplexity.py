@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +143,16 @@ def test_report_has_a_perplexity_section(tmp_path, tokenizer):
     inside = full[:2]
     assert s["window_ppl"] == pytest.approx(
         math.exp(sum(r["nll_sum"] for r in inside) / sum(r["tokens"] for r in inside)))
+    # benchmarks/ppl_curves.py's Markdown tables say the same numbers as the page
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "ppl_curves.py"
+    spec = importlib.util.spec_from_file_location("kvlab_ppl_curves", path)
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    tables = curves.markdown_tables(
+        {"full": full, "yarn": [r for r in rows if r["recipe"] != "full"]}, 128)
+    line = next(t for t in tables.splitlines() if t.startswith("| `full` | 128 |"))
+    assert f"| {s['ratio']:.2f}x | {s['window_ratio']:.2f}x |" in line
+    assert "| recipe | 0-64 | 64-128 | 128-192 | 192-256 |" in tables
 
 
 def test_a_longer_document_with_an_extension_only_is_read_against_the_models_window(tmp_path, tokenizer):
