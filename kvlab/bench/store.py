@@ -247,36 +247,14 @@ class ResultStore:
         """Check (read-only) or create the table; add columns that an older store lacks."""
         self._defaults: dict[str, str] = {}
         present = self._columns("results")
-        speed = self._columns(SPEED_TABLE)
-        self.has_speed = bool(speed)
-        if speed and any(c not in speed for c in SPEED_NAMES):
-            missing = ", ".join(c for c in SPEED_NAMES if c not in speed)
-            raise StoreError(
-                f"{self.path} holds a speed table without the columns {missing} (not written "
-                "by benchmarks/speed.py?); it was left untouched: pick another --store"
-            )
-        if not speed and not read_only:
-            columns = ", ".join(f"{name} {kind}" for name, kind, _ in SPEED_COLUMNS)
-            self._db.execute(f"CREATE TABLE {SPEED_TABLE} ({columns}, "
-                             f"PRIMARY KEY ({', '.join(_SPEED_KEY)}))")
-            self.has_speed = True
-        ppl = self._columns(PPL_TABLE)
-        self.has_perplexity = bool(ppl)
-        if ppl and any(c not in ppl for c in PPL_NAMES):
-            missing = ", ".join(c for c in PPL_NAMES if c not in ppl)
-            raise StoreError(
-                f"{self.path} holds a perplexity table without the columns {missing} (not "
-                "written by kvlab ppl?); it was left untouched: pick another --out"
-            )
-        if not ppl and not read_only:
-            columns = ", ".join(f"{name} {kind}" for name, kind, _ in PPL_COLUMNS)
-            self._db.execute(f"CREATE TABLE {PPL_TABLE} ({columns}, "
-                             f"PRIMARY KEY ({', '.join(_PPL_KEY)}))")
-            self.has_perplexity = True
+        self.has_speed = self._side_table(SPEED_TABLE, SPEED_COLUMNS, _SPEED_KEY, "a speed table",
+                                          "benchmarks/speed.py", "--store", read_only)
+        self.has_perplexity = self._side_table(PPL_TABLE, PPL_COLUMNS, _PPL_KEY, "a perplexity table",
+                                               "kvlab ppl", "--out", read_only)
         self.has_results = bool(present)
         if not present:
             if read_only:
-                if speed or ppl:
+                if self.has_speed or self.has_perplexity:
                     return  # speed timings (benchmarks/speed.py --store) or kvlab ppl only
                 raise StoreError(
                     f"{self.path} is a DuckDB file but holds no kvlab results table (not "
@@ -302,6 +280,25 @@ class ResultStore:
             self._defaults = {n: d.strip("'") for n, d in _ADDED.items() if n not in present}
         # read every stored value once, so a truncated or damaged file is found here
         self._db.execute("SELECT max(length(CAST(COLUMNS(*) AS VARCHAR))) FROM results").fetchall()
+
+    def _side_table(
+        self, table: str, columns: tuple[tuple[str, str, str], ...], key: tuple[str, ...],
+        what: str, writer: str, flag: str, read_only: bool,
+    ) -> bool:
+        """Check that a table beside ``results`` (speed, perplexity) has every column, or
+        create it when missing and writable; True when the store has it."""
+        present = self._columns(table)
+        missing = [name for name, _, _ in columns if name not in present]
+        if present and missing:
+            raise StoreError(
+                f"{self.path} holds {what} without the columns {', '.join(missing)} (not "
+                f"written by {writer}?); it was left untouched: pick another {flag}"
+            )
+        if not present and not read_only:
+            spec = ", ".join(f"{name} {kind}" for name, kind, _ in columns)
+            self._db.execute(f"CREATE TABLE {table} ({spec}, PRIMARY KEY ({', '.join(key)}))")
+            return True
+        return bool(present)
 
     def _columns(self, table: str) -> set[str]:
         return {name for (name,) in self._db.execute(
