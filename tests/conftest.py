@@ -58,6 +58,16 @@ def teacher_logprobs(engine, recipe, ids, follow):
     return logits, engine.teacher_force(cache, logits, follow)
 
 
+def assert_recipe_refused(text: str, fragment: str) -> None:
+    """Parsing the recipe ``text`` raises :class:`kvlab.RecipeError` whose message holds
+    ``fragment`` (the bad value, or the allowed ones)."""
+    from kvlab.recipe import parse_recipe
+
+    with pytest.raises(kvlab.RecipeError) as info:
+        parse_recipe(text)
+    assert fragment in str(info.value)
+
+
 def prompt_ids(n: int, seed: int = 1, vocab: int = 256) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,), generator=g).tolist()

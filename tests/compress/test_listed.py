@@ -34,9 +34,7 @@ def test_listed_with_paper_and_documented_defaults(name):
     ("expected_attention(future=0)", ">= 1"),
 ])
 def test_bad_parameters_are_refused(text, fragment):
-    with pytest.raises(kvlab.RecipeError) as info:
-        parse_recipe(text)
-    assert fragment in str(info.value)
+    assert_recipe_refused(text, fragment)
 
 
 # -- every registered method, every stage ---------------------------------------------------
@@ -49,7 +47,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from kvlab.cli import app  # noqa: E402
 from kvlab.registry import method_class  # noqa: E402
-from tests.conftest import prompt_ids, tiny_engine  # noqa: E402
+from tests.conftest import assert_recipe_refused, prompt_ids, tiny_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 120

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-import kvlab
-from kvlab.recipe import parse_recipe
 from tests.compress.reference import Rope, project
-from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine, tiny_model
+from tests.conftest import assert_recipe_refused, prompt_ids, teacher_logprobs, tiny_engine, tiny_model
 
 LISTED = "fastkv(tsp_rate=0.2, budget=30)"
 """A setting where the method must change what it says it changes on a 120-token prompt
@@ -145,6 +143,4 @@ def test_a_session_question_is_appended_densely_after_the_context():
     ("fastkv + snapkv", "without a compress method"),
 ])
 def test_bad_parameters_and_a_second_kv_selection_are_refused(text, fragment):
-    with pytest.raises(kvlab.RecipeError) as info:
-        parse_recipe(text)
-    assert fragment in str(info.value)
+    assert_recipe_refused(text, fragment)

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-import kvlab
-from kvlab.recipe import parse_recipe
 from tests.compress.reference import eager_run, reference_logits
-from tests.conftest import prompt_ids, teacher_logprobs, tiny_engine
+from tests.conftest import assert_recipe_refused, prompt_ids, teacher_logprobs, tiny_engine
 
 LISTED = "gemfilter(topk=40)"
 """A setting where the method must change what it says it changes on a 120-token prompt
@@ -84,6 +82,4 @@ def test_composes_with_a_compress_method_on_the_selected_tokens():
     ("gemfilter(filter_layer=1.5)", "<= 1.0"),
 ])
 def test_bad_parameters_are_refused(text, fragment):
-    with pytest.raises(kvlab.RecipeError) as info:
-        parse_recipe(text)
-    assert fragment in str(info.value)
+    assert_recipe_refused(text, fragment)
